@@ -1,0 +1,1 @@
+"""minilm_jax: MiniLM / MiniLMv2 self-attention distillation in JAX and Flax."""
