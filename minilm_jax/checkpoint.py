@@ -1,0 +1,121 @@
+"""Orbax checkpoints of one model: what it is, how it tokenizes, and its steps.
+
+A checkpoint directory holds
+
+    model.json          the `ModelConfig` of the saved parameters
+    tokenizer/          the tokenizer files the model was trained with
+    <step>/params       the parameters (Orbax, one directory per step)
+    <step>/opt_state    training runs only: optimizer state, ...
+    <step>/train        ... step counter and PRNG key,
+    <step>/data         ... and the data iterator's state (JSON)
+
+`convert --from-hf` writes step 0 with parameters only; `distill` writes every N steps
+through the same `CheckpointManager`, asynchronously and atomically (Orbax writes a
+temporary directory and renames it when complete), so both export the same way. The
+frozen teacher is never saved: it is re-read from its Hugging Face directory.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from minilm_jax import model as model_lib
+from minilm_jax.convert import TOKENIZER_FILES, write_dir_atomically
+from minilm_jax.teachers import resolve_model_dir
+
+MODEL_FILE = "model.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def resolve(path: str | os.PathLike) -> pathlib.Path:
+  """A checkpoint directory, given it or a `distill`/`finetune` workdir holding one."""
+  path = pathlib.Path(path).expanduser().absolute()
+  if (path / "checkpoints" / MODEL_FILE).is_file():
+    return path / "checkpoints"
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist: pass a directory written "
+                            "by `convert --from-hf --to` or a distill/finetune workdir")
+  if not (path / MODEL_FILE).is_file():
+    raise FileNotFoundError(f"{path} is not a minilm_jax checkpoint ({MODEL_FILE} is missing): pass a "
+                            "directory written by `convert --from-hf --to` or a distill workdir")
+  return path
+
+
+def read_model_config(directory: pathlib.Path) -> model_lib.ModelConfig:
+  path = directory / MODEL_FILE
+  try:
+    return model_lib.ModelConfig(**json.loads(path.read_text()))
+  except (json.JSONDecodeError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}): re-create the checkpoint") from e
+
+
+def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
+                      tokenizer_dir: str | os.PathLike) -> None:
+  """Writes model.json and tokenizer/ into a checkpoint directory (idempotent)."""
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / MODEL_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+  tok = directory / TOKENIZER_DIR
+  tok.mkdir(exist_ok=True)
+  src = resolve_model_dir(tokenizer_dir)
+  for name in TOKENIZER_FILES:
+    if (src / name).is_file() and src != tok:
+      shutil.copy2(src / name, tok / name)
+
+
+def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
+            async_save: bool = True) -> ocp.CheckpointManager:
+  """The Orbax `CheckpointManager` over a checkpoint directory's steps."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, params: nnx.State,
+               tokenizer_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
+  """Writes a complete checkpoint directory (step 0, parameters only) atomically."""
+  def write(tmp: pathlib.Path):
+    write_model_files(tmp, config, tokenizer_dir)
+    with manager(tmp, async_save=False) as m:
+      m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+  return write_dir_atomically(pathlib.Path(directory), write, overwrite=overwrite)
+
+
+def restore_params(directory: str | os.PathLike, step: int | None = None, *,
+                   abstract: Any = None) -> tuple[model_lib.ModelConfig, nnx.State, pathlib.Path, int]:
+  """Reads (config, parameters, tokenizer directory, step) of a checkpoint's step.
+
+  `step=None` takes the latest. `abstract` overrides the parameter structure (task
+  models carry heads); by default it is the encoder's.
+  """
+  directory = resolve(directory)
+  config = read_model_config(directory)
+  with manager(directory, async_save=False) as m:
+    steps = m.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory} holds no complete checkpoint step: the run saved none "
+                              "(or was killed before its first save); re-run it")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise FileNotFoundError(f"{directory} has no step {step}; it has steps {sorted(steps)}")
+    if abstract is None:
+      abstract = model_lib.abstract_params(config)
+    try:
+      restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    except Exception as e:
+      raise ValueError(f"{directory}/{step} could not be restored ({type(e).__name__}: {e}): the "
+                       "checkpoint is corrupt or was written for another model; pick another --step "
+                       "or re-create it") from e
+  return config, restored["params"], directory / TOKENIZER_DIR, step
+
+
+def to_host(tree: Any) -> Any:
+  """Fully replicated / addressable arrays as numpy, for saving or export."""
+  return jax.tree.map(lambda x: jax.device_get(x) if isinstance(x, jax.Array) else x, tree)

@@ -1,0 +1,49 @@
+"""`python -m minilm_jax {distill,data,convert,finetune,evaluate,benchmark}`.
+
+Each subcommand is a thin layer over one library function. `distill` and `finetune`
+take an ml_collections config file with absl-style overrides, as the Flax examples do:
+`--config experiments/demo.py --config.max_steps=10`.
+"""
+
+import argparse
+import sys
+
+
+def convert(argv: list[str]) -> None:
+  p = argparse.ArgumentParser(prog="python -m minilm_jax convert", description=(
+      "Hugging Face directory -> Orbax checkpoint (--from-hf DIR --to CKPT_DIR), or "
+      "checkpoint / distill workdir -> Hugging Face directory (--from-checkpoint DIR --to-hf OUT)."))
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--from-hf", metavar="DIR", help="local HF directory or packaged teacher name")
+  src.add_argument("--from-checkpoint", metavar="CKPT_DIR", help="checkpoint dir or distill workdir")
+  p.add_argument("--to", metavar="CKPT_DIR", help="output checkpoint directory (with --from-hf)")
+  p.add_argument("--to-hf", metavar="OUT_DIR", help="output HF directory (with --from-checkpoint)")
+  p.add_argument("--step", type=int, help="checkpoint step to export (default: latest)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+  args = p.parse_args(argv)
+  from minilm_jax import checkpoint, convert as convert_lib
+  if args.from_hf:
+    if not args.to:
+      p.error("--from-hf needs --to CKPT_DIR")
+    config, params = convert_lib.load_hf(args.from_hf)
+    out = checkpoint.save_model(args.to, config, params, args.from_hf, overwrite=args.overwrite)
+  else:
+    if not args.to_hf:
+      p.error("--from-checkpoint needs --to-hf OUT_DIR")
+    config, params, tokenizer, step = checkpoint.restore_params(args.from_checkpoint, args.step)
+    out = convert_lib.save_hf(args.to_hf, config, params, tokenizer, overwrite=args.overwrite)
+  print(f"wrote {out}")
+
+
+COMMANDS = {"convert": convert}
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in COMMANDS:
+    print(f"usage: python -m minilm_jax {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+    sys.exit(2)
+  try:
+    COMMANDS[argv[0]](argv[1:])
+  except (FileNotFoundError, FileExistsError, ValueError) as e:
+    sys.exit(f"error: {e}")

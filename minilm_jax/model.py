@@ -1,0 +1,317 @@
+"""One Flax NNX Transformer encoder for the BERT family: teacher and student alike.
+
+BERT (the MiniLM checkpoints included) and RoBERTa / XLM-R share one implementation;
+they differ only in how position ids are made (RoBERTa counts from `pad_token_id + 1`
+and skips padding) and in the size of the token-type table.
+
+MiniLM distils the self-attention of one layer, so the encoder exposes, for the layers
+named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
+before any dropout) and on request the attention logits. Every other layer goes through
+`jax.nn.dot_product_attention` (cuDNN flash attention on GPU) and never materialises a
+[T, S] tensor. Attention dropout cannot be fused there, so a layer whose attention
+probabilities are dropped out (training with `attention_dropout > 0`) computes them
+explicitly; `attention_dropout=0` keeps every uncaptured layer fused in training too.
+
+Dimension legend (einsums and shape names):
+  B batch, T query positions, S key positions, N attention heads, H head size,
+  D hidden width, F intermediate width, L layers, R relation heads.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROBERTA_FAMILY = ("roberta", "xlm-roberta")
+ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes and options of a BERT-family encoder; mirrors Hugging Face `BertConfig`."""
+  model_type: str = "bert"             # "bert", "roberta" or "xlm-roberta"
+  vocab_size: int = 30522              # rows of the word-embedding table
+  hidden_size: int = 384               # D
+  num_layers: int = 6                  # L
+  num_heads: int = 12                  # N; D must be a multiple
+  intermediate_size: int = 1536        # F, the feed-forward width
+  max_position_embeddings: int = 512   # rows of the position table
+  type_vocab_size: int = 2             # token-type (segment) table rows; 1 for RoBERTa
+  pad_token_id: int = 0                # RoBERTa position ids skip it
+  layer_norm_eps: float = 1e-12        # LayerNorm epsilon
+  hidden_act: str = "gelu"             # feed-forward activation (erf GELU for BERT)
+  hidden_dropout: float = 0.1          # dropout after embeddings and sublayers (training only)
+  attention_dropout: float = 0.1       # dropout on attention probabilities (training only)
+  use_pooler: bool = True              # BERT's tanh pooler over [CLS]
+  dtype: str = "float32"               # compute dtype; parameters are always float32
+
+  def __post_init__(self):
+    if self.model_type not in ARCHITECTURES:
+      raise ValueError(f"unknown model_type {self.model_type!r}: minilm_jax supports "
+                       f"{', '.join(ARCHITECTURES)} (BERT-family encoders)")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads "
+                       f"{self.num_heads}: choose heads that divide the width")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; use one of {list(ACTIVATIONS)}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def position_offset(self) -> int:
+    """First position id used: RoBERTa-family models start after the padding index."""
+    return self.pad_token_id + 1 if self.model_type in ROBERTA_FAMILY else 0
+
+  @property
+  def max_seq_len(self) -> int:
+    """Longest sequence the position table can encode."""
+    return self.max_position_embeddings - self.position_offset
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    """Builds the config from a Hugging Face `config.json` dictionary."""
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+      raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not "
+                       "supported: only absolute position embeddings (BERT, RoBERTa, XLM-R)")
+    return cls(
+        model_type=hf.get("model_type", "bert"),
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        pad_token_id=hf.get("pad_token_id") or 0,
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_act=hf.get("hidden_act", "gelu"),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        use_pooler=hf.get("add_pooling_layer", True),
+    )
+
+  def to_hf(self) -> dict[str, Any]:
+    """The Hugging Face `config.json` dictionary that `transformers` loads."""
+    hf = {
+        "architectures": [ARCHITECTURES[self.model_type]],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "intermediate_size": self.intermediate_size,
+        "max_position_embeddings": self.max_position_embeddings,
+        "type_vocab_size": self.type_vocab_size,
+        "pad_token_id": self.pad_token_id,
+        "layer_norm_eps": self.layer_norm_eps,
+        "hidden_act": self.hidden_act,
+        "hidden_dropout_prob": self.hidden_dropout,
+        "attention_probs_dropout_prob": self.attention_dropout,
+        "initializer_range": 0.02,
+        "position_embedding_type": "absolute",
+    }
+    if self.model_type in ROBERTA_FAMILY:
+      hf.update(bos_token_id=0, eos_token_id=2)
+    return hf
+
+
+@flax.struct.dataclass
+class AttentionInternals:
+  """What one captured layer exposes for distillation; all taken before dropout."""
+  query: jax.Array                     # [B, T, D], heads concatenated
+  key: jax.Array                       # [B, S, D]
+  value: jax.Array                     # [B, S, D]
+  logits: jax.Array | None = None      # [B, N, T, S] float32, q k^T / sqrt(H), unmasked
+
+
+@flax.struct.dataclass
+class EncoderOutput:
+  last_hidden_state: jax.Array                 # [B, T, D] output of the last layer run
+  pooled_output: jax.Array | None              # [B, D] tanh(W h_[CLS]); None without pooler
+  internals: dict[int, AttentionInternals]     # captured layer index -> its internals
+
+
+def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """softmax over keys of `logits` [B, N, T, S] with padded keys ([B, S] == 0) removed."""
+  keep = attention_mask[:, None, None, :].astype(bool)
+  return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1, where=keep)
+
+
+def _init(stddev: float = 0.02):
+  return nnx.initializers.truncated_normal(stddev)
+
+
+def _dense(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=_init(), rngs=rngs)
+
+
+def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=jnp.dtype(config.dtype),
+                       use_fast_variance=False, rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+  """Word + position + token-type embeddings, LayerNorm, dropout."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, dtype = config.hidden_size, jnp.dtype(config.dtype)
+    self.word_embeddings = nnx.Embed(config.vocab_size, d, dtype=dtype, embedding_init=_init(), rngs=rngs)
+    self.position_embeddings = nnx.Embed(config.max_position_embeddings, d, dtype=dtype,
+                                         embedding_init=_init(), rngs=rngs)
+    self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d, dtype=dtype,
+                                           embedding_init=_init(), rngs=rngs)
+    self.layer_norm = _layer_norm(config, rngs)
+    self.dropout = nnx.Dropout(config.hidden_dropout)
+
+  def position_ids(self, input_ids: jax.Array) -> jax.Array:
+    if self.config.model_type in ROBERTA_FAMILY:
+      # RoBERTa: real tokens count up from pad_token_id + 1; padding keeps pad_token_id.
+      real = (input_ids != self.config.pad_token_id).astype(jnp.int32)
+      return jnp.cumsum(real, axis=1) * real + self.config.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+  def __call__(self, input_ids, token_type_ids, dropout_rng) -> jax.Array:
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
+         + self.token_type_embeddings(token_type_ids))
+    return _dropout(self.dropout, self.layer_norm(x), dropout_rng)
+
+
+def _dropout(layer: nnx.Dropout, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+  return x if rng is None or layer.rate == 0 else layer(x, deterministic=False, rngs=rng)
+
+
+class Layer(nnx.Module):
+  """One post-LayerNorm Transformer layer (BERT): self-attention, then feed-forward."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, f, dtype = config.hidden_size, config.intermediate_size, jnp.dtype(config.dtype)
+    self.query = _dense(d, d, dtype, rngs)
+    self.key = _dense(d, d, dtype, rngs)
+    self.value = _dense(d, d, dtype, rngs)
+    self.attention_out = _dense(d, d, dtype, rngs)
+    self.attention_norm = _layer_norm(config, rngs)
+    self.intermediate = _dense(d, f, dtype, rngs)
+    self.output = _dense(f, d, dtype, rngs)
+    self.output_norm = _layer_norm(config, rngs)
+    self.hidden_dropout = nnx.Dropout(config.hidden_dropout)
+    self.attention_dropout = nnx.Dropout(config.attention_dropout)
+
+  def __call__(self, x_BTD, attention_mask_BS, dropout_rng, *, capture: bool, return_logits: bool):
+    c = self.config
+    b, t, _ = x_BTD.shape
+    q_BTD, k_BTD, v_BTD = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
+    split = lambda y: y.reshape(b, t, c.num_heads, c.head_dim)
+    q, k, v = split(q_BTD), split(k_BTD), split(v_BTD)
+    rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+    drop_probs = rngs[0] is not None and c.attention_dropout > 0
+    logits = None
+    if drop_probs or return_logits:
+      logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+      logits = logits / math.sqrt(c.head_dim)
+    if drop_probs:
+      probs = _dropout(self.attention_dropout, attention_probs(logits, attention_mask_BS), rngs[0])
+      ctx = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+    else:
+      mask = attention_mask_BS[:, None, None, :].astype(bool)
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    h = self.attention_out(ctx.reshape(b, t, -1))
+    h = self.attention_norm(_dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
+    y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))
+    y = self.output_norm(_dropout(self.hidden_dropout, y, rngs[2]) + h)
+    internals = AttentionInternals(q_BTD, k_BTD, v_BTD, logits if return_logits else None)
+    return y, (internals if capture else None)
+
+
+class Encoder(nnx.Module):
+  """BERT-family encoder: embeddings, `num_layers` layers, optional pooler."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embeddings = Embeddings(config, rngs=rngs)
+    self.layers = nnx.List([Layer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.pooler = _dense(config.hidden_size, config.hidden_size, jnp.dtype(config.dtype), rngs) if config.use_pooler else None
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               dropout_rng: jax.Array | None = None, capture: tuple[int, ...] = (),
+               return_logits: bool = False, num_layers: int | None = None) -> EncoderOutput:
+    """Runs the encoder.
+
+    Args:
+      input_ids: [B, T] int token ids.
+      attention_mask: [B, T], 1 for real tokens, 0 for padding (default: all real).
+      token_type_ids: [B, T] segment ids (default: all 0).
+      dropout_rng: a PRNG key turns on training-mode dropout; None is eval mode.
+      capture: indices (0-based) of the layers whose q, k, v (and logits) to return.
+      return_logits: also return the captured layers' attention logits.
+      num_layers: run only the bottom `num_layers` layers (a teacher needs nothing
+        above the layer it is distilled from); the pooler runs only over the full stack.
+    """
+    c = self.config
+    num_layers = c.num_layers if num_layers is None else num_layers
+    if not 1 <= num_layers <= c.num_layers:
+      raise ValueError(f"num_layers={num_layers} is outside 1..{c.num_layers} (the model's layers)")
+    if bad := [i for i in capture if not 0 <= i < num_layers]:
+      raise ValueError(f"capture layers {bad} are outside the {num_layers} layers run (0-based)")
+    if input_ids.shape[1] > c.max_seq_len:
+      raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table "
+                       f"({c.max_position_embeddings} positions, {c.max_seq_len} usable): "
+                       f"use max_seq_len <= {c.max_seq_len}")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    rngs = [None] * (num_layers + 1) if dropout_rng is None else list(jax.random.split(dropout_rng, num_layers + 1))
+    x = self.embeddings(input_ids, token_type_ids, rngs[0])
+    internals = {}
+    for i in range(num_layers):
+      x, captured = self.layers[i](x, attention_mask, rngs[i + 1], capture=i in capture,
+                                   return_logits=return_logits)
+      if captured is not None:
+        internals[i] = captured
+    pooled = None
+    if self.pooler is not None and num_layers == c.num_layers:
+      pooled = jnp.tanh(self.pooler(x[:, 0]))
+    return EncoderOutput(x, pooled, internals)
+
+
+def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:
+  """Freshly initialised parameters (BERT's truncated normal, std 0.02) as a pytree."""
+  return nnx.state(Encoder(config, rngs=nnx.Rngs(seed)), nnx.Param)
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract(config: ModelConfig):
+  return nnx.split(nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def graphdef(config: ModelConfig):
+  """The static structure that `nnx.merge(graphdef, params)` turns back into a module."""
+  return _abstract(config)[0]
+
+
+def abstract_params(config: ModelConfig) -> nnx.State:
+  """A fresh copy of the parameter pytree's shapes and dtypes (jax.ShapeDtypeStruct)."""
+  return jax.tree.map(lambda x: x, _abstract(config)[1])
+
+
+def apply(config: ModelConfig, params: nnx.State, *args, **kwargs) -> EncoderOutput:
+  """Pure functional call: `Encoder(config)` with `params`, no state kept anywhere."""
+  return nnx.merge(graphdef(config), params)(*args, **kwargs)

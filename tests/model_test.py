@@ -1,0 +1,144 @@
+"""The Flax encoder against PyTorch `transformers` (float32, CPU, eager attention)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from minilm_jax import model as model_lib
+
+SENTENCES = ["MiniLM distils the self-attention of the teacher's last layer.",
+             "A short one.",
+             "Padding must not change what real tokens see: the mask removes padded keys."]
+
+
+@pytest.fixture(scope="module")
+def batch(teacher_dir):
+  tok = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+  b = tok(SENTENCES, padding=True, return_tensors="np")
+  assert (b["attention_mask"] == 0).any()  # the batch really has padding
+  return {k: v.astype(np.int32) for k, v in b.items()}
+
+
+@pytest.fixture(scope="module")
+def torch_outputs(teacher_dir, batch):
+  pt = transformers.AutoModel.from_pretrained(teacher_dir, attn_implementation="eager").eval()
+  with torch.no_grad():
+    return pt(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()},
+              output_attentions=True, output_hidden_states=True)
+
+
+def run(config, params, batch, **kw):
+  return model_lib.apply(config, params, batch["input_ids"], batch["attention_mask"],
+                         batch["token_type_ids"], **kw)
+
+
+def real(x, batch):
+  """Rows of real (unpadded) query positions: what a padded position computes is unused."""
+  mask = batch["attention_mask"].astype(bool)
+  x = np.asarray(x)
+  return x[mask] if x.ndim == 3 else np.moveaxis(x, 1, 2)[mask]  # [B,T,D] or [B,N,T,S]
+
+
+def test_teacher_matches_pytorch(teacher, batch, torch_outputs):
+  config, params = teacher
+  out = run(config, params, batch, capture=tuple(range(config.num_layers)), return_logits=True)
+  np.testing.assert_allclose(real(out.last_hidden_state, batch),
+                             real(torch_outputs.last_hidden_state, batch), rtol=0, atol=1e-5)
+  np.testing.assert_allclose(out.pooled_output, torch_outputs.pooler_output, rtol=0, atol=1e-5)
+  for i in range(config.num_layers):
+    probs = model_lib.attention_probs(out.internals[i].logits, batch["attention_mask"])
+    np.testing.assert_allclose(real(probs, batch), real(torch_outputs.attentions[i], batch),
+                               rtol=0, atol=1e-5, err_msg=f"layer {i}")
+
+
+def test_truncated_teacher_matches_pytorch_hidden_state(teacher, batch, torch_outputs):
+  config, params = teacher
+  out = run(config, params, batch, num_layers=4)
+  np.testing.assert_allclose(real(out.last_hidden_state, batch), real(torch_outputs.hidden_states[4], batch),
+                             rtol=0, atol=1e-5)
+  assert out.pooled_output is None
+
+
+def test_qkv_reproduce_attention_probabilities(teacher, batch):
+  config, params = teacher
+  layer = config.num_layers - 1
+  out = run(config, params, batch, capture=(layer,), return_logits=True)
+  got = out.internals[layer]
+  b, t, _ = got.query.shape
+  q = np.asarray(got.query, np.float64).reshape(b, t, config.num_heads, -1)
+  k = np.asarray(got.key, np.float64).reshape(b, t, config.num_heads, -1)
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(config.head_dim)
+  logits = np.where(batch["attention_mask"][:, None, None, :] == 1, logits, -np.inf)
+  ref = np.exp(logits - logits.max(-1, keepdims=True))
+  ref /= ref.sum(-1, keepdims=True)
+  probs = model_lib.attention_probs(got.logits, batch["attention_mask"])
+  np.testing.assert_allclose(probs, ref, rtol=0, atol=1e-6)
+
+
+def test_fused_and_explicit_attention_agree(teacher, batch):
+  config, params = teacher
+  fused = run(config, params, batch).last_hidden_state
+  explicit = run(config, params, batch, capture=tuple(range(config.num_layers)), return_logits=True)
+  np.testing.assert_allclose(fused, explicit.last_hidden_state, rtol=0, atol=1e-5)
+
+
+def test_dropout_only_in_training(teacher, batch):
+  config, params = teacher
+  eval_a = run(config, params, batch).last_hidden_state
+  eval_b = run(config, params, batch).last_hidden_state
+  train_a = run(config, params, batch, dropout_rng=jax.random.key(0)).last_hidden_state
+  train_b = run(config, params, batch, dropout_rng=jax.random.key(1)).last_hidden_state
+  train_a2 = run(config, params, batch, dropout_rng=jax.random.key(0)).last_hidden_state
+  np.testing.assert_array_equal(eval_a, eval_b)
+  np.testing.assert_array_equal(train_a, train_a2)
+  assert np.abs(train_a - eval_a).max() > 1e-2
+  assert np.abs(train_a - train_b).max() > 1e-2
+
+
+def test_bfloat16_compute_keeps_float32_params(teacher, batch):
+  config, params = teacher
+  bf16 = config.replace(dtype="bfloat16")
+  out = run(bf16, params, batch, capture=(5,))
+  assert out.last_hidden_state.dtype == jnp.bfloat16
+  assert out.internals[5].query.dtype == jnp.bfloat16
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(model_lib.init_params(bf16.replace(num_layers=1))))
+  ref = run(config, params, batch).last_hidden_state
+  # bfloat16 operands: a relative error of a few 1e-3 over six layers, not more.
+  rel = np.linalg.norm(np.asarray(out.last_hidden_state, np.float32) - ref) / np.linalg.norm(ref)
+  assert rel < 2e-2
+
+
+def test_fresh_student_init():
+  config = model_lib.ModelConfig(num_layers=3, hidden_size=384, num_heads=12, intermediate_size=1536)
+  params = model_lib.init_params(config, seed=0)
+  kernel = np.asarray(params["layers"][0]["query"]["kernel"])
+  assert kernel.shape == (384, 384)
+  # TF BERT's truncated_normal(0.02): a N(0, 0.02) cut at 2 sigma, whose std is 0.02 * 0.8796.
+  assert abs(kernel.std() - 0.02 * 0.8796) < 5e-4 and np.abs(kernel).max() <= 0.04
+  assert np.all(np.asarray(params["layers"][0]["query"]["bias"]) == 0)
+  assert np.all(np.asarray(params["layers"][0]["output_norm"]["scale"]) == 1)
+
+
+def test_roberta_position_ids_skip_padding():
+  config = model_lib.ModelConfig(model_type="roberta", pad_token_id=1, num_layers=1, hidden_size=32,
+                                 num_heads=4, intermediate_size=64, type_vocab_size=1, vocab_size=50)
+  ids = jnp.array([[0, 5, 6, 2, 1, 1]])
+  emb = model_lib.Embeddings(config, rngs=__import__("flax").nnx.Rngs(0))
+  np.testing.assert_array_equal(emb.position_ids(ids), [[2, 3, 4, 5, 1, 1]])
+  assert config.max_seq_len == 510
+
+
+def test_bad_configs_and_inputs(teacher):
+  config, params = teacher
+  with pytest.raises(ValueError, match="not a multiple of num_heads"):
+    model_lib.ModelConfig(hidden_size=384, num_heads=7)
+  with pytest.raises(ValueError, match="unknown model_type 'gpt2'"):
+    model_lib.ModelConfig(model_type="gpt2")
+  ids = jnp.zeros((1, 513), jnp.int32)
+  with pytest.raises(ValueError, match="exceeds the position table.*max_seq_len <= 512"):
+    model_lib.apply(config, params, ids)
+  with pytest.raises(ValueError, match="capture layers \\[6\\]"):
+    model_lib.apply(config, params, ids[:, :8], capture=(6,))
