@@ -1,0 +1,83 @@
+"""Local text files -> a prepared TFDS dataset (array_record), built once, read by index.
+
+A big corpus is read, split into documents and cleaned once (`minilm_jax.data` rules: one
+document per blank-line block or per line, Project Gutenberg boilerplate cut), then stored as
+`DATA_DIR/text_corpus/1.0.0/*.array_record` with one `{"text": ...}` record per document.
+Training reads it back with `tfds.data_source("text_corpus", data_dir=DATA_DIR)`, i.e. corpus
+"tfds:text_corpus". Nothing is downloaded and TensorFlow is not needed.
+
+  python -m minilm_jax data --build-tfds 'corpus/**/*.txt' --data-dir /data/tfds
+"""
+
+import pathlib
+from typing import Sequence
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from minilm_jax import data
+
+NAME = "text_corpus"
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder):
+  """Documents of local text files; one record per document, in file order before TFDS shuffles.
+
+  Without `files` the builder can only read an already prepared dataset.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "One record per document of local text files."}
+
+  def __init__(self, *, files: str | Sequence[str] | None = None, doc_per_line: bool = False,
+               **kwargs):
+    self._files = files  # paths, globs or directories of .txt/.gz/.xz files
+    self._doc_per_line = doc_per_line  # one document per line instead of per blank-line block
+    super().__init__(**kwargs)
+
+  # tfds 4.9.10 finds a packaged builder's code through the `importlib_resources` backport,
+  # which is not installed; this file is the code, and it has no checksums.tsv beside it.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=__doc__.splitlines()[0],
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded
+    if self._files is None:
+      raise ValueError(f"{NAME!r} is not prepared in {str(self.data_dir)!r}: build it with "
+                       f"`{data.BUILD_TFDS_COMMAND}`")
+    return {"train": self._generate_examples(data.expand_paths(self._files))}
+
+  def _generate_examples(self, paths: list[pathlib.Path]):
+    for path in paths:
+      docs = data.split_documents(data.read_text(path), self._doc_per_line)
+      for i, doc in enumerate(docs):
+        yield f"{path}:{i}", {"text": doc}
+
+
+def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, *,
+                      doc_per_line: bool = False, overwrite: bool = False) -> pathlib.Path:
+  """`python -m minilm_jax data --build-tfds FILES --data-dir DIR`: prepares "tfds:text_corpus".
+
+  Args:
+    files: text files (paths, globs, directories; comma-separated or a list).
+    data_dir: TFDS data directory that receives `text_corpus/1.0.0/`.
+    doc_per_line: one document per line instead of per blank-line block.
+    overwrite: rebuild when the dataset already exists (else it is kept as is).
+
+  Returns:
+    The prepared dataset's directory.
+  """
+  paths = data.expand_paths(files)  # fail on a missing file before TFDS creates anything
+  builder = TextCorpus(files=[str(p) for p in paths], doc_per_line=doc_per_line,
+                       data_dir=str(data_dir), file_format="array_record")
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  return pathlib.Path(str(builder.data_dir))

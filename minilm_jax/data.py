@@ -1,0 +1,449 @@
+"""Pre-training input pipeline: text -> teacher tokens -> packed BERT examples -> grain batches.
+
+MiniLM (Wang et al., 2020, Sec. 4) distils on the teacher's own pre-training data (English
+Wikipedia + BookCorpus for BERT). Here a corpus is one of:
+
+  * "demo": a small *demo corpus* of real English text that every Python install ships, the
+    ~79 documentation topics of `pydoc_data.topics` (one topic = one document, ~465k chars).
+  * local plain-text files: paths, globs or directories, comma-separated in one string or a
+    list; `.txt`, `.gz`, `.xz`. One document per blank-line-separated block (BERT's layout),
+    or per line with `doc_per_line=True`. Project Gutenberg header and licence are dropped.
+  * "tfds:NAME[/CONFIG][:SPLIT]" (split defaults to "train"): a TFDS dataset already prepared
+    as array_record in `data_dir`, read by index with `tfds.data_source` (no TensorFlow). Each
+    record's text feature is one document. `minilm_jax.corpus_tfds` prepares local text files
+    this way.
+
+Documents are tokenized once at start-up with the teacher's Hugging Face `tokenizers` file
+(batched, multithreaded Rust) and packed as in BERT pre-training: `[CLS] tokens [SEP]` filled
+with consecutive tokens of ONE document; a document's short tail is padded, not dropped. The
+tokens are held in memory as one int32 array (4 bytes per token: ~1 GB per 250M tokens), so
+a TFDS source is tokenized eagerly too; for corpora beyond that, prepare a subset
+("tfds:NAME:train[:10%]") or cap `max_documents`.
+
+`batch_iterator` turns the packed examples into a grain pipeline: global shuffle with a seed
+(reshuffled each epoch), this process's shard, repeat, fixed-shape batches, worker processes
+and prefetch, with an exactly resumable, JSON-serialisable iterator state.
+"""
+
+import dataclasses
+import glob
+import gzip
+import json
+import lzma
+import os
+import pathlib
+import re
+import time
+from typing import Callable, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+import tokenizers
+
+from minilm_jax import teachers
+
+BUILD_TFDS_COMMAND = "python -m minilm_jax data --build-tfds FILES --data-dir DIR"
+_TEXT_SUFFIXES = (".txt", ".gz", ".xz")
+_GUTENBERG_START = re.compile(
+    r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
+_GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
+# Special tokens tried when the model dir names none: BERT WordPiece, then XLM-R SentencePiece.
+_SPECIAL_CANDIDATES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>")}
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def demo_documents() -> list[str]:
+  """The demo corpus: Python's documentation topics (`pydoc_data.topics`), one per document."""
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  return [topics.topics[k].strip() for k in sorted(topics.topics) if topics.topics[k].strip()]
+
+
+def expand_paths(files: str | Sequence[str]) -> list[pathlib.Path]:
+  """Paths, globs and directories (all .txt/.gz/.xz inside, recursively) -> sorted file list."""
+  specs = files.split(",") if isinstance(files, str) else list(files)
+  paths = []
+  for spec in (str(s).strip() for s in specs):
+    if not spec:
+      continue
+    if glob.has_magic(spec):
+      found = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+      if not found:
+        raise FileNotFoundError(f"corpus glob {spec!r} matches no file")
+      paths += [pathlib.Path(p) for p in found if os.path.isfile(p)]
+    elif os.path.isdir(spec):
+      found = sorted(p for p in pathlib.Path(spec).rglob("*") if p.suffix in _TEXT_SUFFIXES)
+      if not found:
+        raise FileNotFoundError(f"corpus directory {spec!r} holds no .txt/.gz/.xz file")
+      paths += found
+    elif os.path.isfile(os.path.expanduser(spec)):
+      paths.append(pathlib.Path(spec).expanduser())
+    else:
+      raise FileNotFoundError(
+          f"corpus file {spec!r} does not exist: pass text files, globs or directories, "
+          "'demo', or 'tfds:NAME[/CONFIG][:SPLIT]' for a prepared TFDS dataset")
+  if not paths:
+    raise FileNotFoundError(f"corpus {files!r} names no file")
+  return paths
+
+
+def read_text(path: str | pathlib.Path) -> str:
+  """Reads one UTF-8 text file (.gz and .xz decompressed) with any Gutenberg boilerplate cut."""
+  path = pathlib.Path(path)
+  opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
+  try:
+    with opener(path, "rt", encoding="utf-8-sig") as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise FileNotFoundError(f"corpus file {str(path)!r} does not exist") from None
+  except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
+    raise ValueError(
+        f"cannot read corpus file {str(path)!r} ({type(e).__name__}: {e}): it must be UTF-8 "
+        "text, gzip (.gz) or xz (.xz); re-download or re-compress it") from e
+  return strip_gutenberg(text)
+
+
+def strip_gutenberg(text: str) -> str:
+  """Keeps only the book between the '*** START/END OF THE PROJECT GUTENBERG EBOOK' lines."""
+  start = _GUTENBERG_START.search(text)
+  if start:
+    text = text[start.end():]
+  end = _GUTENBERG_END.search(text)
+  if end:
+    text = text[:end.start()]
+  return text
+
+
+def split_documents(text: str, doc_per_line: bool = False) -> list[str]:
+  """Blank-line-separated blocks (lines joined by spaces), or lines, as non-empty documents."""
+  if doc_per_line:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+  blocks = re.split(r"\n\s*\n", text)
+  docs = (" ".join(line.strip() for line in block.splitlines() if line.strip()) for block in blocks)
+  return [d for d in docs if d]
+
+
+def parse_tfds_corpus(corpus: str) -> tuple[str, str]:
+  """'tfds:NAME[/CONFIG][:SPLIT]' -> (name, split); the split defaults to 'train'."""
+  name, _, split = corpus.removeprefix("tfds:").partition(":")
+  if not name:
+    raise ValueError(f"corpus {corpus!r}: expected 'tfds:NAME[/CONFIG][:SPLIT]'")
+  return name, split or "train"
+
+
+def tfds_documents(corpus: str, data_dir: str | None, text_feature: str = "text",
+                   max_documents: int | None = None) -> list[str]:
+  """Reads the text feature of every record of a prepared TFDS dataset (no download)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, split = parse_tfds_corpus(corpus)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
+          NotImplementedError) as e:  # NotImplementedError: registered builder, not prepared
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {data_dir!r}: "
+        "nothing is downloaded. Prepare it offline as array_record (`tfds build NAME "
+        "--data_dir DIR --file_format=array_record`), or turn local text files into one with "
+        f"`{BUILD_TFDS_COMMAND}` (then --corpus tfds:text_corpus)") from e
+  n = len(source) if max_documents is None else min(len(source), max_documents)
+  docs = []
+  for lo in range(0, n, 1024):
+    for record in source.__getitems__(list(range(lo, min(n, lo + 1024)))):
+      if text_feature not in record:
+        raise ValueError(f"TFDS dataset {name!r} has no feature {text_feature!r}; it has "
+                         f"{sorted(record)}: pass the text feature's name")
+      text = record[text_feature]
+      docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+  return docs
+
+
+def load_documents(corpus: str | Sequence[str], *, data_dir: str | None = None,
+                   doc_per_line: bool = False, text_feature: str = "text",
+                   max_documents: int | None = None) -> list[str]:
+  """Documents of 'demo', 'tfds:...' or local text files (see the module docstring)."""
+  if isinstance(corpus, str) and corpus == "demo":
+    docs = demo_documents()
+  elif isinstance(corpus, str) and corpus.startswith("tfds:"):
+    docs = tfds_documents(corpus, data_dir, text_feature, max_documents)
+  else:
+    docs = [d for p in expand_paths(corpus) for d in split_documents(read_text(p), doc_per_line)]
+  return docs[:max_documents]
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """Ids of the teacher's special tokens: [CLS]/[SEP]/[PAD] (BERT) or <s>/</s>/<pad> (XLM-R)."""
+  cls: int  # starts every example
+  sep: int  # ends every segment
+  pad: int  # fills the tail past attention_mask
+
+
+def _named_special(model_dir: pathlib.Path, key: str) -> str | None:
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = model_dir / name
+    if path.is_file():
+      value = json.loads(path.read_text()).get(f"{key}_token")
+      if isinstance(value, dict):
+        value = value.get("content")
+      if value:
+        return value
+  return None
+
+
+def load_tokenizer(name_or_path: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, SpecialIds]:
+  """The teacher's `tokenizer.json` (truncation/padding off) and its special token ids."""
+  model_dir = teachers.resolve_model_dir(name_or_path)
+  path = model_dir / "tokenizer.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{str(model_dir)!r} has no tokenizer.json: save the teacher's fast "
+                            "tokenizer there (transformers: tokenizer.save_pretrained(dir))")
+  tok = tokenizers.Tokenizer.from_file(str(path))
+  tok.no_truncation()  # tokenizer.json files often ship truncation/padding to 128 or 512.
+  tok.no_padding()
+  ids = {}
+  for key, candidates in _SPECIAL_CANDIDATES.items():
+    named = _named_special(model_dir, key)
+    for token in ((named,) if named else candidates):
+      if tok.token_to_id(token) is not None:
+        ids[key] = tok.token_to_id(token)
+        break
+    else:
+      raise ValueError(f"tokenizer {str(path)!r} has no {key} token ({named or candidates}): "
+                       "name it in special_tokens_map.json")
+  return tok, SpecialIds(**ids)
+
+
+def encode_documents(tok: tokenizers.Tokenizer, docs: Sequence[str],
+                     batch_size: int = 4096) -> list[np.ndarray]:
+  """Token ids of every document, without special tokens (batched, parallel in Rust)."""
+  encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+  out = []
+  for lo in range(0, len(docs), batch_size):
+    encodings = encode(list(docs[lo:lo + batch_size]), add_special_tokens=False)
+    out += [np.asarray(e.ids, np.int32) for e in encodings]
+  return out
+
+
+def check_max_seq_len(max_seq_len: int, model_dir: str | pathlib.Path) -> int:
+  """Raises unless `max_seq_len` fits the model's position table; returns the limit.
+
+  RoBERTa/XLM-R offset positions by pad_token_id + 1, so 514 positions hold 512 tokens.
+  """
+  path = pathlib.Path(model_dir) / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{str(path)!r} does not exist: pass a Hugging Face model directory")
+  config = json.loads(path.read_text())
+  offset = config.get("pad_token_id", 1) + 1 if config.get(
+      "model_type") in ("roberta", "xlm-roberta") else 0
+  limit = config["max_position_embeddings"] - offset
+  if max_seq_len > limit:
+    raise ValueError(
+        f"max_seq_len={max_seq_len} is beyond the position table of {str(model_dir)!r} "
+        f"(max_position_embeddings={config['max_position_embeddings']}, usable {limit}): "
+        f"pass --max-seq-len {limit} or less")
+  return limit
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusStats:
+  """What a corpus turned into; printed by `show_examples`."""
+  source: str  # the corpus argument
+  documents: int  # non-empty documents read
+  tokens: int  # text tokens (no special tokens) packed
+  examples: int  # packed examples of max_seq_len
+  padded_examples: int  # examples shorter than max_seq_len: document tails, padded not dropped
+  max_seq_len: int  # tokens per example, special tokens included
+  tokenize_seconds: float  # wall time of tokenizing all documents
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.tokens / max(self.tokenize_seconds, 1e-9)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedExamples:
+  """Random-access source of BERT examples; holds tokens once, builds rows on access.
+
+  Example i is tokens[starts[i] : starts[i] + lengths[i]] of one document, the first
+  a_lengths[i] of them in segment A and the rest in segment B (two_segments only).
+  """
+  tokens: np.ndarray  # int32 [total tokens], all documents concatenated
+  starts: np.ndarray  # int64 [examples], offset of each example in `tokens`
+  lengths: np.ndarray  # int32 [examples], text tokens of each example
+  a_lengths: np.ndarray  # int32 [examples], text tokens in segment A
+  special: SpecialIds  # [CLS]/[SEP]/[PAD] ids
+  max_seq_len: int  # row length
+  two_segments: bool  # `[CLS] A [SEP] B [SEP]` with token_type 1 for B
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    start, n, a = int(self.starts[i]), int(self.lengths[i]), int(self.a_lengths[i])
+    text = self.tokens[start:start + n]
+    ids = np.full(self.max_seq_len, self.special.pad, np.int32)
+    token_type_ids = np.zeros(self.max_seq_len, np.int32)
+    ids[0], ids[1:1 + a], ids[1 + a] = self.special.cls, text[:a], self.special.sep
+    used = a + 2
+    if self.two_segments:
+      ids[2 + a:2 + n], ids[2 + n] = text[a:], self.special.sep
+      token_type_ids[2 + a:3 + n] = 1
+      used = n + 3
+    attention_mask = (np.arange(self.max_seq_len) < used).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def pack_documents(token_docs: Sequence[np.ndarray], special: SpecialIds, max_seq_len: int,
+                   two_segments: bool = False) -> PackedExamples:
+  """Cuts each document into chunks of max_seq_len minus the special tokens; tails stay."""
+  capacity = max_seq_len - (3 if two_segments else 2)
+  if capacity < (2 if two_segments else 1):
+    raise ValueError(f"max_seq_len={max_seq_len} leaves no room for text after the special "
+                     f"tokens: use at least {5 if two_segments else 3}")
+  doc_lengths = np.array([len(d) for d in token_docs], np.int64)
+  doc_offsets = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+  per_doc = -(-doc_lengths // capacity)  # ceil; empty documents give no example
+  doc_of_example = np.repeat(np.arange(len(token_docs)), per_doc)
+  chunk = np.arange(len(doc_of_example)) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+  starts = doc_offsets[doc_of_example] + chunk * capacity
+  lengths = np.minimum(capacity, doc_lengths[doc_of_example] - chunk * capacity).astype(np.int32)
+  # Two segments: A is the first half of the chunk (rounded up), B the rest.
+  a_lengths = (lengths + 1) // 2 if two_segments else lengths
+  tokens = np.concatenate(token_docs).astype(np.int32) if len(token_docs) else np.zeros(0, np.int32)
+  return PackedExamples(tokens, starts, lengths, a_lengths.astype(np.int32), special,
+                        max_seq_len, two_segments)
+
+
+def pretraining_examples(
+    corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *, max_seq_len: int = 128,
+    data_dir: str | None = None, two_segments: bool = False, doc_per_line: bool = False,
+    text_feature: str = "text", max_documents: int | None = None,
+) -> tuple[grain.MapDataset, CorpusStats]:
+  """Packed BERT pre-training examples of a corpus, tokenized by the teacher's tokenizer.
+
+  Args:
+    corpus: "demo", local text files (paths/globs/dirs, comma-separated or a list), or
+      "tfds:NAME[/CONFIG][:SPLIT]" for a TFDS dataset prepared in `data_dir`.
+    tokenizer: packaged teacher name or model directory holding tokenizer.json; when it
+      has a config.json, `max_seq_len` is checked against its position table.
+    max_seq_len: tokens per example, special tokens included (128; 512 for paper runs).
+    data_dir: TFDS data directory (TFDS corpora only).
+    two_segments: `[CLS] A [SEP] B [SEP]` with token_type 1 for B, instead of one segment.
+    doc_per_line: local files hold one document per line instead of per blank-line block.
+    text_feature: name of the TFDS text feature.
+    max_documents: read only the first documents (quick runs).
+
+  Returns:
+    A `grain.MapDataset` of {"input_ids", "attention_mask", "token_type_ids"}: int32
+    [max_seq_len] each, in corpus order; and the corpus statistics.
+  """
+  model_dir = teachers.resolve_model_dir(tokenizer)
+  if (model_dir / "config.json").is_file():
+    check_max_seq_len(max_seq_len, model_dir)
+  tok, special = load_tokenizer(model_dir)
+  docs = load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
+                        text_feature=text_feature, max_documents=max_documents)
+  start = time.perf_counter()
+  token_docs = encode_documents(tok, docs)
+  seconds = time.perf_counter() - start
+  packed = pack_documents(token_docs, special, max_seq_len, two_segments)
+  if not len(packed):
+    raise ValueError(f"corpus {corpus!r} holds no text ({len(docs)} documents, 0 tokens): "
+                     "pass non-empty text files")
+  capacity = max_seq_len - (3 if two_segments else 2)
+  stats = CorpusStats(str(corpus), sum(len(d) > 0 for d in token_docs), len(packed.tokens),
+                      len(packed), int((packed.lengths < capacity).sum()), max_seq_len, seconds)
+  return grain.MapDataset.source(packed), stats
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: int,
+                   num_epochs: int | None = None, process_index: int | None = None,
+                   process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
+                   read_threads: int = 1) -> grain.DatasetIterator:
+  """This process's batches: shuffle -> shard -> repeat -> batch -> worker processes.
+
+  Each epoch is globally shuffled by `seed` (reshuffled per epoch) and cut into
+  `process_count` disjoint, equal shards before batching; at most process_count - 1 examples
+  per epoch are left out so that every process yields the same number of batches. Batches
+  have a fixed shape (the last incomplete one of a finite run is dropped). The order depends
+  on the seed, never on `worker_count`. `get_state()` is a JSON-serialisable dict;
+  `set_state()` on a freshly built iterator (same arguments) continues exactly.
+
+  Args:
+    examples: `pretraining_examples` output.
+    global_batch_size: examples per step over all processes.
+    seed: shuffle seed, 0 <= seed < 2**32.
+    num_epochs: passes over the data; None repeats forever.
+    process_index, process_count: this process's shard; default jax.process_index/count().
+    worker_count: grain worker processes (0: build batches in this process).
+    prefetch: batches buffered per worker (and by the reading threads).
+    read_threads: threads building batches inside each process.
+
+  Returns:
+    An iterator of {"input_ids", "attention_mask", "token_type_ids"}: np.int32
+    [global_batch_size // process_count, max_seq_len].
+  """
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                     f"process_count={process_count}")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed} must be in [0, 2**32)")
+  per_process = global_batch_size // process_count
+  epoch = len(examples) - len(examples) % process_count
+  shard = examples.shuffle(seed)[:epoch][process_index::process_count]
+  if num_epochs is not None and num_epochs * len(shard) < per_process:
+    raise ValueError(
+        f"{num_epochs} epoch(s) of {len(examples)} examples give no batch of {per_process} "
+        f"per process: lower global_batch_size or raise num_epochs")
+  batches = shard.repeat(num_epochs).batch(per_process, drop_remainder=True)
+  ds = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
+  if worker_count > 0:
+    # grain 0.2.18 reads an absl flag when it starts workers, which fails before absl parsed
+    # the command line (pytest, notebooks, our argparse CLI): use the flag defaults then.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=prefetch))
+  return iter(ds)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def show_examples(corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *,
+                  max_seq_len: int = 128, show: int = 3, data_dir: str | None = None,
+                  two_segments: bool = False, doc_per_line: bool = False,
+                  text_feature: str = "text", max_documents: int | None = None,
+                  echo: Callable[[str], None] = print) -> CorpusStats:
+  """`python -m minilm_jax data`: prints `show` decoded examples and the corpus statistics."""
+  examples, stats = pretraining_examples(
+      corpus, tokenizer, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
+      doc_per_line=doc_per_line, text_feature=text_feature, max_documents=max_documents)
+  tok, _ = load_tokenizer(tokenizer)
+  for i in range(min(show, len(examples))):
+    example = examples[i]
+    ids = example["input_ids"][example["attention_mask"] == 1].tolist()
+    echo(f"--- example {i} ({len(ids)} tokens)\n{tok.decode(ids, skip_special_tokens=False)}")
+  echo(f"corpus {stats.source}: {stats.documents:,} documents, {stats.tokens:,} tokens, "
+       f"{stats.examples:,} examples of {stats.max_seq_len} tokens "
+       f"({stats.padded_examples:,} padded tails); tokenizer {stats.tokens_per_second:,.0f} "
+       f"tokens/s")
+  return stats
