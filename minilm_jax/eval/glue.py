@@ -1,0 +1,266 @@
+"""GLUE tasks of the MiniLM papers: registry, TSV / TFDS readers and fixed-length features.
+
+The MiniLM tables fine-tune on MNLI (dev_matched), QNLI, QQP, RTE, SST-2, MRPC, CoLA and
+STS-B. `TASKS` records, for each, where the original GLUE download keeps it
+(`glue_data/<DIR>/{train,dev}.tsv`), which columns hold the text and label (the names of
+the GLUE files' own headers, as read by Hugging Face's `run_glue` processors), the label
+list in label-id order and the metric family of `metrics.task_metrics`.
+
+GLUE TSVs contain unbalanced quotes inside sentences, so files are read with the csv
+module and `quoting=csv.QUOTE_NONE`: every tab is a separator and every quote is text.
+
+Tokenisation uses a Hugging Face `tokenizers` tokenizer (the model's `tokenizer.json`):
+truncation `longest_first` (pairs lose tokens from the longer side first, as in BERT) and
+padding to a fixed length, so every batch has one shape and the jitted step compiles once.
+"""
+
+import csv
+import dataclasses
+import pathlib
+
+import numpy as np
+import tokenizers
+
+SPLITS = ("train", "dev")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+  """Where a GLUE task lives on disk and in TFDS, and how it is scored."""
+  name: str                             # registry key; also the TFDS config (glue/<name>)
+  dir_name: str                         # folder under glue_data/ in the original download
+  text_columns: tuple[str, ...]         # one column (single sentence) or two (pair)
+  label_column: str                     # column holding the gold label or score
+  labels: tuple[str, ...] | None        # label strings in label-id order; None = regression
+  metric: str                           # metric family of metrics.task_metrics
+  dev_file: str = "dev.tsv"             # MNLI: dev_matched.tsv (the MiniLM tables' MNLI-m)
+  header: tuple[str, ...] | None = None  # column names of a header-less file (CoLA)
+  tfds_text: tuple[str, ...] = ()       # TFDS feature names of the text columns
+  tfds_labels: tuple[str, ...] | None = None  # our label string of each TFDS label id
+  tfds_dev_split: str = "validation"    # TFDS split that is GLUE's dev set
+
+  @property
+  def is_regression(self) -> bool:
+    return self.labels is None
+
+  @property
+  def num_labels(self) -> int:
+    """Output width of the task head: number of classes, or 1 for a regression score."""
+    return 1 if self.labels is None else len(self.labels)
+
+
+_BINARY = ("0", "1")
+_NLI2 = ("entailment", "not_entailment")
+
+TASKS = {t.name: t for t in [
+    GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
+             ("contradiction", "entailment", "neutral"), "accuracy",
+             dev_file="dev_matched.tsv", tfds_text=("premise", "hypothesis"),
+             tfds_labels=("entailment", "neutral", "contradiction"),
+             tfds_dev_split="validation_matched"),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, "accuracy",
+             tfds_text=("question", "sentence"), tfds_labels=_NLI2),
+    GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", _BINARY, "accuracy_f1",
+             tfds_text=("question1", "question2"), tfds_labels=_BINARY),
+    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", _NLI2, "accuracy",
+             tfds_text=("sentence1", "sentence2"), tfds_labels=_NLI2),
+    GlueTask("sst2", "SST-2", ("sentence",), "label", _BINARY, "accuracy",
+             tfds_text=("sentence",), tfds_labels=_BINARY),
+    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", _BINARY, "accuracy_f1",
+             tfds_text=("sentence1", "sentence2"), tfds_labels=_BINARY),
+    GlueTask("cola", "CoLA", ("sentence",), "label", _BINARY, "matthews",
+             header=("source", "label", "original_label", "sentence"),
+             tfds_text=("sentence",), tfds_labels=_BINARY),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None, "pearson_spearman",
+             tfds_text=("sentence1", "sentence2")),
+]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One GLUE example: its text(s) and its label id (classification) or score (STS-B)."""
+  text_a: str
+  text_b: str | None
+  label: int | float
+
+
+def get_task(task: str | GlueTask) -> GlueTask:
+  """The registry entry of a task name (case-insensitive, e.g. "sst2", "SST-2", "mnli")."""
+  if isinstance(task, GlueTask):
+    return task
+  key = str(task).lower().replace("-", "")
+  if key not in TASKS:
+    raise KeyError(f"unknown GLUE task {task!r}: use one of {', '.join(TASKS)}")
+  return TASKS[key]
+
+
+def tsv_path(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) -> pathlib.Path:
+  """`glue_dir/<DIR>/{train.tsv, dev.tsv}` (MNLI dev: dev_matched.tsv), as GLUE ships it."""
+  task = get_task(task)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r} for GLUE TSVs: use one of {', '.join(SPLITS)} "
+                     "(GLUE test labels are not public)")
+  name = "train.tsv" if split == "train" else task.dev_file
+  return pathlib.Path(glue_dir).expanduser() / task.dir_name / name
+
+
+def _parse_label(task: GlueTask, value: str, where: str) -> int | float:
+  if task.is_regression:
+    try:
+      return float(value)
+    except ValueError:
+      raise ValueError(f"{where}: score {value!r} is not a number") from None
+  if value not in task.labels:
+    raise ValueError(f"{where}: label {value!r} is not one of {task.name}'s labels "
+                     f"{list(task.labels)}")
+  return task.labels.index(value)
+
+
+def _column_indices(task: GlueTask, header: list[str], path: pathlib.Path) -> list[int]:
+  wanted = [*task.text_columns, task.label_column]
+  missing = [c for c in wanted if c not in header]
+  if missing:
+    raise ValueError(f"{path}: missing column(s) {missing} for task {task.name}; the file has "
+                     f"{header}. Pass the original GLUE download (glue_data/{task.dir_name}/)")
+  return [header.index(c) for c in wanted]
+
+
+def load_glue(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) -> list[Example]:
+  """Reads `split` ("train" or "dev") of a task from the original GLUE TSV layout.
+
+  Args:
+    task: registry name, e.g. "sst2" or "mnli".
+    glue_dir: the `glue_data` folder holding CoLA/, SST-2/, MNLI/, ... .
+    split: "train" or "dev" (MNLI: dev_matched).
+
+  Returns:
+    Examples in file order; labels are ids into `task.labels` (floats for STS-B).
+  """
+  task = get_task(task)
+  path = tsv_path(task, glue_dir, split)
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: GLUE {task.name} {split} is read from "
+        f"<glue_dir>/{task.dir_name}/{'train.tsv' if split == 'train' else task.dev_file} "
+        "(the layout of the original GLUE download, download_glue_data.py); pass that "
+        "glue_data folder, or use load_glue_tfds for a prepared TFDS copy")
+  with path.open(encoding="utf-8", newline="") as f:
+    # QUOTE_NONE: one record per physical line, so enumerate() gives file line numbers.
+    rows = [(line, row) for line, row in
+            enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), start=1) if row]
+  if task.header is None:
+    header = rows.pop(0)[1] if rows else []
+  else:
+    header = list(task.header)
+  indices = _column_indices(task, header, path)
+  *text_idx, label_idx = indices
+  examples = []
+  for line, row in rows:
+    where = f"{path} line {line}"
+    if len(row) <= max(indices):
+      raise ValueError(f"{where}: {len(row)} tab-separated fields, expected at least "
+                       f"{max(indices) + 1} ({', '.join(header)}); is the file truncated?")
+    texts = [row[i] for i in text_idx]
+    examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None,
+                            _parse_label(task, row[label_idx], where)))
+  return examples
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def load_glue_tfds(task: str | GlueTask, data_dir: str | pathlib.Path,
+                   split: str) -> list[Example]:
+  """Reads a task from a prepared TFDS `glue/<task>` (array_record) under `data_dir`.
+
+  Uses `tfds.data_source`, which needs no TensorFlow, so the dataset must already be
+  prepared in array_record format (elsewhere: `tfds build glue/<task>
+  --file_format=array_record --data_dir=<data_dir>`). TFDS label ids are mapped to ours by
+  name (TFDS MNLI orders entailment, neutral, contradiction; GLUE's TSV order differs).
+  """
+  task = get_task(task)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds_split = "train" if split == "train" else task.tfds_dev_split
+  try:
+    source = tfds.data_source(f"glue/{task.name}", split=tfds_split, data_dir=str(data_dir),
+                              download=False)
+  except Exception as e:  # DatasetNotFoundError, AssertionError, FileNotFoundError, ...
+    raise FileNotFoundError(
+        f"TFDS glue/{task.name} split {tfds_split!r} is not prepared in array_record format "
+        f"under {data_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+        f"Prepare it where TensorFlow is installed: tfds build glue/{task.name} "
+        f"--file_format=array_record --data_dir={data_dir}; or read the GLUE TSVs with "
+        "load_glue") from e
+  examples = []
+  for i in range(len(source)):
+    record = source[i]
+    texts = [_text(record[k]) for k in task.tfds_text]
+    raw = record["label"]
+    if task.is_regression:
+      label = float(raw)
+    else:
+      if not 0 <= int(raw) < len(task.tfds_labels):
+        raise ValueError(f"TFDS glue/{task.name} {tfds_split} record {i}: label {int(raw)} "
+                         f"outside 0..{len(task.tfds_labels) - 1} (test splits carry -1)")
+      label = task.labels.index(task.tfds_labels[int(raw)])
+    examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, label))
+  return examples
+
+
+def load_tokenizer(model_dir: str | pathlib.Path) -> tokenizers.Tokenizer:
+  """The fast tokenizer saved as `model_dir/tokenizer.json` (no download, no slow fallback)."""
+  path = pathlib.Path(model_dir).expanduser() / "tokenizer.json"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found: pass a Hugging Face model directory with a fast tokenizer "
+        "(save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
+  return tokenizers.Tokenizer.from_file(str(path))
+
+
+def pad_token(tokenizer: tokenizers.Tokenizer) -> tuple[str, int]:
+  """(token, id) used for padding: the tokenizer's own setting, else [PAD] or <pad>."""
+  if tokenizer.padding:
+    return tokenizer.padding["pad_token"], tokenizer.padding["pad_id"]
+  for token in ("[PAD]", "<pad>"):
+    if (token_id := tokenizer.token_to_id(token)) is not None:
+      return token, token_id
+  raise ValueError("tokenizer has no padding token ([PAD] or <pad>) and no padding setting: "
+                   "save it with padding enabled or add a pad token")
+
+
+def fixed_length_tokenizer(tokenizer: tokenizers.Tokenizer, max_len: int,
+                           **truncation) -> tokenizers.Tokenizer:
+  """A copy of `tokenizer` that truncates and pads every input to exactly `max_len`."""
+  clone = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+  token, token_id = pad_token(tokenizer)
+  clone.enable_truncation(max_len, **truncation)
+  clone.enable_padding(length=max_len, pad_id=token_id, pad_token=token)
+  return clone
+
+
+def encode_examples(examples: list[Example], tokenizer: tokenizers.Tokenizer,
+                    task: str | GlueTask, max_len: int = 128) -> dict[str, np.ndarray]:
+  """Tokenises examples to fixed-length model inputs.
+
+  Returns:
+    {"input_ids", "attention_mask", "token_type_ids"}: int32 [N, max_len];
+    "labels": int32 [N] (class ids) or float32 [N] (STS-B scores).
+  """
+  task = get_task(task)
+  if not examples:
+    raise ValueError(f"no {task.name} examples to encode")
+  tok = fixed_length_tokenizer(tokenizer, max_len, strategy="longest_first")
+  pairs = examples[0].text_b is not None
+  inputs = [(e.text_a, e.text_b) if pairs else e.text_a for e in examples]
+  encodings = tok.encode_batch(inputs)
+  as_array = lambda name: np.asarray([getattr(e, name) for e in encodings], np.int32)
+  return {
+      "input_ids": as_array("ids"),
+      "attention_mask": as_array("attention_mask"),
+      "token_type_ids": as_array("type_ids"),
+      "labels": np.asarray([e.label for e in examples],
+                           np.float32 if task.is_regression else np.int32),
+  }
