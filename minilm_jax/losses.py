@@ -1,0 +1,95 @@
+"""Self-attention distillation losses of MiniLM (v1) and MiniLMv2, as one function.
+
+Both papers compare *relations*: for a pair of [B, T, D] tensors (a, b) of one layer,
+split into R heads of size d_r = D / R, the relation is
+
+    Rel(a, b) = softmax(a_r b_r^T / sqrt(d_r))                      [B, R, T, S]
+
+and the loss is the KL divergence from the teacher's relation to the student's,
+averaged over examples, relation heads and real query positions:
+
+    L = 1 / (B_real * R) * sum_{b, r, t real} KL(Rel_T[b, r, t] || Rel_S[b, r, t]).
+
+MiniLM (Wang et al., 2020, Eq. 7-9): attention transfer KL(A_T || A_S) with
+A = Rel(q, k), plus value relation KL(Rel(v_T, v_T) || Rel(v_S, v_S)), R = the number
+of attention heads, which teacher and student must share.
+MiniLMv2 (Wang et al., 2021, Eq. 2-3): the Q-Q, K-K and V-V relations summed, with R
+relation heads chosen independently of the attention heads, so teacher and student may
+have any head counts (and widths), as long as R divides both widths.
+
+Softmax and KL always run in float32, whatever the compute dtype; padded keys are
+removed with a large finite negative (not -inf), so a fully padded row gives a finite
+uniform distribution and neither NaN values nor NaN gradients.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from minilm_jax.model import AttentionInternals
+
+_MASKED = -1e9  # logit of a padded key: exp underflows to exactly 0, yet stays finite.
+
+
+def relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
+                       num_relation_heads: int) -> jax.Array:
+  """log Rel(a, b): [B, R, T, S] float32 log-softmax over keys, padded keys removed."""
+  b, t, d = a_BTD.shape
+  if d % num_relation_heads:
+    raise ValueError(f"{num_relation_heads} relation heads do not divide the hidden size {d}: "
+                     "choose num_relation_heads that divides both teacher and student widths")
+  h = d // num_relation_heads
+  a = a_BTD.reshape(b, t, num_relation_heads, h)
+  k = b_BSD.reshape(b, b_BSD.shape[1], num_relation_heads, h)
+  logits = jnp.einsum("BTRH,BSRH->BRTS", a, k, preferred_element_type=jnp.float32) / math.sqrt(h)
+  logits = jnp.where(mask_BS[:, None, None, :].astype(bool), logits, _MASKED)
+  return jax.nn.log_softmax(logits, axis=-1)
+
+
+def relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
+                  student_b: jax.Array, mask: jax.Array, num_relation_heads: int) -> jax.Array:
+  """KL(teacher relation || student relation), averaged over (example, head, real query).
+
+  Args:
+    teacher_a, teacher_b: [B, T, D_T] teacher tensors, heads concatenated (e.g. q and k).
+    student_a, student_b: [B, T, D_S] the student's counterparts.
+    mask: [B, T], 1 for real tokens, 0 for padding (keys and queries alike).
+    num_relation_heads: R; each model is split into R heads of its own size D / R.
+  """
+  log_t = jax.lax.stop_gradient(relation_log_probs(teacher_a, teacher_b, mask, num_relation_heads))
+  log_s = relation_log_probs(student_a, student_b, mask, num_relation_heads)
+  keep = mask.astype(jnp.float32)
+  kl_BRT = jnp.sum(jnp.exp(log_t) * (log_t - log_s) * keep[:, None, None, :], axis=-1)
+  per_query = jnp.sum(kl_BRT * keep[:, None, :]) / num_relation_heads
+  return per_query / jnp.maximum(jnp.sum(keep), 1.0)
+
+
+def attention_transfer_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+                            num_heads: int) -> jax.Array:
+  """MiniLM's attention transfer: KL(softmax(q_T k_T^T) || softmax(q_S k_S^T)), per head."""
+  return relation_loss(teacher.query, teacher.key, student.query, student.key, mask, num_heads)
+
+
+def value_relation_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+                        num_heads: int) -> jax.Array:
+  """MiniLM's value relation transfer: KL(softmax(v_T v_T^T) || softmax(v_S v_S^T))."""
+  return relation_loss(teacher.value, teacher.value, student.value, student.value, mask, num_heads)
+
+
+def minilm_v1_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+                   num_heads: int) -> dict[str, jax.Array]:
+  """MiniLM (v1): attention transfer + value relation; returns each term and the total."""
+  terms = {"attention_transfer": attention_transfer_loss(teacher, student, mask, num_heads),
+           "value_relation": value_relation_loss(teacher, student, mask, num_heads)}
+  return terms | {"total": sum(terms.values())}
+
+
+def minilm_v2_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+                   num_relation_heads: int) -> dict[str, jax.Array]:
+  """MiniLMv2: Q-Q + K-K + V-V self-attention relations with `num_relation_heads` heads."""
+  terms = {f"{n}_relation": relation_loss(getattr(teacher, name), getattr(teacher, name),
+                                          getattr(student, name), getattr(student, name),
+                                          mask, num_relation_heads)
+           for n, name in (("qq", "query"), ("kk", "key"), ("vv", "value"))}
+  return terms | {"total": sum(terms.values())}
