@@ -35,7 +35,48 @@ def convert(argv: list[str]) -> None:
   print(f"wrote {out}")
 
 
-COMMANDS = {"convert": convert}
+def _config_flags(argv: list[str], command: str):
+  """Parses `--config FILE [--config.key=value ...] --workdir DIR` the way Flax examples do."""
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)",
+                    flag_values=fv)
+  try:
+    fv([f"minilm_jax {command}", *argv])
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nusage: python -m minilm_jax {command} --config experiments/NAME.py "
+             "--workdir DIR [--config.key=value ...]")
+  if fv.config is None or fv.workdir is None:
+    sys.exit(f"usage: python -m minilm_jax {command} --config experiments/NAME.py --workdir DIR "
+             "[--config.key=value ...]")
+  return fv
+
+
+def _init_runtime(distributed: bool) -> None:
+  import logging
+  import jax
+  if distributed:
+    jax.distributed.initialize()
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  logging.info("jax %s on %d processes, devices: %s", jax.__version__, jax.process_count(), jax.devices())
+
+
+def distill(argv: list[str]) -> None:
+  fv = _config_flags(argv, "distill")
+  _init_runtime(fv.distributed)
+  import json
+  from minilm_jax import distill as distill_lib
+  summary = distill_lib.run(fv.config, fv.workdir)
+  print(json.dumps(summary, indent=2))
+
+
+COMMANDS = {"convert": convert, "distill": distill}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,46 @@
+"""Metrics a person can plot: `metrics.jsonl` (one JSON object per record) and TensorBoard.
+
+Only process 0 writes. TensorBoard goes through tensorboardX, which needs no TensorFlow.
+"""
+
+import json
+import pathlib
+import time
+
+import jax
+
+
+class MetricWriter:
+  """Appends `{"step": s, "time": t, **scalars}` lines and TensorBoard scalars."""
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.enabled = jax.process_index() == 0
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+
+  def write_text(self, name: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(name, f"```\n{text}\n```", 0)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """The records of a run's `metrics.jsonl`, in order."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

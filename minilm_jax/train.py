@@ -1,0 +1,205 @@
+"""The distillation step: config, models, optimizer and one pure, jit-compiled update.
+
+    (state, teacher_params, batch) -> (state, metrics)
+
+The teacher is frozen, in eval mode, truncated at the layer it is distilled from and
+stored in its compute dtype; the student trains with dropout and float32 master weights.
+The step is data-parallel over a `('data',)` mesh (see `sharding.py`): the batch is
+sharded, everything else replicated, the student state donated. Gradient accumulation
+runs micro-batches in a `lax.scan` inside the step and weights each by its real tokens,
+so any number of micro-batches gives the big batch's exact loss and gradient.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from minilm_jax import losses, sharding
+from minilm_jax import model as model_lib
+
+LOSSES = {"v1": losses.minilm_v1_loss, "v2": losses.minilm_v2_loss}
+
+
+@dataclasses.dataclass
+class DistillConfig:
+  """Everything a distillation run depends on; `experiments/*.py` return one."""
+  # Teacher and what is distilled.
+  teacher: str = "all-MiniLM-L6-v2"   # local Hugging Face directory or packaged teacher name
+  teacher_layer: int = 0              # 1-based teacher layer distilled from; 0 = last layer
+  version: str = "v1"                 # "v1": attention transfer + value relation; "v2": Q-Q, K-K, V-V relations
+  num_relation_heads: int = 48        # MiniLMv2 relation heads (48 base-size, 64 large teachers)
+  # Student (vocabulary, positions and model type follow the teacher).
+  student_layers: int = 3             # L
+  student_hidden: int = 384           # D
+  student_heads: int = 12             # N (v1 needs the teacher's head count)
+  student_intermediate: int = 0       # F; 0 = 4 * D
+  student_dropout: float = 0.1        # hidden and attention dropout during distillation
+  compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
+  # Data.
+  corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
+  data_dir: str = ""                  # TFDS data_dir for tfds: corpora
+  max_seq_len: int = 128              # tokens per example, [CLS] and [SEP] included
+  data_workers: int = 0               # grain worker processes (0 = in the main process)
+  # Optimisation (paper: peak 3e-4 / 5e-4, 4k warmup, 400k steps, batch 1024).
+  global_batch_size: int = 32         # examples per optimizer step, over all devices and hosts
+  grad_accum_steps: int = 1           # micro-batches per step (global batch / this per pass)
+  max_steps: int = 1000               # optimizer steps
+  learning_rate: float = 3e-4         # peak of linear warmup then linear decay to 0
+  warmup_steps: int = 100             # linear warmup steps
+  weight_decay: float = 0.01          # AdamW decay, not applied to biases and LayerNorm
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-6
+  clip_grad_norm: float = 1.0         # global-norm clipping; 0 = off
+  seed: int = 0                       # student init, dropout and data order
+  # Bookkeeping.
+  log_every: int = 10                 # steps between metric records
+  checkpoint_every: int = 200         # steps between checkpoints (and one at the end)
+  keep_checkpoints: int = 3           # checkpoints kept
+  export_hf: bool = True              # write the student as a Hugging Face directory at the end
+
+  def resolved_dtype(self) -> str:
+    if self.compute_dtype != "auto":
+      return self.compute_dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: optimizer steps taken
+  params: nnx.State        # student parameters, float32
+  opt_state: Any           # optax state
+  rng: jax.Array           # uint32 key data; step t's dropout key is fold_in(rng, t)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The static half of a run: model configs and which layers meet in the loss."""
+  teacher: model_lib.ModelConfig     # truncated at the distilled layer, no pooler
+  student: model_lib.ModelConfig
+  version: str
+  relation_heads: int
+
+
+def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
+  """Checks the run's configuration against the teacher, before any compute."""
+  if cfg.version not in LOSSES:
+    raise ValueError(f"version {cfg.version!r} is unknown: use 'v1' (MiniLM) or 'v2' (MiniLMv2)")
+  layer = cfg.teacher_layer or teacher_full.num_layers
+  if not 1 <= layer <= teacher_full.num_layers:
+    raise ValueError(f"teacher_layer {cfg.teacher_layer} is out of range: the teacher has "
+                     f"{teacher_full.num_layers} layers (use 1..{teacher_full.num_layers}, 0 = last)")
+  dtype = cfg.resolved_dtype()
+  student = teacher_full.replace(
+      num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
+      intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
+      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_dropout, use_pooler=True,
+      dtype=dtype)
+  teacher = teacher_full.replace(num_layers=layer, use_pooler=False, dtype=dtype)
+  if cfg.version == "v1":
+    if teacher.num_heads != student.num_heads:
+      raise ValueError(f"MiniLM v1 transfers attention head by head, but the teacher has "
+                       f"{teacher.num_heads} heads and the student {student.num_heads}: set "
+                       f"student_heads={teacher.num_heads}, or use version='v2' (relation heads)")
+    heads = teacher.num_heads
+  else:
+    heads = cfg.num_relation_heads
+    for name, c in (("teacher", teacher), ("student", student)):
+      if c.hidden_size % heads:
+        raise ValueError(f"num_relation_heads={heads} does not divide the {name} hidden size "
+                         f"{c.hidden_size}: choose a divisor of both widths")
+  for name, c in (("teacher", teacher), ("student", student)):
+    if cfg.max_seq_len > c.max_seq_len:
+      raise ValueError(f"max_seq_len {cfg.max_seq_len} exceeds the {name}'s position table "
+                       f"({c.max_seq_len} tokens): lower max_seq_len")
+  return Setup(teacher, student, cfg.version, heads)
+
+
+def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
+  """The teacher's parameters up to the distilled layer, cast to the compute dtype."""
+  pure = params.to_pure_dict()
+  pure["layers"] = {i: pure["layers"][i] for i in range(setup.teacher.num_layers)}
+  pure.pop("pooler", None)
+  state = model_lib.abstract_params(setup.teacher)
+  nnx.replace_by_pure_dict(state, pure)
+  return jax.tree.map(lambda x: jnp.asarray(x, setup.teacher.dtype), state)
+
+
+def learning_rate_schedule(cfg: DistillConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then linear decay to 0 at `max_steps`."""
+  warmup = min(cfg.warmup_steps, cfg.max_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
+       optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.max_steps - warmup, 1))], [warmup])
+
+
+def decay_mask(params: nnx.State) -> nnx.State:
+  """Weight decay on matrices and embeddings only: not on biases or LayerNorm."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-2].key in ("kernel", "embedding"), params)
+
+
+def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
+  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw) if cfg.clip_grad_norm else adamw
+
+
+def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation) -> TrainState:
+  params = model_lib.init_params(setup.student, cfg.seed)
+  rng = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+
+def distill_loss(params, teacher_params, batch, dropout_rng, setup: Setup):
+  """Student loss on one (micro-)batch: (total, per-term dict), means over real tokens."""
+  args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  t_layer, s_layer = setup.teacher.num_layers - 1, setup.student.num_layers - 1
+  teacher = model_lib.apply(setup.teacher, teacher_params, *args, capture=(t_layer,))
+  teacher = jax.tree.map(jax.lax.stop_gradient, teacher.internals[t_layer])
+  student = model_lib.apply(setup.student, params, *args, dropout_rng=dropout_rng, capture=(s_layer,))
+  terms = LOSSES[setup.version](teacher, student.internals[s_layer], batch["attention_mask"],
+                                setup.relation_heads)
+  return terms["total"], terms
+
+
+def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
+                    micro_batches: int = 1) -> Callable:
+  """The jit-compiled step `(state, teacher_params, batch) -> (state, metrics)`."""
+
+  def split_micro(x):  # [B, ...] -> [A, B/A, ...]; micro-batch a takes rows a, A+a, ... of every device
+    x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
+
+  def step(state: TrainState, teacher_params, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def grads_of(micro, index):  # token-weighted sums, so micro-batches add up exactly
+      tokens = jnp.sum(micro["attention_mask"]).astype(jnp.float32)
+      weighted = lambda p: jax.tree.map(lambda v: v * tokens, distill_loss(
+          p, teacher_params, micro, jax.random.fold_in(key, index), setup))
+      (_, terms), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
+      return grads, terms, tokens
+
+    micro = jax.tree.map(split_micro, batch)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), 0))
+    (grads, terms, tokens), _ = jax.lax.scan(
+        lambda carry, inputs: (jax.tree.map(jnp.add, carry, grads_of(*inputs)), None),
+        zeros, (micro, jnp.arange(micro_batches)))
+    tokens = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {f"loss/{k}": v / tokens for k, v in terms.items()} | {"grad_norm": optax.global_norm(grads)}
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+  replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(step, in_shardings=(replicated, replicated, batched),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
