@@ -1,10 +1,11 @@
-"""Local text files -> a prepared TFDS dataset (array_record), built once, read by index.
+"""TFDS corpora: local text files -> a prepared array_record dataset; reading one by index.
 
 A big corpus is read, split into documents and cleaned once (`minilm_jax.data` rules: one
-document per blank-line block or per line, Project Gutenberg boilerplate cut), then stored as
+document per blank-line block, line or file; Project Gutenberg boilerplate cut), then stored as
 `DATA_DIR/text_corpus/1.0.0/*.array_record` with one `{"text": ...}` record per document.
 Training reads it back with `tfds.data_source("text_corpus", data_dir=DATA_DIR)`, i.e. corpus
-"tfds:text_corpus". Nothing is downloaded and TensorFlow is not needed.
+"tfds:text_corpus". `tfds_documents` reads any prepared TFDS dataset ("tfds:NAME[/CONFIG]
+[:SPLIT]") the same way. Nothing is downloaded and TensorFlow is not needed.
 
   python -m minilm_jax data --build-tfds 'corpus/**/*.txt' --data-dir /data/tfds
 """
@@ -18,6 +19,7 @@ import tensorflow_datasets as tfds
 from minilm_jax import data
 
 NAME = "text_corpus"
+BUILD_TFDS_COMMAND = "python -m minilm_jax data --build-tfds FILES --data-dir DIR"
 
 
 class TextCorpus(tfds.core.GeneratorBasedBuilder):
@@ -30,9 +32,10 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "One record per document of local text files."}
 
   def __init__(self, *, files: str | Sequence[str] | None = None, doc_per_line: bool = False,
-               **kwargs):
+               doc_per_file: bool = False, **kwargs):
     self._files = files  # paths, globs or directories of .txt/.gz/.xz files
     self._doc_per_line = doc_per_line  # one document per line instead of per blank-line block
+    self._doc_per_file = doc_per_file  # one document per file (book, article)
     super().__init__(**kwargs)
 
   # tfds 4.9.10 finds a packaged builder's code through the `importlib_resources` backport,
@@ -51,24 +54,26 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing is downloaded
     if self._files is None:
       raise ValueError(f"{NAME!r} is not prepared in {str(self.data_dir)!r}: build it with "
-                       f"`{data.BUILD_TFDS_COMMAND}`")
+                       f"`{BUILD_TFDS_COMMAND}`")
     return {"train": self._generate_examples(data.expand_paths(self._files))}
 
   def _generate_examples(self, paths: list[pathlib.Path]):
     for path in paths:
-      docs = data.split_documents(data.read_text(path), self._doc_per_line)
+      docs = data.split_documents(data.read_text(path), self._doc_per_line, self._doc_per_file)
       for i, doc in enumerate(docs):
         yield f"{path}:{i}", {"text": doc}
 
 
 def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, *,
-                      doc_per_line: bool = False, overwrite: bool = False) -> pathlib.Path:
+                      doc_per_line: bool = False, doc_per_file: bool = False,
+                      overwrite: bool = False) -> pathlib.Path:
   """`python -m minilm_jax data --build-tfds FILES --data-dir DIR`: prepares "tfds:text_corpus".
 
   Args:
     files: text files (paths, globs, directories; comma-separated or a list).
     data_dir: TFDS data directory that receives `text_corpus/1.0.0/`.
     doc_per_line: one document per line instead of per blank-line block.
+    doc_per_file: one document per file (books, articles).
     overwrite: rebuild when the dataset already exists (else it is kept as is).
 
   Returns:
@@ -76,8 +81,42 @@ def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, 
   """
   paths = data.expand_paths(files)  # fail on a missing file before TFDS creates anything
   builder = TextCorpus(files=[str(p) for p in paths], doc_per_line=doc_per_line,
-                       data_dir=str(data_dir), file_format="array_record")
+                       doc_per_file=doc_per_file, data_dir=str(data_dir),
+                       file_format="array_record")
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   return pathlib.Path(str(builder.data_dir))
+
+
+def parse_tfds_corpus(corpus: str) -> tuple[str, str]:
+  """'tfds:NAME[/CONFIG][:SPLIT]' -> (name, split); the split defaults to 'train'."""
+  name, _, split = corpus.removeprefix("tfds:").partition(":")
+  if not name:
+    raise ValueError(f"corpus {corpus!r}: expected 'tfds:NAME[/CONFIG][:SPLIT]'")
+  return name, split or "train"
+
+
+def tfds_documents(corpus: str, data_dir: str | None, text_feature: str = "text",
+                   max_documents: int | None = None) -> list[str]:
+  """Reads the text feature of every record of a prepared TFDS dataset (no download)."""
+  name, split = parse_tfds_corpus(corpus)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
+          NotImplementedError) as e:  # NotImplementedError: registered builder, not prepared
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {data_dir!r}: "
+        "nothing is downloaded. Prepare it offline as array_record (`tfds build NAME "
+        "--data_dir DIR --file_format=array_record`), or turn local text files into one with "
+        f"`{BUILD_TFDS_COMMAND}` (then --corpus tfds:text_corpus)") from e
+  n = len(source) if max_documents is None else min(len(source), max_documents)
+  docs = []
+  for lo in range(0, n, 1024):
+    for record in source.__getitems__(list(range(lo, min(n, lo + 1024)))):
+      if text_feature not in record:
+        raise ValueError(f"TFDS dataset {name!r} has no feature {text_feature!r}; it has "
+                         f"{sorted(record)}: pass the text feature's name")
+      text = record[text_feature]
+      docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
+  return docs

@@ -7,7 +7,9 @@ Wikipedia + BookCorpus for BERT). Here a corpus is one of:
     ~79 documentation topics of `pydoc_data.topics` (one topic = one document, ~465k chars).
   * local plain-text files: paths, globs or directories, comma-separated in one string or a
     list; `.txt`, `.gz`, `.xz`. One document per blank-line-separated block (BERT's layout),
-    or per line with `doc_per_line=True`. Project Gutenberg header and licence are dropped.
+    or per line with `doc_per_line=True`, or per file with `doc_per_file=True` (books and
+    articles whose blocks are paragraphs: paragraph documents leave most of a 512-token
+    example as padding). Project Gutenberg header and licence are dropped.
   * "tfds:NAME[/CONFIG][:SPLIT]" (split defaults to "train"): a TFDS dataset already prepared
     as array_record in `data_dir`, read by index with `tfds.data_source` (no TensorFlow). Each
     record's text feature is one document. `minilm_jax.corpus_tfds` prepares local text files
@@ -43,7 +45,6 @@ import tokenizers
 
 from minilm_jax import teachers
 
-BUILD_TFDS_COMMAND = "python -m minilm_jax data --build-tfds FILES --data-dir DIR"
 _TEXT_SUFFIXES = (".txt", ".gz", ".xz")
 _GUTENBERG_START = re.compile(
     r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
@@ -116,8 +117,17 @@ def strip_gutenberg(text: str) -> str:
   return text
 
 
-def split_documents(text: str, doc_per_line: bool = False) -> list[str]:
-  """Blank-line-separated blocks (lines joined by spaces), or lines, as non-empty documents."""
+def split_documents(text: str, doc_per_line: bool = False,
+                    doc_per_file: bool = False) -> list[str]:
+  """Blank-line-separated blocks (lines joined by spaces), lines, or the whole text as documents.
+
+  With doc_per_file the blocks are kept as lines of one document; empty documents are dropped.
+  """
+  if doc_per_line and doc_per_file:
+    raise ValueError("doc_per_line and doc_per_file exclude each other: pass at most one")
+  if doc_per_file:
+    doc = "\n".join(split_documents(text))
+    return [doc] if doc else []
   if doc_per_line:
     return [line.strip() for line in text.splitlines() if line.strip()]
   blocks = re.split(r"\n\s*\n", text)
@@ -125,50 +135,18 @@ def split_documents(text: str, doc_per_line: bool = False) -> list[str]:
   return [d for d in docs if d]
 
 
-def parse_tfds_corpus(corpus: str) -> tuple[str, str]:
-  """'tfds:NAME[/CONFIG][:SPLIT]' -> (name, split); the split defaults to 'train'."""
-  name, _, split = corpus.removeprefix("tfds:").partition(":")
-  if not name:
-    raise ValueError(f"corpus {corpus!r}: expected 'tfds:NAME[/CONFIG][:SPLIT]'")
-  return name, split or "train"
-
-
-def tfds_documents(corpus: str, data_dir: str | None, text_feature: str = "text",
-                   max_documents: int | None = None) -> list[str]:
-  """Reads the text feature of every record of a prepared TFDS dataset (no download)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name, split = parse_tfds_corpus(corpus)
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
-          NotImplementedError) as e:  # NotImplementedError: registered builder, not prepared
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {data_dir!r}: "
-        "nothing is downloaded. Prepare it offline as array_record (`tfds build NAME "
-        "--data_dir DIR --file_format=array_record`), or turn local text files into one with "
-        f"`{BUILD_TFDS_COMMAND}` (then --corpus tfds:text_corpus)") from e
-  n = len(source) if max_documents is None else min(len(source), max_documents)
-  docs = []
-  for lo in range(0, n, 1024):
-    for record in source.__getitems__(list(range(lo, min(n, lo + 1024)))):
-      if text_feature not in record:
-        raise ValueError(f"TFDS dataset {name!r} has no feature {text_feature!r}; it has "
-                         f"{sorted(record)}: pass the text feature's name")
-      text = record[text_feature]
-      docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-  return docs
-
-
 def load_documents(corpus: str | Sequence[str], *, data_dir: str | None = None,
-                   doc_per_line: bool = False, text_feature: str = "text",
-                   max_documents: int | None = None) -> list[str]:
+                   doc_per_line: bool = False, doc_per_file: bool = False,
+                   text_feature: str = "text", max_documents: int | None = None) -> list[str]:
   """Documents of 'demo', 'tfds:...' or local text files (see the module docstring)."""
   if isinstance(corpus, str) and corpus == "demo":
     docs = demo_documents()
   elif isinstance(corpus, str) and corpus.startswith("tfds:"):
-    docs = tfds_documents(corpus, data_dir, text_feature, max_documents)
+    from minilm_jax import corpus_tfds  # pylint: disable=g-import-not-at-top
+    docs = corpus_tfds.tfds_documents(corpus, data_dir, text_feature, max_documents)
   else:
-    docs = [d for p in expand_paths(corpus) for d in split_documents(read_text(p), doc_per_line)]
+    docs = [d for p in expand_paths(corpus)
+            for d in split_documents(read_text(p), doc_per_line, doc_per_file)]
   return docs[:max_documents]
 
 
@@ -325,7 +303,7 @@ def pack_documents(token_docs: Sequence[np.ndarray], special: SpecialIds, max_se
 def pretraining_examples(
     corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *, max_seq_len: int = 128,
     data_dir: str | None = None, two_segments: bool = False, doc_per_line: bool = False,
-    text_feature: str = "text", max_documents: int | None = None,
+    doc_per_file: bool = False, text_feature: str = "text", max_documents: int | None = None,
 ) -> tuple[grain.MapDataset, CorpusStats]:
   """Packed BERT pre-training examples of a corpus, tokenized by the teacher's tokenizer.
 
@@ -338,6 +316,7 @@ def pretraining_examples(
     data_dir: TFDS data directory (TFDS corpora only).
     two_segments: `[CLS] A [SEP] B [SEP]` with token_type 1 for B, instead of one segment.
     doc_per_line: local files hold one document per line instead of per blank-line block.
+    doc_per_file: each local file is one document (a book, an article).
     text_feature: name of the TFDS text feature.
     max_documents: read only the first documents (quick runs).
 
@@ -350,7 +329,8 @@ def pretraining_examples(
     check_max_seq_len(max_seq_len, model_dir)
   tok, special = load_tokenizer(model_dir)
   docs = load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
-                        text_feature=text_feature, max_documents=max_documents)
+                        doc_per_file=doc_per_file, text_feature=text_feature,
+                        max_documents=max_documents)
   start = time.perf_counter()
   token_docs = encode_documents(tok, docs)
   seconds = time.perf_counter() - start
@@ -431,12 +411,14 @@ def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: 
 def show_examples(corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *,
                   max_seq_len: int = 128, show: int = 3, data_dir: str | None = None,
                   two_segments: bool = False, doc_per_line: bool = False,
-                  text_feature: str = "text", max_documents: int | None = None,
+                  doc_per_file: bool = False, text_feature: str = "text",
+                  max_documents: int | None = None,
                   echo: Callable[[str], None] = print) -> CorpusStats:
   """`python -m minilm_jax data`: prints `show` decoded examples and the corpus statistics."""
   examples, stats = pretraining_examples(
       corpus, tokenizer, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
-      doc_per_line=doc_per_line, text_feature=text_feature, max_documents=max_documents)
+      doc_per_line=doc_per_line, doc_per_file=doc_per_file, text_feature=text_feature,
+      max_documents=max_documents)
   tok, _ = load_tokenizer(tokenizer)
   for i in range(min(show, len(examples))):
     example = examples[i]

@@ -1,4 +1,4 @@
-"""Pre-training data: packing vs the tokenizer's own counts, sharding, exact resume, TFDS, errors."""
+"""Pre-training data: packing vs the tokenizer's counts, sharding, exact resume, TFDS, errors."""
 
 import gzip
 import json
@@ -176,6 +176,10 @@ def test_text_files_gutenberg_xz_globs_and_doc_per_line(tmp_path):
   assert data.load_documents([tmp_path / "a.txt"], doc_per_line=True) == [
       "line one", "line two", "line three"]
   assert len(data.load_documents(str(tmp_path))) == 4  # a directory: every text file in it
+  assert data.load_documents(str(tmp_path), doc_per_file=True) == [
+      "line one line two\nline three", "\n".join(docs[2:])]
+  with pytest.raises(ValueError, match="exclude each other"):
+    data.load_documents(str(tmp_path), doc_per_file=True, doc_per_line=True)
 
 
 def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):

@@ -1,0 +1,118 @@
+"""Throughput of the pre-training input pipeline (`minilm_jax.data`) on this machine.
+
+Measures, on the shared corpus (Gutenberg books + Wikipedia articles, ~31 MB):
+  * tokenizer throughput of the teacher's tokenizer (tokens/s, batched Rust `tokenizers`);
+  * read + tokenize + pack time, and how full the examples are, with a document per file
+    (book/article) or per blank-line block (paragraph);
+  * pipeline throughput (examples/s out of `batch_iterator`) at seq 128 and 512 with 0, 1 and
+    several grain worker processes;
+  * wall time of building the TFDS array_record dataset from the whole corpus (into /tmp)
+    and of reading it back into packed examples.
+
+  .venv/bin/python experiments/data_throughput.py [--corpus ../shared/data/corpus]
+Writes experiments/results/data_throughput.md.
+"""
+
+import argparse
+import os
+import pathlib
+import platform
+import shutil
+import tempfile
+import time
+
+import grain
+
+from minilm_jax import corpus_tfds, data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "corpus"
+
+
+def pipeline_rate(examples, *, worker_count: int, batch_size: int, batches: int) -> float:
+  """Examples/s out of the iterator over `batches` batches, after one warm-up batch."""
+  it = data.batch_iterator(examples, global_batch_size=batch_size, seed=0,
+                           process_index=0, process_count=1, worker_count=worker_count)
+  try:
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * batch_size / (time.perf_counter() - start)
+  finally:
+    if worker_count:
+      it.close()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
+  parser.add_argument("--tokenizer", default="all-MiniLM-L6-v2")
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--batches", type=int, default=200)
+  parser.add_argument("--workers", default="0,1,2")
+  parser.add_argument("--out", default=str(ROOT / "experiments/results/data_throughput.md"))
+  args = parser.parse_args()
+  files = ",".join(str(pathlib.Path(args.corpus) / d) for d in ("gutenberg", "wikipedia"))
+  rows = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
+          f"grain {grain.__version__}; corpus {files}; tokenizer {args.tokenizer}.", ""]
+
+  start = time.perf_counter()
+  docs = data.load_documents(files)
+  read_s = time.perf_counter() - start
+  tok, _ = data.load_tokenizer(args.tokenizer)
+  start = time.perf_counter()
+  token_docs = data.encode_documents(tok, docs)
+  tok_s = time.perf_counter() - start
+  n_tokens = sum(len(d) for d in token_docs)
+  chars = sum(len(d) for d in docs)
+  rows += ["| measurement | value |", "|---|---|",
+           f"| documents / characters / tokens | {len(docs):,} / {chars:,} / {n_tokens:,} |",
+           f"| read + split text files | {read_s:.2f} s |",
+           f"| tokenizer (encode_batch_fast, all docs) | {n_tokens / tok_s:,.0f} tokens/s "
+           f"({tok_s:.2f} s) |"]
+  print("\n".join(rows), flush=True)
+
+  for seq in (128, 512):
+    for doc_per_file in (True, False):
+      start = time.perf_counter()
+      examples, stats = data.pretraining_examples(files, args.tokenizer, max_seq_len=seq,
+                                                  doc_per_file=doc_per_file)
+      rows.append(f"| pretraining_examples seq {seq}, document = "
+                  f"{'file' if doc_per_file else 'blank-line block'} (read+tokenize+pack) | "
+                  f"{time.perf_counter() - start:.2f} s: {stats.documents:,} documents, "
+                  f"{stats.examples:,} examples, {stats.padded_examples:,} padded tails, "
+                  f"{stats.tokens / (stats.examples * (seq - 2)):.1%} of text slots filled |")
+      print(rows[-1], flush=True)
+    for workers in map(int, args.workers.split(",")):
+      rate = pipeline_rate(examples, worker_count=workers, batch_size=args.batch_size,
+                           batches=args.batches)
+      rows.append(f"| batch_iterator seq {seq}, batch {args.batch_size}, {workers} workers | "
+                  f"{rate:,.0f} examples/s |")
+      print(rows[-1], flush=True)
+
+  data_dir = pathlib.Path(tempfile.mkdtemp(prefix="minilm_tfds_"))
+  try:
+    start = time.perf_counter()
+    corpus_tfds.build_text_corpus(files, data_dir)
+    rows.append(f"| build TFDS array_record dataset (whole corpus, into /tmp) | "
+                f"{time.perf_counter() - start:.2f} s |")
+    print(rows[-1], flush=True)
+    start = time.perf_counter()
+    _, stats = data.pretraining_examples("tfds:text_corpus", args.tokenizer,
+                                         data_dir=str(data_dir))
+    rows.append(f"| pretraining_examples from that TFDS dataset, seq 128 | "
+                f"{time.perf_counter() - start:.2f} s ({stats.tokens:,} tokens) |")
+    print(rows[-1], flush=True)
+  finally:
+    shutil.rmtree(data_dir)
+
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text("# Input pipeline throughput\n\n" + __doc__.split("\n\n")[0] + "\n\n"
+                 + "\n".join(rows) + "\n")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
