@@ -55,7 +55,8 @@ def main():
   args = parser.parse_args()
   files = ",".join(str(pathlib.Path(args.corpus) / d) for d in ("gutenberg", "wikipedia"))
   rows = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
-          f"grain {grain.__version__}; corpus {files}; tokenizer {args.tokenizer}.", ""]
+          f"grain {grain.__version__}; corpus {files}; tokenizer {args.tokenizer}; load average "
+          f"at start {os.getloadavg()[0]:.1f} (other jobs share the machine: numbers vary).", ""]
 
   start = time.perf_counter()
   docs = data.load_documents(files)
@@ -107,6 +108,7 @@ def main():
   finally:
     shutil.rmtree(data_dir)
 
+  rows.append(f"\nLoad average at the end: {os.getloadavg()[0]:.1f}.")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text("# Input pipeline throughput\n\n" + __doc__.split("\n\n")[0] + "\n\n"

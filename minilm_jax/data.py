@@ -17,10 +17,11 @@ Wikipedia + BookCorpus for BERT). Here a corpus is one of:
 
 Documents are tokenized once at start-up with the teacher's Hugging Face `tokenizers` file
 (batched, multithreaded Rust) and packed as in BERT pre-training: `[CLS] tokens [SEP]` filled
-with consecutive tokens of ONE document; a document's short tail is padded, not dropped. The
-tokens are held in memory as one int32 array (4 bytes per token: ~1 GB per 250M tokens), so
-a TFDS source is tokenized eagerly too; for corpora beyond that, prepare a subset
-("tfds:NAME:train[:10%]") or cap `max_documents`.
+with consecutive tokens of ONE document; a document's short tail is padded, not dropped.
+Tokens stay in memory as one array (2 bytes per token for vocabularies under 65,536 ids such
+as BERT's, else 4; ~2 GB per billion BERT tokens). TFDS sources are tokenized eagerly too:
+simple, exact, and resumable by example index; for corpora beyond host memory, prepare a
+subset ("tfds:NAME:train[:10%]") or cap `max_documents`.
 
 `batch_iterator` turns the packed examples into a grain pipeline: global shuffle with a seed
 (reshuffled each epoch), this process's shard, repeat, fixed-shape batches, worker processes
@@ -253,7 +254,7 @@ class PackedExamples:
   Example i is tokens[starts[i] : starts[i] + lengths[i]] of one document, the first
   a_lengths[i] of them in segment A and the rest in segment B (two_segments only).
   """
-  tokens: np.ndarray  # int32 [total tokens], all documents concatenated
+  tokens: np.ndarray  # uint16 or int32 [total tokens], all documents concatenated
   starts: np.ndarray  # int64 [examples], offset of each example in `tokens`
   lengths: np.ndarray  # int32 [examples], text tokens of each example
   a_lengths: np.ndarray  # int32 [examples], text tokens in segment A
@@ -295,7 +296,9 @@ def pack_documents(token_docs: Sequence[np.ndarray], special: SpecialIds, max_se
   lengths = np.minimum(capacity, doc_lengths[doc_of_example] - chunk * capacity).astype(np.int32)
   # Two segments: A is the first half of the chunk (rounded up), B the rest.
   a_lengths = (lengths + 1) // 2 if two_segments else lengths
-  tokens = np.concatenate(token_docs).astype(np.int32) if len(token_docs) else np.zeros(0, np.int32)
+  tokens = np.concatenate(token_docs) if len(token_docs) else np.zeros(0, np.int32)
+  if not len(tokens) or tokens.max() < 2**16:  # BERT's 30,522 ids fit in half the memory
+    tokens = tokens.astype(np.uint16)
   return PackedExamples(tokens, starts, lengths, a_lengths.astype(np.int32), special,
                         max_seq_len, two_segments)
 
