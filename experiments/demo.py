@@ -17,7 +17,7 @@ def get_config(variant: str = "") -> DistillConfig:
       teacher="all-MiniLM-L6-v2", version="v1",
       student_layers=3, student_hidden=384, student_heads=12,
       corpus="demo", max_seq_len=128,
-      global_batch_size=32, max_steps=300, learning_rate=5e-4, warmup_steps=30,
+      global_batch_size=16, max_steps=200, learning_rate=5e-4, warmup_steps=20,
       log_every=10, checkpoint_every=100)
   if variant == "smoke":
     cfg.student_layers, cfg.max_seq_len, cfg.global_batch_size = 1, 32, 8

@@ -70,6 +70,26 @@ class DistillConfig:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+PAPER_STUDENTS = ("L6-H768", "L12-H384", "L6-H384", "L4-H384", "L3-H384")
+
+
+def paper_config(*, teacher: str, version: str, student: str, learning_rate: float,
+                 teacher_layer: int = 0, num_relation_heads: int = 48) -> DistillConfig:
+  """The papers' recipe for a student "L<layers>-H<hidden>" (12 heads, F = 4D).
+
+  MiniLM / MiniLMv2: English Wikipedia + BookCorpus, sequences of 512, batch 1024,
+  400k steps, 4k warmup then linear decay, AdamW (0.9, 0.999), weight decay 0.01.
+  """
+  if student not in PAPER_STUDENTS:
+    raise ValueError(f"student {student!r} is not one of the papers' sizes {PAPER_STUDENTS}")
+  layers, hidden = (int(x[1:]) for x in student.split("-"))
+  return DistillConfig(
+      teacher=teacher, version=version, teacher_layer=teacher_layer,
+      num_relation_heads=num_relation_heads, student_layers=layers, student_hidden=hidden,
+      student_heads=12, max_seq_len=512, global_batch_size=1024, max_steps=400_000,
+      warmup_steps=4_000, learning_rate=learning_rate, log_every=100, checkpoint_every=5_000)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array          # int32 scalar: optimizer steps taken

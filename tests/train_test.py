@@ -1,0 +1,172 @@
+"""The distillation step: data parallelism, gradient accumulation, learning, bad configs."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minilm_jax import model as model_lib, sharding, train
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def tiny_cfg(**kw):
+  base = dict(student_layers=1, student_hidden=96, student_heads=12, max_seq_len=32,
+              global_batch_size=8, max_steps=300, warmup_steps=10, learning_rate=1e-3)
+  return train.DistillConfig(**(base | kw))
+
+
+def random_batch(batch=8, seq=32, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000, 8000, size=(batch, seq)).astype(np.int32)
+  ids[:, 0] = 101
+  lengths = rng.integers(seq // 2, seq + 1, size=batch)
+  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
+  return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def build(cfg, teacher, mesh, micro_batches=1):
+  setup = train.make_setup(cfg, teacher[0])
+  optimizer = train.make_optimizer(cfg)
+  state = jax.device_put(train.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
+  teacher_params = jax.device_put(train.truncate_teacher(setup, teacher[1]), sharding.replicated(mesh))
+  return train.make_train_step(setup, optimizer, mesh, micro_batches), state, teacher_params
+
+
+def test_gradient_accumulation_equals_one_big_batch(teacher):
+  cfg = tiny_cfg(student_dropout=0.0, global_batch_size=16)
+  mesh = sharding.make_mesh()
+  batch = sharding.global_batch(random_batch(16), mesh)  # unequal lengths: token weighting matters
+  results = []
+  for micro in (1, 4):
+    step, state, tp = build(cfg, teacher, mesh, micro)
+    for _ in range(2):
+      state, metrics = step(state, tp, batch)
+    results.append((state.params, metrics))
+  (p1, m1), (p4, m4) = results
+  for k in m1:
+    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+
+
+EIGHT_DEVICES = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+from train_test import tiny_cfg, random_batch, build
+from minilm_jax import convert, sharding
+teacher = convert.load_hf("all-MiniLM-L6-v2")
+cfg = tiny_cfg(global_batch_size=16)
+out = {}
+for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+  mesh = sharding.make_mesh(devices)
+  step, state, tp = build(cfg, teacher, mesh)
+  losses = []
+  for i in range(3):
+    state, metrics = step(state, tp, sharding.global_batch(random_batch(16, seed=i), mesh))
+    losses.append(float(metrics["loss/total"]))
+  out[name] = (losses, [np.asarray(x) for x in jax.tree.leaves(state.params)])
+  out[name + "_devices"] = len(state.params["layers"][0]["query"]["kernel"].value.sharding.device_set)
+diff = max(float(np.abs(a - b).max()) for a, b in zip(out["one"][1], out["eight"][1]))
+print(json.dumps({"devices": jax.device_count(), "loss_one": out["one"][0], "loss_eight": out["eight"][0],
+                  "param_max_abs_diff": diff, "replicated_on": out["eight_devices"]}))
+"""
+
+
+def test_eight_devices_equal_one_device():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PATH": "/usr/bin:/bin"}
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(pathlib.Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  assert got["devices"] == 8 and got["replicated_on"] == 8
+  np.testing.assert_allclose(got["loss_eight"], got["loss_one"], rtol=1e-5)
+  assert got["param_max_abs_diff"] <= 1e-5, got
+
+
+def test_a_few_hundred_steps_lower_the_loss_clearly(teacher):
+  cfg = tiny_cfg(max_steps=200)
+  mesh = sharding.make_mesh()
+  step, state, tp = build(cfg, teacher, mesh)
+  batches = [sharding.global_batch(random_batch(8, seed=i), mesh) for i in range(4)]
+  losses = []
+  for i in range(cfg.max_steps):
+    state, metrics = step(state, tp, batches[i % 4])
+    losses.append(metrics["loss/total"])
+  losses = np.asarray(jax.device_get(losses))
+  assert np.isfinite(losses).all()
+  assert losses[-10:].mean() < 0.6 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
+
+
+def test_decay_mask_spares_biases_and_layer_norm():
+  params = model_lib.init_params(model_lib.ModelConfig(num_layers=1, hidden_size=32, num_heads=4,
+                                                       intermediate_size=64, vocab_size=64))
+  mask = train.decay_mask(params)
+  assert mask["layers"][0]["query"]["kernel"].value is True
+  assert mask["embeddings"]["word_embeddings"]["embedding"].value is True
+  assert mask["layers"][0]["query"]["bias"].value is False
+  assert mask["layers"][0]["output_norm"]["scale"].value is False
+
+
+def test_schedule_warms_up_then_decays():
+  schedule = train.learning_rate_schedule(train.DistillConfig(learning_rate=1e-3, warmup_steps=10, max_steps=110))
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
+                             [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+
+
+def test_bad_configs_fail_before_compute(teacher):
+  config = teacher[0]
+  with pytest.raises(ValueError, match="teacher has 12 heads and the student 8.*student_heads=12.*v2"):
+    train.make_setup(train.DistillConfig(student_heads=8), config)
+  with pytest.raises(ValueError, match="num_relation_heads=36 does not divide the teacher hidden size 384"):
+    train.make_setup(train.DistillConfig(version="v2", num_relation_heads=36), config)
+  with pytest.raises(ValueError, match="teacher_layer 7 is out of range: the teacher has 6 layers"):
+    train.make_setup(train.DistillConfig(teacher_layer=7), config)
+  with pytest.raises(ValueError, match="max_seq_len 600 exceeds the teacher's position table"):
+    train.make_setup(train.DistillConfig(max_seq_len=600), config)
+  with pytest.raises(ValueError, match="version 'v3' is unknown"):
+    train.make_setup(train.DistillConfig(version="v3"), config)
+  mesh = sharding.make_mesh(jax.devices() * 1)
+  with pytest.raises(ValueError, match="global_batch_size 30 is not divisible by 1 devices x 4 "
+                     "gradient-accumulation steps: use a multiple of 4"):
+    sharding.check_batch_size(30, mesh, 4)
+
+
+TEACHERS = {  # the shapes of the papers' teachers, as their config.json files give them
+    "bert_base": model_lib.ModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "bert_large": model_lib.ModelConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    "roberta_large": model_lib.ModelConfig(model_type="roberta", vocab_size=50265, hidden_size=1024,
+                                           num_layers=24, num_heads=16, intermediate_size=4096,
+                                           max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
+    "xlmr_base": model_lib.ModelConfig(model_type="xlm-roberta", vocab_size=250002, hidden_size=768,
+                                       num_layers=12, num_heads=12, intermediate_size=3072,
+                                       max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
+}
+
+
+def load_experiment(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("minilm_v*.py")), ids=lambda p: p.stem)
+def test_paper_configs_are_valid_for_their_teachers(path):
+  module = load_experiment(path)
+  teacher = TEACHERS[path.stem.split("_", 2)[2]]
+  for student in train.PAPER_STUDENTS:
+    cfg = module.get_config(student)
+    setup = train.make_setup(cfg, teacher)
+    assert cfg.max_seq_len == 512 and cfg.global_batch_size == 1024 and cfg.max_steps == 400_000
+    assert setup.student.hidden_size == int(student.split("H")[1])
+    assert setup.teacher.num_layers == (21 if "large" in path.stem else teacher.num_layers)
+    assert setup.relation_heads == {"v1": 12, "v2": 64 if "large" in path.stem else 48}[cfg.version]
