@@ -1,0 +1,120 @@
+"""The `distill` job end to end: export, exact resume after SIGTERM, bad checkpoints."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from minilm_jax import checkpoint, distill, model as model_lib
+from minilm_jax.metric_writer import read_metrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "demo.py"
+
+
+def smoke_config(**kw):
+  spec = __import__("importlib.util").util.spec_from_file_location("demo", DEMO)
+  module = __import__("importlib.util").util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config("smoke")
+  for k, v in kw.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+def distill_cli(workdir, *overrides, wait=True):
+  cmd = [sys.executable, "-m", "minilm_jax", "distill", f"--config={DEMO}:smoke", f"--workdir={workdir}",
+         *overrides]
+  if not wait:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_run_exports_a_student_pytorch_loads(tmp_path):
+  summary = distill.run(smoke_config(), tmp_path)
+  assert summary["steps"] == 4 and np.isfinite(summary["last_loss"])
+  records = read_metrics(tmp_path)
+  assert [r["step"] for r in records] == [2, 4]
+  assert {"loss/total", "loss/attention_transfer", "loss/value_relation", "learning_rate", "grad_norm",
+          "tokens_per_sec", "examples_per_sec"} <= set(records[0])
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  config, params, _, step = checkpoint.restore_params(tmp_path)
+  assert step == 4 and config.num_layers == 1
+  pt, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+  tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  batch = tok(["attention relations transfer", "to a small student"], padding=True, return_tensors="np")
+  with torch.no_grad():
+    ref = pt.eval()(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+  mine = model_lib.apply(config, params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+  real = batch["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(mine.last_hidden_state)[real], ref[real], rtol=0, atol=1e-5)
+
+
+def params_of(workdir):
+  _, params, _, step = checkpoint.restore_params(workdir)
+  return step, [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
+
+
+def comparable(records):
+  return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "examples_per_sec")} for r in records]
+
+
+def test_resume_after_sigterm_is_exact(tmp_path):
+  steps = ["--config.max_steps=12", "--config.checkpoint_every=3", "--config.log_every=1"]
+  straight = distill_cli(tmp_path / "straight", *steps)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  interrupted = tmp_path / "interrupted"
+  proc = distill_cli(interrupted, *steps, wait=False)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    metrics = interrupted / "metrics.jsonl"
+    if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  stopped_at, _ = params_of(interrupted)
+  assert 4 <= stopped_at < 12, "SIGTERM should stop the run part-way, with a checkpoint"
+  assert not (interrupted / "hf").exists()  # exported only when the run completes
+
+  resumed = distill_cli(interrupted, *steps)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  (s1, p1), (s2, p2) = params_of(tmp_path / "straight"), params_of(interrupted)
+  assert s1 == s2 == 12
+  for a, b in zip(p1, p2):
+    np.testing.assert_array_equal(a, b)  # bit-identical on CPU
+  assert comparable(read_metrics(interrupted)) == comparable(read_metrics(tmp_path / "straight"))
+
+
+def test_resume_refuses_a_changed_run_and_corrupt_checkpoints(tmp_path):
+  distill.run(smoke_config(), tmp_path)
+  before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  with pytest.raises(ValueError, match="another configuration \\(student_layers: 1 -> 2\\).*new --workdir"):
+    distill.run(smoke_config(student_layers=2), tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # nothing lost
+  for f in (tmp_path / "checkpoints" / "4" / "opt_state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 200:
+      f.write_bytes(b"\0" * 8)
+  with pytest.raises(ValueError, match="checkpoints/4 could not be restored.*delete that step directory"):
+    distill.run(smoke_config(max_steps=6), tmp_path)
+  assert (tmp_path / "checkpoints" / "2").is_dir()  # the earlier checkpoint is intact
+
+
+def test_cli_reports_bad_input_clearly(tmp_path):
+  result = distill_cli(tmp_path / "bad", "--config.student_heads=8")
+  assert result.returncode != 0
+  assert "teacher has 12 heads and the student 8" in result.stderr
+  assert not (tmp_path / "bad").exists()
+  result = distill_cli(tmp_path / "bad", "--config.global_batch_size=7", "--config.grad_accum_steps=2")
+  assert "global_batch_size 7 is not divisible" in result.stderr
