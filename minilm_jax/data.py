@@ -29,6 +29,7 @@ and prefetch, with an exactly resumable, JSON-serialisable iterator state.
 """
 
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -247,37 +248,55 @@ class CorpusStats:
     return self.tokens / max(self.tokenize_seconds, 1e-9)
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedExamples:
-  """Random-access source of BERT examples; holds tokens once, builds rows on access.
+class PackedExamples(grain.MapDataset):
+  """BERT examples as a grain MapDataset; holds the tokens once and builds rows on access.
 
   Example i is tokens[starts[i] : starts[i] + lengths[i]] of one document, the first
   a_lengths[i] of them in segment A and the rest in segment B (two_segments only).
+  `gather` builds a whole batch with a few numpy ops instead of one row at a time.
   """
-  tokens: np.ndarray  # uint16 or int32 [total tokens], all documents concatenated
-  starts: np.ndarray  # int64 [examples], offset of each example in `tokens`
-  lengths: np.ndarray  # int32 [examples], text tokens of each example
-  a_lengths: np.ndarray  # int32 [examples], text tokens in segment A
-  special: SpecialIds  # [CLS]/[SEP]/[PAD] ids
-  max_seq_len: int  # row length
-  two_segments: bool  # `[CLS] A [SEP] B [SEP]` with token_type 1 for B
+
+  def __init__(self, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+               a_lengths: np.ndarray, special: SpecialIds, max_seq_len: int,
+               two_segments: bool):
+    super().__init__()
+    self.tokens = tokens  # uint16 or int32 [total tokens], all documents concatenated
+    self.starts = starts  # int64 [examples], offset of each example in `tokens`
+    self.lengths = lengths  # int32 [examples], text tokens of each example
+    self.a_lengths = a_lengths  # int32 [examples], text tokens in segment A
+    self.special = special  # [CLS]/[SEP]/[PAD] ids
+    self.max_seq_len = max_seq_len  # row length
+    self.two_segments = two_segments  # `[CLS] A [SEP] B [SEP]`, token_type 1 for B
 
   def __len__(self) -> int:
     return len(self.starts)
 
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    start, n, a = int(self.starts[i]), int(self.lengths[i]), int(self.a_lengths[i])
-    text = self.tokens[start:start + n]
-    ids = np.full(self.max_seq_len, self.special.pad, np.int32)
-    token_type_ids = np.zeros(self.max_seq_len, np.int32)
-    ids[0], ids[1:1 + a], ids[1 + a] = self.special.cls, text[:a], self.special.sep
-    used = a + 2
+  def __str__(self) -> str:
+    return f"PackedExamples({len(self)} x {self.max_seq_len})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return {k: v[0] for k, v in self.gather([index % len(self)]).items()}
+
+  def gather(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Examples `indices` as int32 [len(indices), max_seq_len] arrays."""
+    idx = np.asarray(indices, np.int64)
+    a, n = self.a_lengths[idx, None], self.lengths[idx, None]
+    pos = np.arange(self.max_seq_len)[None]  # [1, T]
+    in_a = (pos >= 1) & (pos <= a)  # [CLS] A... ; B starts after A's [SEP]
+    in_b = (pos >= a + 2) & (pos <= n + 1) if self.two_segments else np.zeros_like(in_a)
+    offset = self.starts[idx, None] + np.where(in_a, pos - 1, pos - 2)
+    ids = np.where(in_a | in_b, self.tokens[np.where(in_a | in_b, offset, 0)], self.special.pad)
+    ids = ids.astype(np.int32)
+    ids[:, 0] = self.special.cls
+    rows = np.arange(len(idx))
+    ids[rows, a[:, 0] + 1] = self.special.sep
+    used = (n + 3 if self.two_segments else a + 2)
     if self.two_segments:
-      ids[2 + a:2 + n], ids[2 + n] = text[a:], self.special.sep
-      token_type_ids[2 + a:3 + n] = 1
-      used = n + 3
-    attention_mask = (np.arange(self.max_seq_len) < used).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+      ids[rows, n[:, 0] + 2] = self.special.sep
+    return {"input_ids": ids, "attention_mask": (pos < used).astype(np.int32),
+            "token_type_ids": ((pos >= a + 2) & (pos < used) & self.two_segments).astype(np.int32)}
 
 
 def pack_documents(token_docs: Sequence[np.ndarray], special: SpecialIds, max_seq_len: int,
@@ -344,10 +363,18 @@ def pretraining_examples(
   capacity = max_seq_len - (3 if two_segments else 2)
   stats = CorpusStats(str(corpus), sum(len(d) > 0 for d in token_docs), len(packed.tokens),
                       len(packed), int((packed.lengths < capacity).sum()), max_seq_len, seconds)
-  return grain.MapDataset.source(packed), stats
+  return packed, stats
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def _stack_examples(examples: grain.MapDataset, indices: np.ndarray):
+  """Batch of any MapDataset whose elements are arrays or dicts of arrays."""
+  rows = [examples[int(i)] for i in indices]
+  if isinstance(rows[0], dict):
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  return np.stack(rows)
 
 
 def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: int,
@@ -390,12 +417,16 @@ def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: 
     raise ValueError(f"seed={seed} must be in [0, 2**32)")
   per_process = global_batch_size // process_count
   epoch = len(examples) - len(examples) % process_count
-  shard = examples.shuffle(seed)[:epoch][process_index::process_count]
+  # Shuffle, shard and batch example *indices*; rows are built per batch at the end.
+  shard = grain.MapDataset.range(len(examples)).shuffle(seed)[:epoch]
+  shard = shard[process_index::process_count]
   if num_epochs is not None and num_epochs * len(shard) < per_process:
     raise ValueError(
         f"{num_epochs} epoch(s) of {len(examples)} examples give no batch of {per_process} "
         f"per process: lower global_batch_size or raise num_epochs")
-  batches = shard.repeat(num_epochs).batch(per_process, drop_remainder=True)
+  gather = examples.gather if isinstance(examples, PackedExamples) else functools.partial(
+      _stack_examples, examples)
+  batches = shard.repeat(num_epochs).batch(per_process, drop_remainder=True).map(gather)
   ds = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
