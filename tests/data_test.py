@@ -107,6 +107,9 @@ def test_shards_are_disjoint_and_cover_the_epoch():
   first = np.concatenate(list(data.batch_iterator(
       examples, global_batch_size=4, seed=7, num_epochs=2, process_index=0, process_count=4)))
   assert list(first[:25]) != list(first[25:])  # each epoch reshuffled
+  default = next(data.batch_iterator(examples, global_batch_size=4, seed=7))  # jax: 1 process
+  assert list(default) == list(next(data.batch_iterator(
+      examples, global_batch_size=4, seed=7, process_index=0, process_count=1)))
 
 
 def take(it, n):
@@ -264,4 +267,6 @@ def test_gutenberg_boilerplate_stripped_from_real_books(shared_data):
   assert raw.startswith("The Project Gutenberg eBook") and "*** START OF" in raw
   assert text.strip().startswith("THE COUNT OF MONTE CRISTO")
   assert "PROJECT GUTENBERG EBOOK" not in text.upper() and "FULL LICENSE" not in text.upper()
+  for other in sorted(book.parent.glob("*.txt")):  # half of the books keep the boilerplate
+    assert "PROJECT GUTENBERG" not in data.read_text(other).upper(), other.name
   assert len(data.expand_paths(str(shared_data / "corpus" / "wikipedia"))) == 442
