@@ -1,0 +1,150 @@
+"""Task heads vs transformers' BertFor* after export, the schedule, and tiny end-to-end runs."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from minilm_jax import checkpoint, convert, finetune
+from minilm_jax import model as model_lib
+
+TINY = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                             max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, teacher_dir):
+  """A small random BERT with the teacher's tokenizer, as a Hugging Face directory."""
+  out = tmp_path_factory.mktemp("tiny") / "hf"
+  return convert.save_hf(out, TINY, model_lib.init_params(TINY, seed=3), teacher_dir)
+
+
+def _inputs(seed=0, batch=3, length=16):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1000, 2000, (batch, length)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 10:] = 0
+  types = np.zeros_like(ids)
+  types[:, 8:] = 1
+  return ids, mask, types
+
+
+def _randomize_head(module, name):
+  head = getattr(module, name)
+  rng = np.random.default_rng(1)
+  head.kernel.value = rng.normal(0, 0.5, head.kernel.value.shape).astype(np.float32)
+  head.bias.value = rng.normal(0, 0.5, head.bias.value.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("num_labels,regression", [(3, False), (1, True)])
+def test_classifier_export_matches_transformers(tiny_dir, tmp_path, num_labels, regression):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir)),
+                                               num_labels)
+  _randomize_head(module, "classifier")
+  labels = None if regression else ("a", "b", "c")
+  out = finetune.export_hf(tmp_path / "cls", module, tokenizer_dir, labels=labels,
+                           regression=regression)
+  hf, info = transformers.BertForSequenceClassification.from_pretrained(
+      out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  assert hf.config.num_labels == num_labels
+  assert hf.config.problem_type == ("regression" if regression else "single_label_classification")
+  ids, mask, types = _inputs()
+  with torch.no_grad():
+    expected = hf.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long),
+                         token_type_ids=torch.tensor(types, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(module(ids, mask, types)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_qa_export_matches_transformers(tiny_dir, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch")
+  module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir)), None)
+  assert module.encoder.pooler is None
+  _randomize_head(module, "qa_outputs")
+  out = finetune.export_hf(tmp_path / "qa", module, tokenizer_dir)
+  hf, info = transformers.BertForQuestionAnswering.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  ids, mask, types = _inputs()
+  with torch.no_grad():
+    expected = hf.eval()(input_ids=torch.tensor(ids, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long),
+                         token_type_ids=torch.tensor(types, dtype=torch.long))
+  start, end = module(ids, mask, types)
+  np.testing.assert_allclose(np.asarray(start), expected.start_logits.numpy(), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(end), expected.end_logits.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_weights_come_from_hf_dir_or_checkpoint(tiny_dir, tmp_path, teacher_dir):
+  params = model_lib.init_params(TINY, seed=3)
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", TINY, params, teacher_dir)
+  for source in (tiny_dir, ckpt):
+    module, _ = finetune.build_model(finetune.FinetuneConfig(model=str(source)), 2)
+    got = nnx.state(module.encoder, nnx.Param).to_pure_dict()
+    jax.tree.map(np.testing.assert_array_equal, got, params.to_pure_dict())
+
+
+def test_warmup_then_linear_decay():
+  schedule = finetune.warmup_linear_decay(1.0, 100, 0.1)
+  assert [float(schedule(s)) for s in (0, 5, 10, 55, 100)] == pytest.approx(
+      [0.0, 0.5, 1.0, 0.5, 0.0])
+
+
+def test_export_rejects_roberta(tmp_path, teacher_dir):
+  module = finetune.SequenceClassifier(TINY.replace(model_type="roberta", pad_token_id=1),
+                                       2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="'roberta' task models"):
+    finetune.export_hf(tmp_path / "x", module, teacher_dir)
+
+
+def _write_rte(glue_dir, split, n, seed):
+  rng = np.random.default_rng(seed)
+  rows = ["index\tsentence1\tsentence2\tlabel"]
+  for i in range(n):
+    label = int(rng.integers(2))
+    word = "yes" if label == 0 else "no"
+    rows.append(f"{i}\tthe answer is {word} .\tit is {word} .\t"
+                f"{('entailment', 'not_entailment')[label]}")
+  (glue_dir / "RTE").mkdir(parents=True, exist_ok=True)
+  (glue_dir / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_tiny_glue_run_keeps_best_epoch_and_exports(tiny_dir, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  _write_rte(tmp_path / "glue", "train", 32, 0)
+  _write_rte(tmp_path / "glue", "dev", 12, 1)
+  cfg = finetune.FinetuneConfig(model=str(tiny_dir), task="rte", data=str(tmp_path / "glue"),
+                                max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=3,
+                                learning_rate=1e-3)
+  summary = finetune.run(cfg, tmp_path / "run")
+  scores = [r["score"] for r in summary["history"]]
+  assert len(scores) == 3 and summary["best_score"] == max(scores)
+  assert summary["best_epoch"] == scores.index(max(scores)) + 1
+  assert all(np.isfinite(r["train_loss"]) for r in summary["history"])
+  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+  hf = transformers.BertForSequenceClassification.from_pretrained(summary["hf"])
+  assert hf.config.id2label == {0: "entailment", 1: "not_entailment"}
+
+
+def test_tiny_squad_run(tiny_dir, tmp_path):
+  context = "The game was played on February 7, 2016, at Levi's Stadium in Santa Clara."
+  def article(title):
+    return {"title": title, "paragraphs": [{"context": context, "qas": [
+        {"id": f"{title}-1", "question": "Where was it played?",
+         "answers": [{"text": "Levi's Stadium", "answer_start": context.index("Levi's")}]},
+        {"id": f"{title}-2", "question": "Who sang?", "answers": []}]}]}
+  path = tmp_path / "squad.json"
+  path.write_text(json.dumps({"version": "v2.0", "data": [article(f"a{i}") for i in range(5)]}))
+  cfg = finetune.FinetuneConfig(model=str(tiny_dir), task="squad2", data=str(path),
+                                squad_train_articles=4, max_seq_len=48, doc_stride=8,
+                                batch_size=4, eval_batch_size=4, epochs=1, learning_rate=1e-3)
+  summary = finetune.run(cfg)
+  record = summary["history"][0]
+  assert record["total"] == 2 and 0 <= record["f1"] <= 100
+  assert record["score"] == record["f1"] / 100 and "best_f1" in record
