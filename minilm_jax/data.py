@@ -185,6 +185,7 @@ def load_tokenizer(name_or_path: str | pathlib.Path) -> tuple[tokenizers.Tokeniz
   tok = tokenizers.Tokenizer.from_file(str(path))
   tok.no_truncation()  # tokenizer.json files often ship truncation/padding to 128 or 512.
   tok.no_padding()
+  tok.encode_special_tokens = True  # a literal "[SEP]" or "<s>" in the text is plain text
   ids = {}
   for key, candidates in _SPECIAL_CANDIDATES.items():
     named = _named_special(model_dir, key)

@@ -58,7 +58,8 @@ def test_packing_keeps_every_token_once(demo, teacher_dir):
   examples, stats = demo
   docs = data.demo_documents()
   reference = transformers.AutoTokenizer.from_pretrained(teacher_dir)
-  expected = [reference(d, add_special_tokens=False)["input_ids"] for d in docs]
+  expected = [reference(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+              for d in docs]
   special = data.load_tokenizer(TEACHER)[1]
   assert (special.cls, special.sep, special.pad) == (
       reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
@@ -68,6 +69,13 @@ def test_packing_keeps_every_token_once(demo, teacher_dir):
   assert stats.tokens == len(packed) and stats.examples == len(examples)
   assert stats.examples == sum(-(-len(d) // 62) for d in expected)
   assert stats.padded_examples == sum(len(d) % 62 != 0 for d in expected)
+
+
+def test_special_token_text_stays_text(tmp_path):
+  (tmp_path / "doc.txt").write_text("a literal [SEP] and [CLS] in the text")
+  examples, _ = data.pretraining_examples(str(tmp_path / "doc.txt"), TEACHER)
+  ids = examples[0]["input_ids"]
+  assert list(ids[:2]) == [101, 1037] and (ids == 102).sum() == 1 and (ids == 101).sum() == 1
 
 
 def test_two_segments_layout():
