@@ -22,7 +22,8 @@ TINY = {
                      "sentence2\tscore\n0\tmain-captions\tMSRvid\t2012test\t0000\tnone\tnone\t"
                      "A man plays.\tA man is playing.\t4.750\n",
     "QQP/dev.tsv": "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
-                   "1\t2\t3\tHow do I \"learn?\tHow to learn?\t1\n",
+                   "1\t2\t3\tHow do I \"learn?\tHow to learn?\t1\n"
+                   "2\t4\t5\tA question with no pair\n",  # run_glue skips such QQP rows
     "MNLI/dev_matched.tsv": "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\t"
                             "sentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
                             "sentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\t"
@@ -69,7 +70,7 @@ def test_reads_every_task_in_glue_layout(glue_dir):
       'He said "yes.', "He agreed.", 1)
   assert glue.load_glue("stsb", glue_dir, "dev")[0] == glue.Example(
       "A man plays.", "A man is playing.", 4.75)
-  assert glue.load_glue("qqp", glue_dir, "dev")[0].label == 1
+  assert [e.label for e in glue.load_glue("qqp", glue_dir, "dev")] == [1]
   mnli = glue.load_glue("mnli", glue_dir, "dev")[0]  # gold_label, not label1
   assert (mnli.text_a, mnli.text_b, mnli.label) == ("The cat sat.", "A cat sat.", 1)
   assert glue.load_glue("qnli", glue_dir, "dev")[0].label == 1

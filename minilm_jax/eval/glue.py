@@ -16,6 +16,7 @@ padding to a fixed length, so every batch has one shape and the jitted step comp
 
 import csv
 import dataclasses
+import logging
 import pathlib
 
 import numpy as np
@@ -38,6 +39,7 @@ class GlueTask:
   tfds_text: tuple[str, ...] = ()       # TFDS feature names of the text columns
   tfds_labels: tuple[str, ...] | None = None  # our label string of each TFDS label id
   tfds_dev_split: str = "validation"    # TFDS split that is GLUE's dev set
+  skip_short_rows: bool = False         # drop rows missing fields, as run_glue's processor does
 
   @property
   def is_regression(self) -> bool:
@@ -61,7 +63,7 @@ TASKS = {t.name: t for t in [
     GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, "accuracy",
              tfds_text=("question", "sentence"), tfds_labels=_NLI2),
     GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", _BINARY, "accuracy_f1",
-             tfds_text=("question1", "question2"), tfds_labels=_BINARY),
+             tfds_text=("question1", "question2"), tfds_labels=_BINARY, skip_short_rows=True),
     GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", _NLI2, "accuracy",
              tfds_text=("sentence1", "sentence2"), tfds_labels=_NLI2),
     GlueTask("sst2", "SST-2", ("sentence",), "label", _BINARY, "accuracy",
@@ -154,15 +156,21 @@ def load_glue(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) ->
     header = list(task.header)
   indices = _column_indices(task, header, path)
   *text_idx, label_idx = indices
-  examples = []
+  examples, skipped = [], 0
   for line, row in rows:
     where = f"{path} line {line}"
+    if len(row) <= max(indices) and task.skip_short_rows:
+      skipped += 1
+      continue
     if len(row) <= max(indices):
       raise ValueError(f"{where}: {len(row)} tab-separated fields, expected at least "
                        f"{max(indices) + 1} ({', '.join(header)}); is the file truncated?")
     texts = [row[i] for i in text_idx]
     examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None,
                             _parse_label(task, row[label_idx], where)))
+  if skipped:
+    logging.warning("%s: skipped %d rows with missing fields (as run_glue does for %s)",
+                    path, skipped, task.name)
   return examples
 
 
