@@ -1,0 +1,146 @@
+"""The benchmark harness: CPU mode end to end, the FLOP formula, the PyTorch reference loss.
+
+Nothing here times anything: rows are checked for fields and sane values only. The FLOP
+formula is checked against two direct counts (PyTorch's FlopCounterMode over the
+compiled route's eager step, exact; XLA's cost analysis of the JAX step, which also
+counts elementwise work, within 10%); the PyTorch loss both routes use against
+`minilm_jax.train.distill_loss` on the same weights (float32, dropout off).
+"""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+from torch.utils import flop_counter
+
+from minilm_jax import benchmark as bm
+from minilm_jax import convert, model as model_lib, train
+
+STEP_FIELDS = ("device", "mode", "route", "framework", "config", "version", "relation_heads", "teacher",
+               "teacher_layer", "student", "batch", "seq", "model_flops", "peak_flops", "step_time_s",
+               "step_time_min_s", "step_time_max_s", "first_step_s", "timed_steps", "loss", "tokens_per_s",
+               "examples_per_s", "model_tflops_per_s", "mfu", "peak_memory_bytes", "versions", "time")
+TEACHER, STUDENT = bm.Bert(3, 64, 4, 256, 128, 64), bm.Bert(2, 32, 4, 128, 128, 64)
+WORKLOADS = [bm.Workload("v1", TEACHER, STUDENT, 2, "v1", 4), bm.Workload("v2", TEACHER, STUDENT, 2, "v2", 8)]
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  return bm.run(mode="cpu", out_dir=out), out
+
+
+def test_cpu_mode_writes_one_sane_row_per_measurement(cpu_run):
+  rows, out = cpu_run
+  mode = bm.MODES["cpu"]
+  assert len(rows) == len(bm.ROUTES) * len(mode.workloads) * len(mode.shapes)
+  assert {(r["route"], r["config"]) for r in rows} == {(r, w.name) for r in bm.ROUTES for w in mode.workloads}
+  for r in rows:
+    assert "error" not in r, r.get("error")
+    assert set(STEP_FIELDS) <= set(r), set(STEP_FIELDS) - set(r)
+    assert r["device"] == "cpu" and r["peak_memory_bytes"] is None and r["timed_steps"] == mode.timed
+    assert 0 < r["step_time_min_s"] <= r["step_time_s"] <= r["step_time_max_s"]
+    assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["seq"] / r["step_time_s"])
+    assert r["examples_per_s"] == pytest.approx(r["batch"] / r["step_time_s"])
+    assert r["model_flops"] == bm.step_flops(bm.workload("cpu", r["config"]), r["batch"], r["seq"])["total"]
+    assert r["mfu"] == pytest.approx(r["model_flops"] / r["step_time_s"] / r["peak_flops"])
+    assert r["peak_flops"] > 0 and r["mfu"] > 0
+    assert math.isfinite(r["loss"]) and r["loss"] > 0
+  lines = (out / "benchmark-cpu.jsonl").read_text().splitlines()
+  assert [json.loads(x) for x in lines] == json.loads(json.dumps(rows))
+  table = (out / "benchmark-cpu.md").read_text()
+  assert all(f"| {r} |" in table for r in bm.ROUTES) and "error" not in table
+
+
+def test_largest_batch_search_doubles_then_bisects():
+  probes = []
+  def fits(b):
+    probes.append(b)
+    return b <= 100
+  assert bm.largest_batch(fits, 8) == (96, 104)  # within 1/8 of the answer
+  assert probes == [8, 16, 32, 64, 128, 96, 112, 104]
+  assert bm.largest_batch(lambda b: True, 2, limit=8) == (8, None)
+  assert bm.largest_batch(lambda b: False, 2) == (0, 1)
+
+
+def test_max_batch_rows(tmp_path):
+  rows = bm.run(mode="cpu", routes=["torch-eager"], configs=["tiny-v2"], shapes=[], out_dir=tmp_path,
+                max_batch=True)
+  assert len(rows) == 1 and rows[0]["kind"] == "max_batch" and rows[0]["route"] == "torch-eager"
+  # A CPU does not run out of memory below the mode's limit.
+  assert (rows[0]["max_batch"], rows[0]["fails_at"], rows[0]["probes"]) == (8, None, [2, 4, 8])
+  assert "| largest batch |" in (tmp_path / "benchmark-cpu.md").read_text()
+
+
+def test_is_oom():
+  assert bm.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+  assert bm.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+  assert not bm.is_oom(ValueError("shapes do not match"))
+
+
+@pytest.mark.parametrize("w", WORKLOADS, ids=lambda w: w.name)
+def test_step_flops_equal_torch_flop_counter(w):
+  # PyTorch counts every matmul of the step (autograd included) but has no formula for the
+  # CPU flash-attention kernel the eval-mode teacher uses: count it as SDPA.
+  sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+  def sdpa_flops(q, k, v, *args, **kwargs):
+    return flop_counter.sdpa_flop_count(q, k, v)  # (FlopCounterMode passes shapes)
+  for batch, seq in ((2, 16), (3, 32)):
+    built = bm.torch_compiled_route(w, batch, seq, compile=False)
+    with flop_counter.FlopCounterMode(display=False, custom_mapping={sdpa: sdpa_flops}) as counter:
+      built.sync(built.step())
+    assert counter.get_total_flops() == bm.step_flops(w, batch, seq)["total"]
+
+
+@pytest.mark.parametrize("version,heads", [("v1", 4), ("v2", 8)])
+def test_step_flops_near_xla_cost_analysis(version, heads):
+  # Wide enough that matmuls dominate the elementwise work XLA counts too.
+  w = bm.Workload(version, bm.Bert(3, 256, 4, 1024, 512, 128), bm.Bert(2, 256, 4, 1024, 512, 128), 2,
+                  version, heads)
+  step, args = bm.jax_step(w, 2, 128)
+  cost = step.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  assert cost["flops"] == pytest.approx(bm.step_flops(w, 2, 128)["total"], rel=0.10)
+
+
+def _torch_model(bert, config, params, attn):
+  tensors = {k: torch.tensor(v) for k, v in convert.params_to_hf(config, params).items()
+             if not k.startswith("pooler.")}
+  model = bm.torch_bert(bert, attn, "cpu", dropout=0.0).eval()
+  missing, unexpected = model.load_state_dict(tensors, strict=False)
+  assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+  return model
+
+
+@pytest.mark.parametrize("w", WORKLOADS, ids=lambda w: w.name)
+def test_torch_reference_loss_equals_jax_loss(w):
+  cfg, setup, teacher_full = bm.jax_setup(w, 4, 32, dtype="float32")
+  # Larger weights than BERT's init make the relations peaked, so the loss is far from 0.
+  scale = lambda p: jax.tree.map(lambda x: 4 * x, p)
+  t_params = scale(model_lib.init_params(teacher_full, seed=1))
+  s_params = scale(model_lib.init_params(setup.student, seed=2))
+  batch = bm.make_batch(w.teacher.vocab, 4, 32)
+  assert (batch["attention_mask"] == 0).any()
+  batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+  expected, _ = train.distill_loss(s_params, train.truncate_teacher(setup, t_params), batch, None, setup)
+  ids, mask = (torch.tensor(batch[k], dtype=torch.long) for k in ("input_ids", "attention_mask"))
+  losses = {}
+  with torch.no_grad():
+    # torch-eager: full models, eager attention, q/k/v from forward hooks.
+    t, s = _torch_model(w.teacher, teacher_full, t_params, "eager"), _torch_model(w.student, setup.student, s_params, "eager")
+    t_qkv, s_qkv = {}, {}
+    bm._hook_qkv(t.encoder.layer[w.teacher_layer - 1], t_qkv)
+    bm._hook_qkv(s.encoder.layer[-1], s_qkv)
+    t(input_ids=ids, attention_mask=mask), s(input_ids=ids, attention_mask=mask)
+    qkv = lambda d: (d["query"], d["key"], d["value"])
+    losses["hooks"] = bm.torch_minilm_loss(qkv(t_qkv), qkv(s_qkv), mask, w.version, w.relation_heads)
+    # torch-compiled: SDPA models cut after the distilled q/k/v.
+    t = bm._qkv_up_to(_torch_model(w.teacher, teacher_full, t_params, "sdpa"), w.teacher_layer)
+    s = bm._qkv_up_to(_torch_model(w.student, setup.student, s_params, "sdpa"), w.student.layers)
+    losses["truncated"] = bm.torch_minilm_loss(t(ids, mask), s(ids, mask), mask, w.version, w.relation_heads)
+  assert float(expected) > 0.05
+  for name, loss in losses.items():
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5, err_msg=name)
