@@ -79,6 +79,8 @@ def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, 
   Returns:
     The prepared dataset's directory.
   """
+  if not data_dir:
+    raise ValueError("building a TFDS dataset needs a data_dir (--data-dir DIR) to write into")
   paths = data.expand_paths(files)  # fail on a missing file before TFDS creates anything
   builder = TextCorpus(files=[str(p) for p in paths], doc_per_line=doc_per_line,
                        doc_per_file=doc_per_file, data_dir=str(data_dir),

@@ -41,7 +41,7 @@ GLUE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 @dataclasses.dataclass
 class FinetuneConfig:
   """One fine-tuning run; defaults are the usual BERT-small GLUE recipe."""
-  model: str = "all-MiniLM-L6-v2"   # HF directory, packaged name, or minilm_jax checkpoint / distill workdir
+  model: str = "all-MiniLM-L6-v2"   # HF dir, packaged name, or minilm_jax checkpoint/distill workdir
   task: str = "rte"                 # a GLUE task of glue.TASKS, or "squad2"
   data: str = ""                    # glue_data folder, or the SQuAD dev-v2.0.json path
   max_seq_len: int = 0              # 0 = 128 for GLUE, 384 for SQuAD
@@ -267,14 +267,16 @@ def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.
     head, arch, extra_config = "qa_outputs", "BertForQuestionAnswering", {}
   else:
     head, arch = "classifier", "BertForSequenceClassification"
-    names = list(labels) if labels else [f"LABEL_{i}" for i in range(module.classifier.out_features)]
+    width = module.classifier.out_features
+    names = list(labels) if labels else [f"LABEL_{i}" for i in range(width)]
     extra_config = {"id2label": dict(enumerate(names)),
                     "label2id": {name: i for i, name in enumerate(names)},
                     "problem_type": "regression" if regression else "single_label_classification"}
   tensors = {f"{head}.weight": np.ascontiguousarray(np.asarray(pure[head]["kernel"]).T),
              f"{head}.bias": np.asarray(pure[head]["bias"])}
   return convert.save_hf(out_dir, config, pure["encoder"], tokenizer_dir, prefix="bert.",
-                         extra_tensors=tensors, extra_config={"architectures": [arch]} | extra_config,
+                         extra_tensors=tensors,
+                         extra_config={"architectures": [arch]} | extra_config,
                          overwrite=overwrite)
 
 

@@ -215,6 +215,10 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
     data.pretraining_examples("demo", TEACHER, max_seq_len=513)
   with pytest.raises(FileNotFoundError, match="not prepared .*--build-tfds"):
     data.pretraining_examples("tfds:wikipedia/20230601.en", TEACHER, data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="needs a data_dir"):
+    corpus_tfds.build_text_corpus(str(tmp_path / "empty.txt"), None)
+  with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
+    corpus_tfds.build_text_corpus(str(tmp_path / "missing.txt"), tmp_path / "tfds")
   with pytest.raises(ValueError, match="multiple of process_count=4"):
     data.batch_iterator(grain.MapDataset.range(10), global_batch_size=6, seed=0,
                         process_index=0, process_count=4)
