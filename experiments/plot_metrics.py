@@ -1,0 +1,52 @@
+"""Turns a run's `metrics.jsonl` into a loss-curve plot and a markdown table.
+
+    python experiments/plot_metrics.py runs/demo --name demo
+
+writes `experiments/results/<name>-loss.png` and `experiments/results/<name>.md`.
+"""
+
+import argparse
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from minilm_jax.metric_writer import read_metrics  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("workdir", type=pathlib.Path)
+  p.add_argument("--name", required=True, help="results file stem")
+  p.add_argument("--note", default="", help="a line under the table (hardware, wall time)")
+  args = p.parse_args(argv)
+  records = read_metrics(args.workdir)
+  losses = sorted(k for k in records[0] if k.startswith("loss/"))
+  steps = [r["step"] for r in records]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for k in losses:
+    ax.plot(steps, [r[k] for r in records], label=k.removeprefix("loss/"), lw=2 if k == "loss/total" else 1)
+  ax.set_xlabel("step")
+  ax.set_ylabel("KL (nats)")
+  ax.set_title(f"{args.name}: distillation losses")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  fig.savefig(RESULTS / f"{args.name}-loss.png", dpi=120, bbox_inches="tight")
+  cols = ["step", *losses, "learning_rate", "grad_norm", "tokens_per_sec"]
+  every = max(1, len(records) // 10)
+  rows = [r for i, r in enumerate(records) if i % every == 0 or i == len(records) - 1]
+  lines = [f"# {args.name}", "", args.note, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+  lines += ["", f"![loss]({args.name}-loss.png)", ""]
+  (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
