@@ -35,6 +35,43 @@ def convert(argv: list[str]) -> None:
   print(f"wrote {out}")
 
 
+def data(argv: list[str]) -> None:
+  p = argparse.ArgumentParser(prog="python -m minilm_jax data", description=(
+      "Shows packed pre-training examples and corpus statistics (--corpus), or prepares "
+      "local text files once as a TFDS array_record dataset (--build-tfds FILES --data-dir DIR)."))
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--corpus", help="'demo', text files/globs (comma-separated), or tfds:NAME[/CONFIG]")
+  src.add_argument("--build-tfds", metavar="FILES", help="text files/globs (comma-separated) to prepare")
+  p.add_argument("--data-dir", help="TFDS data_dir to read from / write into")
+  p.add_argument("--tokenizer", default="all-MiniLM-L6-v2", help="HF directory or packaged teacher name")
+  p.add_argument("--max-seq-len", type=int, default=128)
+  p.add_argument("--show", type=int, default=3, help="decoded examples to print")
+  p.add_argument("--two-segments", action="store_true", help="pack two segments per example")
+  p.add_argument("--doc-per-line", action="store_true", help="one document per line (default: blank-line blocks)")
+  p.add_argument("--doc-per-file", action="store_true", help="one document per file")
+  p.add_argument("--text-feature", default="text", help="the TFDS dataset's text feature")
+  p.add_argument("--max-documents", type=int, help="read only the first N documents")
+  p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared TFDS dataset")
+  args = p.parse_args(argv)
+  if args.build_tfds:
+    from minilm_jax import corpus_tfds
+    out = corpus_tfds.build_text_corpus(args.build_tfds, args.data_dir,
+                                        doc_per_line=args.doc_per_line,
+                                        doc_per_file=args.doc_per_file, overwrite=args.overwrite)
+    print(f"wrote {out}; read it with --corpus tfds:{corpus_tfds.NAME} --data-dir {args.data_dir}")
+    return
+  from minilm_jax import data as data_lib
+  data_lib.show_examples(args.corpus, args.tokenizer, max_seq_len=args.max_seq_len,
+                         show=args.show, data_dir=args.data_dir, two_segments=args.two_segments,
+                         doc_per_line=args.doc_per_line, doc_per_file=args.doc_per_file,
+                         text_feature=args.text_feature, max_documents=args.max_documents)
+
+
+def benchmark(argv: list[str]) -> None:
+  from minilm_jax import benchmark as benchmark_lib
+  benchmark_lib.main(argv)
+
+
 def _config_flags(argv: list[str], command: str):
   """Parses `--config FILE [--config.key=value ...] --workdir DIR` the way Flax examples do."""
   from absl import flags
@@ -76,7 +113,7 @@ def distill(argv: list[str]) -> None:
   print(json.dumps(summary, indent=2))
 
 
-COMMANDS = {"convert": convert, "distill": distill}
+COMMANDS = {"distill": distill, "data": data, "convert": convert, "benchmark": benchmark}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -282,3 +282,18 @@ def test_gutenberg_boilerplate_stripped_from_real_books(shared_data):
   for other in sorted(book.parent.glob("*.txt")):  # half of the books keep the boilerplate
     assert "PROJECT GUTENBERG" not in data.read_text(other).upper(), other.name
   assert len(data.expand_paths(str(shared_data / "corpus" / "wikipedia"))) == 442
+
+
+def test_data_cli_builds_tfds_and_shows_it(tmp_path, capsys):
+  from minilm_jax import cli  # pylint: disable=g-import-not-at-top
+  (tmp_path / "book.txt").write_text(BOOK)
+  cli.main(["data", "--build-tfds", str(tmp_path / "book.txt"), "--data-dir", str(tmp_path / "tfds")])
+  assert "--corpus tfds:text_corpus" in capsys.readouterr().out
+  cli.main(["data", "--corpus", "tfds:text_corpus", "--data-dir", str(tmp_path / "tfds"),
+            "--tokenizer", TEACHER, "--max-seq-len", "32", "--show", "1"])
+  out = capsys.readouterr().out
+  stats = data.pretraining_examples(str(tmp_path / "book.txt"), TEACHER, max_seq_len=32)[1]
+  assert out.startswith("--- example 0 (") and "\n[CLS] chapter" in out  # TFDS orders by key hash
+  assert f"2 documents, {stats.tokens:,} tokens, {stats.examples} examples of 32 tokens" in out
+  with pytest.raises(SystemExit, match="not prepared"):
+    cli.main(["data", "--corpus", "tfds:wikipedia/20230601.en", "--data-dir", str(tmp_path)])
