@@ -73,7 +73,7 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
     state, metrics = step(state, tp, sharding.global_batch(random_batch(16, seed=i), mesh))
     losses.append(float(metrics["loss/total"]))
   out[name] = (losses, [np.asarray(x) for x in jax.tree.leaves(state.params)])
-  out[name + "_devices"] = len(state.params["layers"][0]["query"]["kernel"].value.sharding.device_set)
+  out[name + "_devices"] = len(state.params["layers"][0]["query"]["kernel"].get_value().sharding.device_set)
 diff = max(float(np.abs(a - b).max()) for a, b in zip(out["one"][1], out["eight"][1]))
 print(json.dumps({"devices": jax.device_count(), "loss_one": out["one"][0], "loss_eight": out["eight"][0],
                   "param_max_abs_diff": diff, "replicated_on": out["eight_devices"]}))
@@ -110,10 +110,10 @@ def test_decay_mask_spares_biases_and_layer_norm():
   params = model_lib.init_params(model_lib.ModelConfig(num_layers=1, hidden_size=32, num_heads=4,
                                                        intermediate_size=64, vocab_size=64))
   mask = train.decay_mask(params)
-  assert mask["layers"][0]["query"]["kernel"].value is True
-  assert mask["embeddings"]["word_embeddings"]["embedding"].value is True
-  assert mask["layers"][0]["query"]["bias"].value is False
-  assert mask["layers"][0]["output_norm"]["scale"].value is False
+  assert mask["layers"][0]["query"]["kernel"].get_value() is True
+  assert mask["embeddings"]["word_embeddings"]["embedding"].get_value() is True
+  assert mask["layers"][0]["query"]["bias"].get_value() is False
+  assert mask["layers"][0]["output_norm"]["scale"].get_value() is False
 
 
 def test_schedule_warms_up_then_decays():
