@@ -101,8 +101,10 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
   mesh = sharding.make_mesh()
   sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps)
   _check_resumable(workdir, cfg)
-  examples, stats = data.pretraining_examples(cfg.corpus, teacher_dir, max_seq_len=cfg.max_seq_len,
-                                              data_dir=cfg.data_dir or None)
+  examples, stats = data.pretraining_examples(
+      cfg.corpus, teacher_dir, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
+      two_segments=cfg.two_segments, doc_per_line=cfg.doc_per_line, doc_per_file=cfg.doc_per_file,
+      text_feature=cfg.text_feature)
   iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
   optimizer = train.make_optimizer(cfg)

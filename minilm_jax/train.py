@@ -44,6 +44,10 @@ class DistillConfig:
   # Data.
   corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
   data_dir: str = ""                  # TFDS data_dir for tfds: corpora
+  text_feature: str = "text"          # the TFDS dataset's text feature
+  doc_per_line: bool = False          # text files: a document per line (default: per blank-line block)
+  doc_per_file: bool = False          # text files: a document per file (books, articles)
+  two_segments: bool = False          # pack [CLS] A [SEP] B [SEP] with token types 0 / 1
   max_seq_len: int = 128              # tokens per example, [CLS] and [SEP] included
   data_workers: int = 0               # grain worker processes (0 = in the main process)
   # Optimisation (paper: peak 3e-4 / 5e-4, 4k warmup, 400k steps, batch 1024).

@@ -118,3 +118,15 @@ def test_cli_reports_bad_input_clearly(tmp_path):
   assert not (tmp_path / "bad").exists()
   result = distill_cli(tmp_path / "bad", "--config.global_batch_size=7", "--config.grad_accum_steps=2")
   assert "global_batch_size 7 is not divisible" in result.stderr
+
+
+def test_text_corpus_options_reach_the_pipeline(tmp_path):
+  books = tmp_path / "books"
+  books.mkdir()
+  for name in ("a", "b"):
+    (books / f"{name}.txt").write_text(f"Book {name} opens here.\n\nIts second paragraph.\n\nA third one.\n")
+  cfg = smoke_config(corpus=str(books), doc_per_file=True, two_segments=True, max_steps=2,
+                     export_hf=False)
+  summary = distill.run(cfg, tmp_path / "run")
+  assert summary["corpus"]["documents"] == 2 and summary["steps"] == 2
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["doc_per_file"] is True
