@@ -1,11 +1,15 @@
 """`python -m minilm_jax {distill,data,convert,finetune,evaluate,benchmark}`.
 
-Each subcommand is a thin layer over one library function. `distill` and `finetune`
-take an ml_collections config file with absl-style overrides, as the Flax examples do:
-`--config experiments/demo.py --config.max_steps=10`.
+Each subcommand is a thin layer over one library function. `distill` takes an
+ml_collections config file with absl-style overrides, as the Flax examples do:
+`--config experiments/demo.py --config.max_steps=10`; `finetune` overrides the fields of
+`FinetuneConfig` the same way (`--task glue/sst2 --model M --config.epochs=3`).
 """
 
 import argparse
+import dataclasses
+import json
+import pathlib
 import sys
 
 
@@ -113,7 +117,81 @@ def distill(argv: list[str]) -> None:
   print(json.dumps(summary, indent=2))
 
 
-COMMANDS = {"distill": distill, "data": data, "convert": convert, "benchmark": benchmark}
+def _default_data(task: str) -> str:
+  """The shared GLUE folder or SQuAD dev file beside the checkout, if it is there."""
+  from minilm_jax import finetune as finetune_lib
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  is_squad = task == finetune_lib.SQUAD
+  for root in (repo.parent / "shared" / "data", repo / "shared" / "data"):
+    path = root / ("squad2/dev-v2.0.json" if is_squad else "glue")
+    if path.exists():
+      return str(path)
+  wanted = "PATH/dev-v2.0.json" if is_squad else "GLUE_DIR (holding SST-2/, RTE/, ...)"
+  raise FileNotFoundError(f"no --data given and no shared/data beside {repo}: pass --data {wanted}")
+
+
+def finetune(argv: list[str]) -> None:
+  """`finetune --task glue/sst2 --model MODEL --workdir DIR [--seeds 0,1] [--config.key=value]`."""
+  from absl import flags
+  from ml_collections import config_flags
+  from minilm_jax import finetune as finetune_lib
+  usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
+           "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
+  fv, argv = flags.FlagValues(), ["minilm_jax finetune", *argv]
+  # sys_argv: the overrides are found in the argv given, not in sys.argv (in-process calls).
+  config_flags.DEFINE_config_dataclass("config", finetune_lib.FinetuneConfig(),
+                                       "FinetuneConfig fields", flag_values=fv, sys_argv=argv)
+  flags.DEFINE_string("task", None, "glue/<task> (sst2, cola, rte, ...) or squad2", flag_values=fv)
+  flags.DEFINE_string("model", None, "HF dir, distill workdir or packaged teacher name",
+                      flag_values=fv)
+  flags.DEFINE_string("workdir", None, "output directory: seed-N/ runs and summary.json",
+                      flag_values=fv)
+  flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
+                      flag_values=fv)
+  flags.DEFINE_list("seeds", None, "comma-separated seeds (default: --config.seed)", flag_values=fv)
+  try:
+    fv(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\n{usage}")
+  if fv.task is None or fv.model is None or fv.workdir is None:
+    sys.exit(f"error: --task, --model and --workdir are required\n{usage}")
+  task = finetune_lib.resolve_task(fv.task)
+  try:
+    seeds = [int(s) for s in fv.seeds] if fv.seeds else [fv.config.seed]
+  except ValueError:
+    sys.exit(f"error: --seeds {','.join(fv.seeds)} must be integers, e.g. --seeds 0,1,2")
+  cfg = dataclasses.replace(fv.config, task=task, model=fv.model,
+                            data=fv.data or fv.config.data or _default_data(task))
+  _init_runtime(False)
+  summary = finetune_lib.run_seeds(cfg, fv.workdir, seeds)
+  print(json.dumps({k: summary[k] for k in ("task", "model", "seeds", "scores", "mean", "std",
+                                            "wall_time_s")}, indent=2))
+
+
+def evaluate(argv: list[str]) -> None:
+  p = argparse.ArgumentParser(prog="python -m minilm_jax evaluate", description=(
+      "Scores a fine-tuned model (the HF directory a finetune run exported, or its run "
+      "directory) on a task's dev set with the official metrics; prints JSON."))
+  p.add_argument("--model", required=True, help="BertFor* HF directory, or a finetune seed-N dir")
+  p.add_argument("--task", help="glue/<task> or squad2 (default: the run's task)")
+  p.add_argument("--data", help="GLUE folder or SQuAD dev JSON (default: the shared data)")
+  p.add_argument("--max-seq-len", type=int, help="default: the run's max_seq_len")
+  p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
+  args = p.parse_args(argv)
+  from minilm_jax import evaluate as evaluate_lib
+  model_dir, run_info = evaluate_lib.resolve_model(args.model)
+  task = args.task or run_info.get("task")
+  if task is None:
+    p.error(f"{model_dir} has no {evaluate_lib.RUN_FILE}: pass --task")
+  from minilm_jax import finetune as finetune_lib
+  task = finetune_lib.resolve_task(task)
+  result = evaluate_lib.evaluate(model_dir, task, args.data or _default_data(task),
+                                 max_seq_len=args.max_seq_len, batch_size=args.batch_size)
+  print(json.dumps(result, indent=2))
+
+
+COMMANDS = {"distill": distill, "data": data, "convert": convert, "benchmark": benchmark,
+            "finetune": finetune, "evaluate": evaluate}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,11 +1,10 @@
 """Fine-tuning a (distilled) encoder on a GLUE task or SQuAD 2.0, as the MiniLM papers do.
 
-Heads match Hugging Face's so a fine-tuned model exports to a directory that
-`BertForSequenceClassification` / `BertForQuestionAnswering` load as is:
-  * classification / regression: pooled [CLS] (BERT's tanh pooler) -> dropout -> dense
-    to `num_labels` (1 for STS-B, trained with mean squared error);
-  * extractive QA: last hidden states -> dense(2) = start and end logits, the loss being
-    the mean of the start and end cross-entropies ([CLS] = no answer).
+The task models (`heads.py`) are BERT's: pooled [CLS] -> dropout -> dense for
+classification (cross-entropy) and regression (STS-B, mean squared error), start/end
+logits for extractive QA (the mean of the two cross-entropies, [CLS] = no answer); the
+best epoch exports as a Hugging Face `BertForSequenceClassification` /
+`BertForQuestionAnswering` directory.
 
 Training is AdamW (weight decay 0.01, not on biases / LayerNorm), global-norm clipping
 1.0, linear warmup over the first 10% of steps then linear decay to 0, one jitted
@@ -15,25 +14,37 @@ the official metrics; the best epoch's parameters are kept (on the host) and exp
 SQuAD 2.0 has only its dev file here, so `task="squad2"` fine-tunes on the first
 `squad_train_articles` dev articles and scores the rest (`squad.dev_split`): a dev-split
 number, not the papers' dev F1.
+
+The baselines that judge a distilled student come from the same config: `num_layers`
+keeps the bottom layers of a pre-trained model (the truncated teacher) and
+`random_init` replaces its weights by a fresh initialisation of the same shape (a
+student without distillation). `run_seeds` repeats a run over seeds and writes the
+`summary.json` that `experiments/report.py` tabulates.
 """
 
 import dataclasses
 import json
 import logging
 import pathlib
+import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tokenizers
+import tqdm
 from flax import nnx
 
-from minilm_jax import checkpoint, convert, sharding, train
+from minilm_jax import checkpoint, heads, sharding, train
 from minilm_jax import model as model_lib
 from minilm_jax.eval import glue, metrics, squad
+from minilm_jax.metric_writer import MetricWriter
 
 SQUAD = "squad2"
+SQUAD_NAMES = ("squad2", "squad/v2.0", "squad_v2", "squadv2")
+RUN_FILE = "finetune.json"  # written next to an exported model: task, lengths, dev score
 QA_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
 GLUE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -59,81 +70,50 @@ class FinetuneConfig:
   seed: int = 0                     # head init, dropout and data order
   max_train_examples: int = 0       # 0 = all; smaller for smoke runs
   max_eval_examples: int = 0        # 0 = all (GLUE examples / SQuAD questions)
+  num_layers: int = 0               # 0 = all; N keeps the model's bottom N layers
+  random_init: bool = False         # fresh weights of the model's shape (no pre-training)
 
 
-class SequenceClassifier(nnx.Module):
-  """BertForSequenceClassification: pooler output -> dropout -> dense(num_labels)."""
-
-  def __init__(self, config: model_lib.ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
-    self.dropout_rate = config.hidden_dropout
-    self.encoder = model_lib.Encoder(config.replace(use_pooler=True), rngs=rngs)
-    self.classifier = nnx.Linear(config.hidden_size, num_labels,
-                                 kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-
-  def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_rng=None):
-    rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    pooled = self.encoder(input_ids, attention_mask, token_type_ids,
-                          dropout_rng=rngs[0]).pooled_output
-    return self.classifier(_dropout(pooled, self.dropout_rate, rngs[1])).astype(jnp.float32)
+def resolve_task(task: str) -> str:
+  """Canonical task name: "sst2" for "glue/sst2", "SST-2" or "sst2"; "squad2" for SQuAD 2.0."""
+  name = str(task).strip().lower()
+  if name in SQUAD_NAMES:
+    return SQUAD
+  key = name.removeprefix("glue/").replace("-", "")
+  if key not in glue.TASKS:
+    raise ValueError(f"unknown task {task!r}: use glue/<task> with <task> one of "
+                     f"{', '.join(glue.TASKS)}, or squad2 (also squad/v2.0)")
+  return key
 
 
-class QuestionAnswerer(nnx.Module):
-  """BertForQuestionAnswering: last hidden states -> dense(2) -> (start, end) logits."""
-
-  def __init__(self, config: model_lib.ModelConfig, *, rngs: nnx.Rngs):
-    self.encoder = model_lib.Encoder(config.replace(use_pooler=False), rngs=rngs)
-    self.qa_outputs = nnx.Linear(config.hidden_size, 2,
-                                 kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-
-  def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_rng=None):
-    hidden = self.encoder(input_ids, attention_mask, token_type_ids,
-                          dropout_rng=dropout_rng).last_hidden_state
-    logits = self.qa_outputs(hidden).astype(jnp.float32)
-    return logits[..., 0], logits[..., 1]
+def task_metric(task: str) -> str:
+  """Name of the number a task's `score` holds, for tables."""
+  return "f1" if task == SQUAD else {"matthews": "matthews_corrcoef"}.get(
+      glue.TASKS[task].metric, glue.TASKS[task].metric)
 
 
-def _dropout(x, rate: float, rng):
-  if rng is None or rate == 0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, Any, pathlib.Path]:
-  """(config, float32 encoder parameters, tokenizer directory) of a HF dir or checkpoint.
-
-  A checkpoint without a pooler gets a freshly initialised one when a classifier needs
-  it (as `from_pretrained` does); a QA model drops the pooler.
-  """
-  path = pathlib.Path(model).expanduser()
-  if path.is_dir() and ((path / checkpoint.MODEL_FILE).is_file()
-                        or (path / "checkpoints" / checkpoint.MODEL_FILE).is_file()):
-    config, params, tokenizer_dir, _ = checkpoint.restore_params(path)
-    pure = checkpoint.to_host(params).to_pure_dict()
-  else:
-    config, _ = convert.read_hf_config(model)
-    tensors, source = convert.read_hf_tensors(model)
-    tokenizer_dir = convert.check_tokenizer(config, model).parent
-    has_pooler = any(k.endswith("pooler.dense.weight") for k in tensors)
-    pure = convert.hf_to_params(config.replace(use_pooler=has_pooler), tensors,
-                                source).to_pure_dict()
-  config = config.replace(use_pooler=use_pooler)
-  if use_pooler and "pooler" not in pure:
-    logging.warning("%s has no pooler: initialising one (train it on the task)", model)
-    pure["pooler"] = model_lib.init_params(config).to_pure_dict()["pooler"]
-  if not use_pooler:
-    pure.pop("pooler", None)
-  return config, pure, pathlib.Path(tokenizer_dir)
+def _baseline_encoder(cfg: FinetuneConfig, config: model_lib.ModelConfig, pure: dict):
+  """The bottom `cfg.num_layers` layers, and/or fresh weights of that shape (`random_init`)."""
+  if cfg.num_layers:
+    if not 1 <= cfg.num_layers <= config.num_layers:
+      raise ValueError(f"num_layers={cfg.num_layers} is outside 1..{config.num_layers}, the "
+                       f"layers of {cfg.model}")
+    config = config.replace(num_layers=cfg.num_layers)
+    pure["layers"] = {i: pure["layers"][i] for i in range(cfg.num_layers)}
+  if cfg.random_init:
+    pure = model_lib.init_params(config, seed=cfg.seed).to_pure_dict()
+  return config, pure
 
 
 def build_model(cfg: FinetuneConfig, num_labels: int | None):
   """The task model with pre-trained encoder weights and a fresh head; (module, tokenizer dir)."""
-  config, pure, tokenizer_dir = load_encoder(cfg.model, use_pooler=num_labels is not None)
+  config, pure, tokenizer_dir = heads.load_encoder(cfg.model, use_pooler=num_labels is not None)
+  config, pure = _baseline_encoder(cfg, config, pure)
   config = config.replace(hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
                           dtype=cfg.compute_dtype)
   rngs = nnx.Rngs(cfg.seed)
-  module = (QuestionAnswerer(config, rngs=rngs) if num_labels is None
-            else SequenceClassifier(config, num_labels, rngs=rngs))
+  module = (heads.QuestionAnswerer(config, rngs=rngs) if num_labels is None
+            else heads.SequenceClassifier(config, num_labels, rngs=rngs))
   encoder_state = nnx.state(module.encoder, nnx.Param)
   nnx.replace_by_pure_dict(encoder_state, jax.tree.map(jnp.asarray, pure))
   nnx.update(module.encoder, encoder_state)
@@ -160,13 +140,24 @@ def task_loss(module, batch, dropout_rng, regression: bool):
   """Cross-entropy (classes), squared error (STS-B) or mean start/end cross-entropy (QA)."""
   args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
   ce = optax.softmax_cross_entropy_with_integer_labels
-  if isinstance(module, QuestionAnswerer):
+  if isinstance(module, heads.QuestionAnswerer):
     start, end = module(*args, dropout_rng=dropout_rng)
     return (ce(start, batch["start_positions"]).mean() + ce(end, batch["end_positions"]).mean()) / 2
   logits = module(*args, dropout_rng=dropout_rng)
   if regression:
     return jnp.mean((logits[:, 0] - batch["labels"]) ** 2)
   return ce(logits, batch["labels"]).mean()
+
+
+def make_predict(graphdef, mesh) -> Callable:
+  """Jitted `predict(params, batch) -> logits` (a (start, end) pair for QA), rows sharded."""
+
+  def predict(params, batch):
+    return nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
+                                       batch["token_type_ids"])
+
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh))
 
 
 def make_steps(graphdef, optimizer, mesh, regression: bool) -> tuple[Callable, Callable]:
@@ -180,14 +171,10 @@ def make_steps(graphdef, optimizer, mesh, regression: bool) -> tuple[Callable, C
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  def predict(params, batch):
-    return nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
-                                       batch["token_type_ids"])
-
   rep, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return (jax.jit(train_step, in_shardings=(rep, rep, rows, rep, rep),
                   out_shardings=(rep, rep, rep), donate_argnums=(0, 1)),
-          jax.jit(predict, in_shardings=(rep, rows), out_shardings=rows))
+          make_predict(graphdef, mesh))
 
 
 def predict_all(predict, params, features: dict[str, np.ndarray], batch_size: int, mesh):
@@ -213,80 +200,101 @@ class TaskData:
   num_labels: int | None                      # None = extractive QA
   regression: bool = False
   labels: tuple[str, ...] | None = None
+  stats: dict = dataclasses.field(default_factory=dict)  # example counts, truncation
 
 
 def _limit(items, n):
   return items[:n] if n else items
 
 
-def glue_data(cfg: FinetuneConfig, tokenizer) -> TaskData:
-  task = glue.get_task(cfg.task)
+def count_truncated(examples: list[glue.Example], tokenizer, max_len: int) -> int:
+  """How many examples are longer than `max_len` tokens (with [CLS]/[SEP]) and get cut."""
+  if not examples:
+    return 0
+  full = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+  full.no_truncation()
+  full.no_padding()
+  pairs = examples[0].text_b is not None
+  encodings = full.encode_batch([(e.text_a, e.text_b) if pairs else e.text_a for e in examples])
+  return sum(len(e.ids) > max_len for e in encodings)
+
+
+def glue_data(cfg: FinetuneConfig, tokenizer, with_train: bool = True) -> TaskData:
+  """Encoded train (unless `with_train` is False) and dev sets of a GLUE task."""
+  task = glue.get_task(resolve_task(cfg.task))
   max_len = cfg.max_seq_len or 128
-  train_ex = _limit(glue.load_glue(task, cfg.data, "train"), cfg.max_train_examples)
+  train_ex = (_limit(glue.load_glue(task, cfg.data, "train"), cfg.max_train_examples)
+              if with_train else [])
   eval_ex = _limit(glue.load_glue(task, cfg.data, "dev"), cfg.max_eval_examples)
-  train_f = glue.encode_examples(train_ex, tokenizer, task, max_len)
+  train_f = glue.encode_examples(train_ex, tokenizer, task, max_len) if train_ex else {}
   eval_f = glue.encode_examples(eval_ex, tokenizer, task, max_len)
+  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+           "train_truncated": count_truncated(train_ex, tokenizer, max_len),
+           "eval_truncated": count_truncated(eval_ex, tokenizer, max_len)}
 
   def evaluate(logits):
     predictions = logits[:, 0] if task.is_regression else np.argmax(logits, axis=-1)
     return metrics.task_metrics(task.metric, predictions, eval_f["labels"])
 
-  return TaskData(train_f, eval_f, evaluate, task.num_labels, task.is_regression, task.labels)
+  return TaskData(train_f, eval_f, evaluate, task.num_labels, task.is_regression, task.labels,
+                  stats)
 
 
-def squad_data(cfg: FinetuneConfig, tokenizer) -> TaskData:
+def squad_data(cfg: FinetuneConfig, tokenizer, with_train: bool = True) -> TaskData:
+  """Windowed features of the by-article dev split (train side unless `with_train` is False)."""
   train_articles, eval_articles = squad.dev_split(squad.load_squad(cfg.data),
                                                   cfg.squad_train_articles)
-  train_ex = _limit(squad.examples_from_articles(train_articles), cfg.max_train_examples)
+  train_ex = (_limit(squad.examples_from_articles(train_articles), cfg.max_train_examples)
+              if with_train else [])
   eval_ex = _limit(squad.examples_from_articles(eval_articles), cfg.max_eval_examples)
   kept = {e.qid for e in eval_ex}
   eval_articles = [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in kept]}
                                         for p in a["paragraphs"]]} for a in eval_articles]
   max_len = cfg.max_seq_len or 384
-  train_f = squad.make_features(train_ex, tokenizer, max_len, cfg.doc_stride)
+  train_f = squad.make_features(train_ex, tokenizer, max_len, cfg.doc_stride) if train_ex else {}
   eval_f = squad.make_features(eval_ex, tokenizer, max_len, cfg.doc_stride)
+  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+           "train_features": len(train_f.get("input_ids", ())),
+           "eval_features": len(eval_f["input_ids"]),
+           "split": f"SQuAD 2.0 dev by article: {cfg.squad_train_articles} train / "
+                    f"{len(eval_articles)} eval articles"}
 
   def evaluate(logits):
     out = squad.score(eval_articles, squad.postprocess(eval_ex, eval_f, *logits))
     return out | {"score": out["f1"] / 100}
 
-  return TaskData(train_f, eval_f, evaluate, None)
+  return TaskData(train_f, eval_f, evaluate, None, stats=stats)
 
 
-def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.Path, *,
-              labels: tuple[str, ...] | None = None, regression: bool = False,
-              overwrite: bool = False) -> pathlib.Path:
-  """Writes a fine-tuned model as a Hugging Face `BertForSequenceClassification` or
-  `BertForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
-  config = module.encoder.config.replace(dtype="float32")
-  if config.model_type != "bert":
-    raise ValueError(f"export_hf writes BERT task heads; {config.model_type!r} task models "
-                     "(RobertaFor*, a different classifier head) are not supported")
-  pure = checkpoint.to_host(nnx.state(module, nnx.Param)).to_pure_dict()
-  if isinstance(module, QuestionAnswerer):
-    head, arch, extra_config = "qa_outputs", "BertForQuestionAnswering", {}
-  else:
-    head, arch = "classifier", "BertForSequenceClassification"
-    width = module.classifier.out_features
-    names = list(labels) if labels else [f"LABEL_{i}" for i in range(width)]
-    extra_config = {"id2label": dict(enumerate(names)),
-                    "label2id": {name: i for i, name in enumerate(names)},
-                    "problem_type": "regression" if regression else "single_label_classification"}
-  tensors = {f"{head}.weight": np.ascontiguousarray(np.asarray(pure[head]["kernel"]).T),
-             f"{head}.bias": np.asarray(pure[head]["bias"])}
-  return convert.save_hf(out_dir, config, pure["encoder"], tokenizer_dir, prefix="bert.",
-                         extra_tensors=tensors,
-                         extra_config={"architectures": [arch]} | extra_config,
-                         overwrite=overwrite)
+def _batches(features, keys, order, batch_size: int, mesh):
+  """Full batches of `features` rows in `order`, placed on the mesh (a ragged tail is dropped)."""
+  for begin in range(0, len(order) - batch_size + 1, batch_size):
+    rows = order[begin:begin + batch_size]
+    yield jax.device_put({k: features[k][rows] for k in keys}, sharding.batch_sharded(mesh))
+
+
+def _train_epoch(train_step, params, opt_state, key, batches, first_step: int, bar):
+  """Steps through `batches`; returns (params, opt_state, mean training loss)."""
+  losses = []
+  for i, batch in enumerate(batches):
+    step = jnp.asarray(first_step + i, jnp.int32)
+    params, opt_state, loss = train_step(params, opt_state, batch, key, step)
+    losses.append(loss)
+    bar.update(len(batch["input_ids"]))
+    if i and i % 20 == 0:  # the previous step's loss is ready by now: no pipeline stall
+      bar.set_postfix(loss=f"{float(losses[-2]):.4f}")
+  return params, opt_state, float(np.mean(jax.device_get(losses)))
 
 
 def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   """Fine-tunes `cfg.model` on `cfg.task`, evaluating after every epoch.
 
   Returns {"best_score", "best_epoch", "history": [per-epoch metrics], "module": the task
-  model holding the best epoch's parameters}; with `workdir`, also writes metrics.jsonl
-  and the best model as a Hugging Face directory `workdir/best`.
+  model holding the best epoch's parameters, "data": example counts, "model_info"}; with
+  `workdir`, also writes metrics.jsonl + TensorBoard per epoch and the best model as a
+  Hugging Face directory `workdir/best` (with `finetune.json` for `evaluate`).
   """
+  cfg = dataclasses.replace(cfg, task=resolve_task(cfg.task))
   is_squad = cfg.task == SQUAD
   num_labels = None if is_squad else glue.get_task(cfg.task).num_labels
   module, tokenizer_dir = build_model(cfg, num_labels)
@@ -308,33 +316,81 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   keys = QA_INPUTS if is_squad else GLUE_INPUTS
   key = jax.random.key(cfg.seed)
   rng = np.random.default_rng(cfg.seed)
+  info = {"layers": module.encoder.config.num_layers, "hidden": module.encoder.config.hidden_size,
+          "params": heads.count_params(module)}
+  writer = None
+  if workdir is not None:
+    (pathlib.Path(workdir) / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, not a resume
+    writer = MetricWriter(workdir)
+    writer.write_text("config", json.dumps(dataclasses.asdict(cfg), indent=2))
+  logging.info("finetune %s on %s (%s): %s", cfg.model, cfg.task, info, data.stats)
+  bar = tqdm.tqdm(total=steps_per_epoch * cfg.batch_size * cfg.epochs, unit="ex",
+                  disable=jax.process_index() != 0, dynamic_ncols=True)
   history, best, best_params = [], None, None
-  for epoch in range(1, cfg.epochs + 1):
-    order = rng.permutation(n_train)
-    losses = []
-    for i in range(steps_per_epoch):
-      rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-      batch = jax.device_put({k: data.train[k][rows] for k in keys}, sharding.batch_sharded(mesh))
-      step = jnp.asarray((epoch - 1) * steps_per_epoch + i, jnp.int32)
-      params, opt_state, loss = train_step(params, opt_state, batch, key, step)
-      losses.append(loss)
-    train_loss = float(np.mean(jax.device_get(losses)))
-    if not np.isfinite(train_loss):
-      raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch}: lower "
-                               "learning_rate or keep clip_grad_norm on")
-    record = {"epoch": epoch, "train_loss": train_loss} | data.evaluate(
-        predict_all(predict, params, data.eval, cfg.eval_batch_size, mesh))
-    history.append(record)
-    logging.info("finetune %s epoch %d: %s", cfg.task, epoch, record)
-    if best is None or record["score"] > best["score"]:
-      best, best_params = record, checkpoint.to_host(params)
+  try:
+    for epoch in range(1, cfg.epochs + 1):
+      began = time.perf_counter()
+      bar.set_description(f"epoch {epoch}")
+      batches = _batches(data.train, keys, rng.permutation(n_train), cfg.batch_size, mesh)
+      params, opt_state, train_loss = _train_epoch(train_step, params, opt_state, key, batches,
+                                                   (epoch - 1) * steps_per_epoch, bar)
+      train_seconds = time.perf_counter() - began
+      if not np.isfinite(train_loss):
+        raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch}: lower "
+                                 "learning_rate or keep clip_grad_norm on")
+      record = {"epoch": epoch, "train_loss": train_loss,
+                "examples_per_sec": steps_per_epoch * cfg.batch_size / train_seconds}
+      began = time.perf_counter()
+      record |= data.evaluate(predict_all(predict, params, data.eval, cfg.eval_batch_size, mesh))
+      record["eval_seconds"] = time.perf_counter() - began
+      history.append(record)
+      bar.write(f"epoch {epoch}: train_loss {train_loss:.4f}, dev score {record['score']:.4f}")
+      if writer is not None:
+        writer.write(epoch * steps_per_epoch, record)
+      if best is None or record["score"] > best["score"]:
+        best, best_params = record, checkpoint.to_host(params)
+  finally:
+    bar.close()
+    if writer is not None:
+      writer.close()
   nnx.update(module, best_params)
   summary = {"best_score": best["score"], "best_epoch": best["epoch"], "history": history,
-             "module": module}
+             "module": module, "data": data.stats, "model_info": info}
   if workdir is not None and jax.process_index() == 0:
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-    summary["hf"] = str(export_hf(workdir / "best", module, tokenizer_dir, labels=data.labels,
-                                  regression=data.regression, overwrite=True))
+    out = heads.export_hf(pathlib.Path(workdir) / "best", module, tokenizer_dir,
+                          labels=data.labels, regression=data.regression, overwrite=True)
+    (out / RUN_FILE).write_text(json.dumps(
+        {"task": cfg.task, "max_seq_len": data.stats["max_seq_len"], "doc_stride": cfg.doc_stride,
+         "squad_train_articles": cfg.squad_train_articles, "epoch": best["epoch"],
+         "dev_score": best["score"]}, indent=2) + "\n")
+    summary["hf"] = str(out)
+  return summary
+
+
+def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]) -> dict:
+  """One `run` per seed in `workdir/seed-N`, then `workdir/summary.json`.
+
+  The summary holds each seed's best dev score, best epoch and wall time (model loading,
+  tokenisation, training, evaluation and export), their mean and sample standard
+  deviation, the model's size and the config: everything `experiments/report.py` needs.
+  """
+  if not seeds:
+    raise ValueError("no seeds given: pass e.g. --seeds 0 or --seeds 0,1,2")
+  workdir = pathlib.Path(workdir)
+  runs = []
+  for seed in seeds:
+    began = time.perf_counter()
+    out = run(dataclasses.replace(cfg, seed=seed), workdir / f"seed-{seed}")
+    runs.append({"seed": seed, "best_score": out["best_score"], "best_epoch": out["best_epoch"],
+                 "wall_time_s": time.perf_counter() - began, "hf": out.get("hf"),
+                 "history": out["history"]})
+  scores = [r["best_score"] for r in runs]
+  task = resolve_task(cfg.task)
+  summary = {"task": task, "metric": task_metric(task), "model": cfg.model, **out["model_info"],
+             "seeds": list(seeds), "scores": scores, "mean": float(np.mean(scores)),
+             "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+             "wall_time_s": [r["wall_time_s"] for r in runs], "data": out["data"],
+             "runs": runs, "config": dataclasses.asdict(cfg)}
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary

@@ -1,5 +1,6 @@
 """Task heads vs transformers' BertFor* after export, the schedule, and tiny end-to-end runs."""
 
+import dataclasses
 import json
 
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minilm_jax import checkpoint, convert, finetune
+from minilm_jax import checkpoint, convert, finetune, heads
 from minilm_jax import model as model_lib
 
 TINY = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -46,7 +47,7 @@ def test_classifier_export_matches_transformers(tiny_dir, tmp_path, num_labels, 
                                                num_labels)
   _randomize_head(module, "classifier")
   labels = None if regression else ("a", "b", "c")
-  out = finetune.export_hf(tmp_path / "cls", module, tokenizer_dir, labels=labels,
+  out = heads.export_hf(tmp_path / "cls", module, tokenizer_dir, labels=labels,
                            regression=regression)
   hf, info = transformers.BertForSequenceClassification.from_pretrained(
       out, output_loading_info=True)
@@ -67,7 +68,7 @@ def test_qa_export_matches_transformers(tiny_dir, tmp_path):
   module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir)), None)
   assert module.encoder.pooler is None
   _randomize_head(module, "qa_outputs")
-  out = finetune.export_hf(tmp_path / "qa", module, tokenizer_dir)
+  out = heads.export_hf(tmp_path / "qa", module, tokenizer_dir)
   hf, info = transformers.BertForQuestionAnswering.from_pretrained(out, output_loading_info=True)
   assert not info["missing_keys"] and not info["unexpected_keys"]
   ids, mask, types = _inputs()
@@ -96,10 +97,10 @@ def test_warmup_then_linear_decay():
 
 
 def test_export_rejects_roberta(tmp_path, teacher_dir):
-  module = finetune.SequenceClassifier(TINY.replace(model_type="roberta", pad_token_id=1),
+  module = heads.SequenceClassifier(TINY.replace(model_type="roberta", pad_token_id=1),
                                        2, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="'roberta' task models"):
-    finetune.export_hf(tmp_path / "x", module, teacher_dir)
+    heads.export_hf(tmp_path / "x", module, teacher_dir)
 
 
 def _write_rte(glue_dir, split, n, seed):
@@ -148,3 +149,20 @@ def test_tiny_squad_run(tiny_dir, tmp_path):
   record = summary["history"][0]
   assert record["total"] == 2 and 0 <= record["f1"] <= 100
   assert record["score"] == record["f1"] / 100 and "best_f1" in record
+
+
+def test_truncated_and_random_baselines(tiny_dir):
+  pretrained = model_lib.init_params(TINY, seed=3).to_pure_dict()
+  cfg = finetune.FinetuneConfig(model=str(tiny_dir), num_layers=1)
+  module, _ = finetune.build_model(cfg, 2)
+  got = nnx.state(module.encoder, nnx.Param).to_pure_dict()
+  assert module.encoder.config.num_layers == 1 and list(got["layers"]) == [0]
+  jax.tree.map(np.testing.assert_array_equal, got["layers"][0], pretrained["layers"][0])
+  jax.tree.map(np.testing.assert_array_equal, got["embeddings"], pretrained["embeddings"])
+  module, _ = finetune.build_model(dataclasses.replace(cfg, random_init=True), 2)
+  fresh = nnx.state(module.encoder, nnx.Param).to_pure_dict()
+  assert module.encoder.config.num_layers == 1
+  assert not np.allclose(fresh["embeddings"]["word_embeddings"]["embedding"],
+                         pretrained["embeddings"]["word_embeddings"]["embedding"])
+  with pytest.raises(ValueError, match="num_layers=5 is outside 1..2"):
+    finetune.build_model(dataclasses.replace(cfg, num_layers=5), 2)

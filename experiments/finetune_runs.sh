@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The fine-tuning runs behind experiments/results/finetune.md, on a 2-core CPU, sequential.
+#
+#   nohup experiments/finetune_runs.sh runs/finetune > runs/finetune/runs.log 2>&1 &
+#   .venv/bin/python experiments/report.py runs/finetune
+#
+# Budget: about one hour of CPU in all, so every task trains on a subset of its train set
+# (the first N rows of the file) for a few epochs; dev is always the full official dev set.
+# Sequence lengths cover every SST-2 / CoLA dev sentence; RTE uses BERT's 128 (33 of its
+# 277 dev pairs are cut; `summary.json` records the counts). Models: the packaged teacher
+# (6x384), its bottom 3 layers, a random 3x384 encoder with the teacher's tokenizer (lr 1e-4)
+# and the 3x384 MiniLM student distilled by `experiments/demo.py` (runs/demo/hf).
+set -euo pipefail
+out=${1:-runs/finetune}
+student=${STUDENT:-runs/demo/hf}
+py=.venv/bin/python
+
+ft() {  # label task seeds extra-flags...
+  local label=$1 task=$2 seeds=$3; shift 3
+  echo "=== $(date -u +%T) start $label $task seeds=$seeds $*"
+  $py -m minilm_jax finetune --task "glue/$task" --workdir "$out/$label/$task" --seeds "$seeds" \
+      --config.batch_size=32 "$@"
+  echo "=== $(date -u +%T) done $label $task"
+}
+
+teacher=(--model all-MiniLM-L6-v2 --config.learning_rate=5e-5)
+truncated=(--model all-MiniLM-L6-v2 --config.num_layers=3 --config.learning_rate=5e-5)
+random=(--model all-MiniLM-L6-v2 --config.num_layers=3 --config.random_init=True
+        --config.learning_rate=1e-4)
+distilled=(--model "$student" --config.learning_rate=5e-5)
+
+sst2=(--config.max_seq_len=64 --config.max_train_examples=2400 --config.epochs=2)
+cola=(--config.max_seq_len=48 --config.max_train_examples=2400 --config.epochs=2)
+rte=(--config.max_seq_len=128 --config.epochs=1)
+
+ft teacher-L6 sst2 0,1 "${teacher[@]}" "${sst2[@]}"
+ft truncated-L3 sst2 0 "${truncated[@]}" "${sst2[@]}"
+ft random-L3 sst2 0 "${random[@]}" "${sst2[@]}"
+ft distilled-L3 sst2 0 "${distilled[@]}" "${sst2[@]}"
+ft teacher-L6 cola 0 "${teacher[@]}" "${cola[@]}"
+ft truncated-L3 cola 0 "${truncated[@]}" "${cola[@]}"
+ft random-L3 cola 0 "${random[@]}" "${cola[@]}"
+ft distilled-L3 cola 0 "${distilled[@]}" "${cola[@]}"
+ft teacher-L6 rte 0 "${teacher[@]}" "${rte[@]}"
+ft truncated-L3 rte 0 "${truncated[@]}" "${rte[@]}"
+ft random-L3 rte 0 "${random[@]}" "${rte[@]}"
+ft distilled-L3 rte 0 "${distilled[@]}" "${rte[@]}"
+echo "=== $(date -u +%T) all done"

@@ -1,0 +1,118 @@
+"""Task models on the shared encoder: BERT's classification / regression and QA heads.
+
+The modules mirror Hugging Face's `BertForSequenceClassification` (pooled [CLS] ->
+dropout -> dense) and `BertForQuestionAnswering` (last hidden states -> dense(2) = start
+and end logits), so `export_hf` writes a directory that transformers loads with no
+missing or unexpected weights. `load_encoder` reads the pre-trained encoder from a
+Hugging Face directory, a packaged teacher name or a minilm_jax checkpoint / distill
+workdir.
+"""
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minilm_jax import checkpoint, convert
+from minilm_jax import model as model_lib
+
+
+class SequenceClassifier(nnx.Module):
+  """BertForSequenceClassification: pooler output -> dropout -> dense(num_labels)."""
+
+  def __init__(self, config: model_lib.ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
+    self.dropout_rate = config.hidden_dropout
+    self.encoder = model_lib.Encoder(config.replace(use_pooler=True), rngs=rngs)
+    self.classifier = nnx.Linear(config.hidden_size, num_labels,
+                                 kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_rng=None):
+    rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    pooled = self.encoder(input_ids, attention_mask, token_type_ids,
+                          dropout_rng=rngs[0]).pooled_output
+    return self.classifier(_dropout(pooled, self.dropout_rate, rngs[1])).astype(jnp.float32)
+
+
+class QuestionAnswerer(nnx.Module):
+  """BertForQuestionAnswering: last hidden states -> dense(2) -> (start, end) logits."""
+
+  def __init__(self, config: model_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.encoder = model_lib.Encoder(config.replace(use_pooler=False), rngs=rngs)
+    self.qa_outputs = nnx.Linear(config.hidden_size, 2,
+                                 kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_rng=None):
+    hidden = self.encoder(input_ids, attention_mask, token_type_ids,
+                          dropout_rng=dropout_rng).last_hidden_state
+    logits = self.qa_outputs(hidden).astype(jnp.float32)
+    return logits[..., 0], logits[..., 1]
+
+
+def _dropout(x, rate: float, rng):
+  if rng is None or rate == 0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, Any, pathlib.Path]:
+  """(config, float32 encoder parameters, tokenizer directory) of a HF dir or checkpoint.
+
+  A checkpoint without a pooler gets a freshly initialised one when a classifier needs
+  it (as `from_pretrained` does); a QA model drops the pooler.
+  """
+  path = pathlib.Path(model).expanduser()
+  if path.is_dir() and ((path / checkpoint.MODEL_FILE).is_file()
+                        or (path / "checkpoints" / checkpoint.MODEL_FILE).is_file()):
+    config, params, tokenizer_dir, _ = checkpoint.restore_params(path)
+    pure = checkpoint.to_host(params).to_pure_dict()
+  else:
+    config, _ = convert.read_hf_config(model)
+    tensors, source = convert.read_hf_tensors(model)
+    tokenizer_dir = convert.check_tokenizer(config, model).parent
+    has_pooler = any(k.endswith("pooler.dense.weight") for k in tensors)
+    pure = convert.hf_to_params(config.replace(use_pooler=has_pooler), tensors,
+                                source).to_pure_dict()
+  config = config.replace(use_pooler=use_pooler)
+  if use_pooler and "pooler" not in pure:
+    logging.warning("%s has no pooler: initialising one (train it on the task)", model)
+    pure["pooler"] = model_lib.init_params(config).to_pure_dict()["pooler"]
+  if not use_pooler:
+    pure.pop("pooler", None)
+  return config, pure, pathlib.Path(tokenizer_dir)
+
+
+def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.Path, *,
+              labels: tuple[str, ...] | None = None, regression: bool = False,
+              overwrite: bool = False) -> pathlib.Path:
+  """Writes a fine-tuned model as a Hugging Face `BertForSequenceClassification` or
+  `BertForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
+  config = module.encoder.config.replace(dtype="float32")
+  if config.model_type != "bert":
+    raise ValueError(f"export_hf writes BERT task heads; {config.model_type!r} task models "
+                     "(RobertaFor*, a different classifier head) are not supported")
+  pure = checkpoint.to_host(nnx.state(module, nnx.Param)).to_pure_dict()
+  if isinstance(module, QuestionAnswerer):
+    head, arch, extra_config = "qa_outputs", "BertForQuestionAnswering", {}
+  else:
+    head, arch = "classifier", "BertForSequenceClassification"
+    width = module.classifier.out_features
+    names = list(labels) if labels else [f"LABEL_{i}" for i in range(width)]
+    extra_config = {"id2label": dict(enumerate(names)),
+                    "label2id": {name: i for i, name in enumerate(names)},
+                    "problem_type": "regression" if regression else "single_label_classification"}
+  tensors = {f"{head}.weight": np.ascontiguousarray(np.asarray(pure[head]["kernel"]).T),
+             f"{head}.bias": np.asarray(pure[head]["bias"])}
+  return convert.save_hf(out_dir, config, pure["encoder"], tokenizer_dir, prefix="bert.",
+                         extra_tensors=tensors,
+                         extra_config={"architectures": [arch]} | extra_config,
+                         overwrite=overwrite)
+
+
+def count_params(module) -> int:
+  """Encoder parameters (embeddings, layers, pooler), the size the MiniLM tables report."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(nnx.state(module.encoder, nnx.Param))))
