@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-TASK_NAMES = {"sst2": "SST-2", "cola": "CoLA", "rte": "RTE", "squad2": "SQuAD 2.0 (dev split)",
+TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "squad2": "SQuAD 2.0 (dev split)",
               "mnli": "MNLI-m", "qnli": "QNLI", "qqp": "QQP", "mrpc": "MRPC", "stsb": "STS-B"}
 METRIC_NAMES = {"accuracy": "acc", "accuracy_f1": "acc", "matthews_corrcoef": "mcc",
                 "pearson_spearman": "pearson/spearman", "f1": "F1"}
@@ -49,6 +49,13 @@ def add_teacher_share(rows: list[dict], teacher: str) -> list[dict]:
     ref = reference.get(r["task"])
     r["pct_teacher"] = 100 * r["mean"] / ref if ref and ref > 0 else None
   return rows
+
+
+def ordered(rows: list[dict], teacher: str) -> list[dict]:
+  """Tasks in the papers' order, the teacher first within each, then the others by label."""
+  rank = {task: i for i, task in enumerate(TASK_NAMES)}
+  return sorted(rows, key=lambda r: (rank.get(r["task"], len(rank)), r["task"],
+                                     r["label"] != teacher, r["label"]))
 
 
 def _task_note(rows: list[dict]) -> str:
@@ -114,7 +121,7 @@ def main(argv=None) -> str:
   p.add_argument("--name", default="finetune", help="results file stem")
   p.add_argument("--note", default="", help="text under the table (hardware, budget)")
   args = p.parse_args(argv)
-  rows = add_teacher_share(collect(args.root), args.teacher)
+  rows = ordered(add_teacher_share(collect(args.root), args.teacher), args.teacher)
   if not rows:
     raise SystemExit(f"no summary.json under {args.root}: run python -m minilm_jax finetune first")
   args.out.mkdir(parents=True, exist_ok=True)
