@@ -62,6 +62,9 @@ def _task_note(rows: list[dict]) -> str:
   r, d, c = rows[0], rows[0]["data"], rows[0]["config"]
   cut = (f", {d['eval_truncated']} of {d['eval_examples']} dev and {d['train_truncated']} of "
          f"{d['train_examples']} train examples truncated" if "eval_truncated" in d else "")
+  if "split" in d:  # SQuAD: questions become overlapping windows (features)
+    cut = (f" ({d['train_features']} windows), {d['split']}, {d['eval_features']} windows "
+           "scored")
   return (f"- {TASK_NAMES.get(r['task'], r['task'])}: {d['train_examples']} train examples, "
           f"{c['epochs']} epoch(s), batch {c['batch_size']}, max_seq_len {d['max_seq_len']}{cut}; "
           f"dev: {d['eval_examples']} examples; lr "
