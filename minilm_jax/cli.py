@@ -80,14 +80,15 @@ def _config_flags(argv: list[str], command: str):
   """Parses `--config FILE [--config.key=value ...] --workdir DIR` the way Flax examples do."""
   from absl import flags
   from ml_collections import config_flags
-  fv = flags.FlagValues()
+  fv, argv = flags.FlagValues(), [f"minilm_jax {command}", *argv]
+  # sys_argv: the overrides are found in the argv given, not in sys.argv (in-process calls).
   config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
-                                  lock_config=False)
+                                  lock_config=False, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)",
                     flag_values=fv)
   try:
-    fv([f"minilm_jax {command}", *argv])
+    fv(argv)
   except flags.Error as e:
     sys.exit(f"error: {e}\nusage: python -m minilm_jax {command} --config experiments/NAME.py "
              "--workdir DIR [--config.key=value ...]")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from minilm_jax import checkpoint, distill, model as model_lib
+from minilm_jax import checkpoint, cli, distill, model as model_lib
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -130,3 +130,12 @@ def test_text_corpus_options_reach_the_pipeline(tmp_path):
   summary = distill.run(cfg, tmp_path / "run")
   assert summary["corpus"]["documents"] == 2 and summary["steps"] == 2
   assert json.loads((tmp_path / "run" / "config.json").read_text())["doc_per_file"] is True
+
+
+def test_cli_main_applies_config_overrides_in_process(tmp_path):
+  """`cli.main` called from Python reads `--config.*` from its argv, not from sys.argv."""
+  cli.main(["distill", f"--config={DEMO}:smoke", f"--workdir={tmp_path}", "--config.max_steps=2",
+            "--config.log_every=1", "--config.export_hf=False"])
+  assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["max_steps"] == 2 and saved["export_hf"] is False
