@@ -86,7 +86,7 @@ def evaluate(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: in
   model_dir, run = resolve_model(model)
   task = finetune.resolve_task(task)
   cfg = finetune.FinetuneConfig(
-      model=str(model_dir), task=task, data=str(data), dropout=0.0,
+      model=str(model_dir), task=task, data=str(data), dropout=0.0, eval_batch_size=batch_size,
       max_seq_len=max_seq_len or run.get("max_seq_len", 0),
       doc_stride=run.get("doc_stride", finetune.FinetuneConfig.doc_stride),
       squad_train_articles=run.get("squad_train_articles",
@@ -99,7 +99,6 @@ def evaluate(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: in
   sharding.check_batch_size(batch_size, mesh)
   graphdef, params = nnx.split(module, nnx.Param)
   predict = finetune.make_predict(graphdef, mesh)
-  outputs = finetune.predict_all(predict, sharding.put_replicated(params, mesh), task_data.eval,
-                                 batch_size, mesh)
-  return {"model": str(model_dir), "task": task, **task_data.evaluate(outputs),
+  scores = finetune.evaluate_dev(predict, sharding.put_replicated(params, mesh), task_data, cfg, mesh)
+  return {"model": str(model_dir), "task": task, **scores,
           "data": task_data.stats}

@@ -6,6 +6,12 @@ logits for extractive QA (the mean of the two cross-entropies, [CLS] = no answer
 best epoch exports as a Hugging Face `BertForSequenceClassification` /
 `BertForQuestionAnswering` directory.
 
+Padding costs nothing it need not: each batch is cut to its longest row, rounded up
+to a multiple of `length_bucket` tokens (a handful of compiled shapes; exact, since
+padded positions are masked), and `group_by_length` builds batches from rows of
+similar length, as Hugging Face's `group_by_length` does (SST-2 rows average 13
+tokens: about 4x fewer tokens than padding to 64).
+
 Training is AdamW (weight decay 0.01, not on biases / LayerNorm), global-norm clipping
 1.0, linear warmup over the first 10% of steps then linear decay to 0, one jitted
 data-parallel step over a `('data',)` mesh. Each epoch ends with a dev evaluation with
@@ -59,7 +65,9 @@ class FinetuneConfig:
   doc_stride: int = 128             # SQuAD window overlap in tokens
   squad_train_articles: int = 25    # SQuAD dev-split: first N of the 35 dev articles train
   batch_size: int = 32              # global examples per step (a multiple of the devices)
-  eval_batch_size: int = 128        # examples per eval forward (padded, one compile)
+  eval_batch_size: int = 128        # examples per eval forward (the last batch padded)
+  length_bucket: int = 16           # cut each batch to its longest row, rounded up to this; 0 = off
+  group_by_length: bool = False     # batch rows of similar length together (less padding)
   epochs: int = 3
   learning_rate: float = 2e-5       # peak after warmup
   warmup_ratio: float = 0.1         # fraction of all steps spent warming up
@@ -177,18 +185,37 @@ def make_steps(graphdef, optimizer, mesh, regression: bool) -> tuple[Callable, C
           make_predict(graphdef, mesh))
 
 
-def predict_all(predict, params, features: dict[str, np.ndarray], batch_size: int, mesh):
-  """Runs `predict` over every row in fixed-size batches (the last one padded)."""
+def trimmed_width(attention_mask: np.ndarray, length_bucket: int) -> int:
+  """The longest row of a batch rounded up to a multiple of `length_bucket` (0: no cut)."""
+  width = attention_mask.shape[1]
+  if not length_bucket:
+    return width
+  longest = int(attention_mask.sum(axis=1).max(initial=1))
+  return min(width, -(-longest // length_bucket) * length_bucket)
+
+
+def predict_all(predict, params, features: dict[str, np.ndarray], batch_size: int, mesh,
+                length_bucket: int = 0):
+  """Runs `predict` over every row in fixed-size batches (the last one padded).
+
+  With `length_bucket`, rows go in order of length and each batch is cut to its
+  `trimmed_width`; outputs come back in the rows' order. Only for per-example outputs
+  (classification logits): QA's per-position logits need the full width.
+  """
   keys = ("input_ids", "attention_mask", "token_type_ids")
   n = len(features["input_ids"])
+  order = (np.argsort(features["attention_mask"].sum(axis=1), kind="stable") if length_bucket
+           else np.arange(n))
   outputs = []
   for begin in range(0, n, batch_size):
-    batch = {k: features[k][begin:begin + batch_size] for k in keys}
-    real = len(batch["input_ids"])
-    batch = {k: np.pad(v, [(0, batch_size - real), (0, 0)]) for k, v in batch.items()}
+    rows = order[begin:begin + batch_size]
+    width = trimmed_width(features["attention_mask"][rows], length_bucket)
+    batch = {k: np.pad(features[k][rows, :width], [(0, batch_size - len(rows)), (0, 0)])
+             for k in keys}
     out = jax.device_get(predict(params, jax.device_put(batch, sharding.batch_sharded(mesh))))
-    outputs.append(jax.tree.map(lambda x: np.asarray(x[:real]), out))
-  return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+    outputs.append(jax.tree.map(lambda x: np.asarray(x[:len(rows)]), out))
+  ordered = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+  return jax.tree.map(lambda x: x[np.argsort(order)], ordered)
 
 
 @dataclasses.dataclass
@@ -201,6 +228,12 @@ class TaskData:
   regression: bool = False
   labels: tuple[str, ...] | None = None
   stats: dict = dataclasses.field(default_factory=dict)  # example counts, truncation
+
+
+def evaluate_dev(predict, params, data: TaskData, cfg: FinetuneConfig, mesh) -> dict[str, float]:
+  """Dev metrics of `params`, in batches of `cfg.eval_batch_size` (length-trimmed unless QA)."""
+  bucket = 0 if data.num_labels is None else cfg.length_bucket
+  return data.evaluate(predict_all(predict, params, data.eval, cfg.eval_batch_size, mesh, bucket))
 
 
 def _limit(items, n):
@@ -266,11 +299,31 @@ def squad_data(cfg: FinetuneConfig, tokenizer, with_train: bool = True) -> TaskD
   return TaskData(train_f, eval_f, evaluate, None, stats=stats)
 
 
-def _batches(features, keys, order, batch_size: int, mesh):
-  """Full batches of `features` rows in `order`, placed on the mesh (a ragged tail is dropped)."""
-  for begin in range(0, len(order) - batch_size + 1, batch_size):
-    rows = order[begin:begin + batch_size]
-    yield jax.device_put({k: features[k][rows] for k in keys}, sharding.batch_sharded(mesh))
+def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                  group_by_length: bool = False, group_batches: int = 50) -> list[np.ndarray]:
+  """The rows of each full batch of one epoch, in a random order (a ragged tail is dropped).
+
+  `group_by_length`: shuffle, sort each chunk of `group_batches` batches by length, cut it
+  into batches and shuffle the batches, so that a batch holds rows of similar length
+  while the epoch stays a random permutation.
+  """
+  order = rng.permutation(len(lengths))
+  if group_by_length:
+    chunk = batch_size * group_batches
+    order = np.concatenate([c[np.argsort(-lengths[c], kind="stable")]
+                            for c in np.split(order, range(chunk, len(order), chunk))])
+  batches = [order[b:b + batch_size] for b in range(0, len(order) - batch_size + 1, batch_size)]
+  if group_by_length:
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+  return batches
+
+
+def _batches(features, keys, batches, length_bucket: int, mesh):
+  """The batches' rows of `features`, cut to their `trimmed_width`, placed on the mesh."""
+  for rows in batches:
+    width = trimmed_width(features["attention_mask"][rows], length_bucket)
+    yield jax.device_put({k: features[k][rows][:, :width] if features[k].ndim == 2
+                          else features[k][rows] for k in keys}, sharding.batch_sharded(mesh))
 
 
 def _train_epoch(train_step, params, opt_state, key, batches, first_step: int, bar):
@@ -316,6 +369,7 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   keys = QA_INPUTS if is_squad else GLUE_INPUTS
   key = jax.random.key(cfg.seed)
   rng = np.random.default_rng(cfg.seed)
+  lengths = data.train["attention_mask"].sum(axis=1)
   info = {"layers": module.encoder.config.num_layers, "hidden": module.encoder.config.hidden_size,
           "params": heads.count_params(module)}
   writer = None
@@ -331,7 +385,9 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
     for epoch in range(1, cfg.epochs + 1):
       began = time.perf_counter()
       bar.set_description(f"epoch {epoch}")
-      batches = _batches(data.train, keys, rng.permutation(n_train), cfg.batch_size, mesh)
+      batches = _batches(data.train, keys, epoch_batches(lengths, cfg.batch_size, rng,
+                                                         cfg.group_by_length),
+                         cfg.length_bucket, mesh)
       params, opt_state, train_loss = _train_epoch(train_step, params, opt_state, key, batches,
                                                    (epoch - 1) * steps_per_epoch, bar)
       train_seconds = time.perf_counter() - began
@@ -341,7 +397,7 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
       record = {"epoch": epoch, "train_loss": train_loss,
                 "examples_per_sec": steps_per_epoch * cfg.batch_size / train_seconds}
       began = time.perf_counter()
-      record |= data.evaluate(predict_all(predict, params, data.eval, cfg.eval_batch_size, mesh))
+      record |= evaluate_dev(predict, params, data, cfg, mesh)
       record["eval_seconds"] = time.perf_counter() - began
       history.append(record)
       bar.write(f"epoch {epoch}: train_loss {train_loss:.4f}, dev score {record['score']:.4f}")

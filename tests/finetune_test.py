@@ -166,3 +166,56 @@ def test_truncated_and_random_baselines(tiny_dir):
                          pretrained["embeddings"]["word_embeddings"]["embedding"])
   with pytest.raises(ValueError, match="num_layers=5 is outside 1..2"):
     finetune.build_model(dataclasses.replace(cfg, num_layers=5), 2)
+
+
+def _ragged_features(n=20, width=64, seed=0):
+  """Rows of 3..40 real tokens padded to `width`, with labels."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(3, 41, n)
+  ids = rng.integers(1000, 2000, (n, width)).astype(np.int32)
+  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+  types = ((np.arange(width)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+  return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": types,
+          "labels": rng.integers(2, size=n).astype(np.int32)}
+
+
+def test_trimming_padding_changes_no_number(tiny_dir):
+  """Cutting a batch to its longest row (rounded up) gives the same logits, loss and update."""
+  cfg = finetune.FinetuneConfig(model=str(tiny_dir), dropout=0.0)
+  module, _ = finetune.build_model(cfg, 2)
+  graphdef, params = nnx.split(module, nnx.Param)
+  mesh = finetune.sharding.make_mesh()
+  optimizer = finetune.make_optimizer(cfg, total_steps=10)
+  train_step, predict = finetune.make_steps(graphdef, optimizer, mesh, regression=False)
+  features = _ragged_features()
+  full = finetune.predict_all(predict, params, features, 8, mesh)
+  trimmed = finetune.predict_all(predict, params, features, 8, mesh, length_bucket=16)
+  np.testing.assert_allclose(trimmed, full, rtol=0, atol=1e-5)  # float32, rows back in order
+
+  rows = np.arange(8)
+  width = finetune.trimmed_width(features["attention_mask"][rows], 16)
+  assert width == -(-features["attention_mask"][rows].sum(1).max() // 16) * 16 < 64
+  results = []
+  for w in (64, width):
+    batch = {k: v[rows][:, :w] if v.ndim == 2 else v[rows] for k, v in features.items()}
+    p, o = jax.tree.map(np.array, params), optimizer.init(params)
+    results.append(train_step(p, o, batch, jax.random.key(0), np.int32(3)))
+  (p64, _, loss64), (pw, _, lossw) = results
+  np.testing.assert_allclose(lossw, loss64, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), pw, p64)
+
+
+def test_epoch_batches_group_by_length():
+  lengths = np.random.default_rng(0).integers(3, 64, 1000)
+  rng = lambda: np.random.default_rng(7)
+  plain = finetune.epoch_batches(lengths, 32, rng())
+  grouped = finetune.epoch_batches(lengths, 32, rng(), group_by_length=True, group_batches=10)
+  again = finetune.epoch_batches(lengths, 32, rng(), group_by_length=True, group_batches=10)
+  assert all(len(b) == 32 for b in plain + grouped) and len(plain) == len(grouped) == 31
+  np.testing.assert_array_equal(np.concatenate(plain), rng().permutation(1000)[:992])
+  for batches in (plain, grouped):  # each row at most once; only the ragged tail is left out
+    assert len(np.unique(np.concatenate(batches))) == 992
+  np.testing.assert_array_equal(np.concatenate(grouped), np.concatenate(again))  # seeded
+  widest = lambda batches: np.mean([lengths[b].max() for b in batches])
+  spread = lambda batches: np.mean([np.ptp(lengths[b]) for b in batches])
+  assert widest(grouped) < 0.75 * widest(plain) and spread(grouped) < 0.2 * spread(plain)
