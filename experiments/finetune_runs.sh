@@ -23,10 +23,11 @@ py=.venv/bin/python
 budget=${BUDGET:-subset}
 if [ "$budget" = full ]; then default_tasks="sst2 cola rte"; else default_tasks="sst2 rte cola squad2"; fi
 tasks=" ${TASKS:-$default_tasks} "  # e.g. TASKS=squad2 runs only the SQuAD lines
+models=" ${MODELS:-teacher-L6 truncated-L3 random-L3 distilled-L3} "  # e.g. MODELS=teacher-L6
 
 ft() {  # label task seeds extra-flags...
   local label=$1 task=$2 seeds=$3; shift 3
-  [[ $tasks == *" $task "* ]] || return 0
+  [[ $tasks == *" $task "* && $models == *" $label "* ]] || return 0
   if [ -f "$out/$label/$task/summary.json" ]; then echo "=== skip $label $task: done"; return 0; fi
   echo "=== $(date -u +%T) start $label $task seeds=$seeds $*"
   local name=$task; [ "$task" = squad2 ] || name=glue/$task
