@@ -44,6 +44,7 @@ distilled=(--model "$student" --config.learning_rate=5e-5)
 
 sst2=(--config.max_seq_len=64 --config.max_train_examples=2400 --config.epochs=2)
 cola=(--config.max_seq_len=48 --config.max_train_examples=2400 --config.epochs=2)
+rte=(--config.max_seq_len=128 --config.epochs=1)
 teacher_sst2_seeds=0,1
 if [ "$budget" = full ]; then
   sst2=(--config.max_seq_len=64 --config.epochs=2 --config.group_by_length=True)
@@ -51,7 +52,6 @@ if [ "$budget" = full ]; then
   rte=(--config.max_seq_len=128 --config.epochs=3 --config.group_by_length=True)
   teacher_sst2_seeds=0
 fi
-rte=(--config.max_seq_len=128 --config.epochs=1)
 # SQuAD 2.0: no train file here, so the first 25 dev articles train and the other 10 are
 # scored (a by-article dev split); 1,024 training questions, 500 evaluated, 256-token windows.
 squad=(--config.max_seq_len=256 --config.doc_stride=128 --config.max_train_examples=1024
