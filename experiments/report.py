@@ -66,7 +66,9 @@ def _task_note(rows: list[dict]) -> str:
     cut = (f" ({d['train_features']} windows), {d['split']}, {d['eval_features']} windows "
            "scored")
   return (f"- {TASK_NAMES.get(r['task'], r['task'])}: {d['train_examples']} train examples, "
-          f"{c['epochs']} epoch(s), batch {c['batch_size']}, max_seq_len {d['max_seq_len']}{cut}; "
+          f"{c['epochs']} epoch(s), batch {c['batch_size']}"
+          f"{' grouped by length' if c.get('group_by_length') else ''}, "
+          f"max_seq_len {d['max_seq_len']}{cut}; "
           f"dev: {d['eval_examples']} examples; lr "
           + ", ".join(sorted({f"{x['config']['learning_rate']:g} ({x['label']})" for x in rows})))
 
