@@ -7,8 +7,8 @@ and skips padding) and in the size of the token-type table.
 MiniLM distils the self-attention of one layer, so the encoder exposes, for the layers
 named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
 before any dropout) and on request the attention logits. Every other layer goes through
-`jax.nn.dot_product_attention` (cuDNN flash attention on GPU) and never materialises a
-[T, S] tensor. Attention dropout cannot be fused there, so a layer whose attention
+`fused_attention` (cuDNN flash attention on a GPU in bf16/fp16, XLA's elsewhere), which
+keeps no [T, S] tensor where cuDNN runs. Attention dropout cannot be fused there, so a layer whose attention
 probabilities are dropped out (training with `attention_dropout > 0`) computes them
 explicitly; `attention_dropout=0` keeps every uncaptured layer fused in training too.
 
@@ -20,6 +20,7 @@ Dimension legend (einsums and shape names):
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any
 
 import flax.struct
@@ -153,6 +154,47 @@ def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
   return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1, where=keep)
 
 
+@functools.cache
+def attention_implementation(dtype: Any, head_dim: int) -> str:
+  """The `jax.nn.dot_product_attention` implementation `fused_attention` uses.
+
+  "cudnn" (flash attention, no [T, S] tensor in memory) on a GPU for bf16/fp16 inputs
+  whose shape cuDNN takes (head size a multiple of 8, at most 128, on a recent enough
+  cuDNN; JAX checks these when tracing); "xla" otherwise. JAX's own default (None) is
+  XLA everywhere, which on a GPU writes the whole [B, N, T, S] probability tensor.
+  """
+  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  x = jax.ShapeDtypeStruct((1, 8, 1, head_dim), jnp.dtype(dtype))
+  lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+  try:
+    jax.eval_shape(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"),
+                   x, x, x, key_value_seq_lengths=lengths)
+  except Exception as e:  # noqa: BLE001 - any refusal (cuDNN version, GPU generation, shape)
+    warnings.warn(f"cuDNN attention is unavailable for {jnp.dtype(dtype)} heads of {head_dim} "
+                  f"({type(e).__name__}: {e}); using XLA's attention", stacklevel=2)
+    return "xla"
+  return "cudnn"
+
+
+def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
+                    attention_mask_BS: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) v per head over the unpadded keys: [B, T, N, H].
+
+  On cuDNN the padding goes in as key lengths (the count of 1s in each mask row, at least
+  1 so that an all-padding filler row stays finite), which equals the mask for
+  right-padded rows, the only kind the tokenizers and packers here write; XLA takes the
+  mask itself.
+  """
+  impl = attention_implementation(q_BTNH.dtype, q_BTNH.shape[-1])
+  if impl == "cudnn":
+    lengths = jnp.maximum(attention_mask_BS.sum(axis=-1, dtype=jnp.int32), 1)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
+  mask = attention_mask_BS[:, None, None, :].astype(bool)
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, implementation="xla")
+
+
 def _init(stddev: float = 0.02):
   return nnx.initializers.truncated_normal(stddev)
 
@@ -230,8 +272,7 @@ class Layer(nnx.Module):
       probs = _dropout(self.attention_dropout, attention_probs(logits, attention_mask_BS), rngs[0])
       ctx = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
     else:
-      mask = attention_mask_BS[:, None, None, :].astype(bool)
-      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      ctx = fused_attention(q, k, v, attention_mask_BS)
     h = self.attention_out(ctx.reshape(b, t, -1))
     h = self.attention_norm(_dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
     y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))

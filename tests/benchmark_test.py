@@ -144,3 +144,37 @@ def test_torch_reference_loss_equals_jax_loss(w):
   assert float(expected) > 0.05
   for name, loss in losses.items():
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-5, err_msg=name)
+
+
+def test_measurement_order(tmp_path, monkeypatch):
+  """Isolated (GPU) runs go workload by workload, JAX first, so a run cut short by its time
+  limit keeps whole comparisons; in-process runs keep JAX last (its XLA threads would slow
+  the PyTorch routes that follow). The table compares each route with torch-compiled."""
+  calls = []
+  def fake_work(spec, isolate, timeout=None):
+    calls.append((spec.get("config"), spec.get("route"), isolate))
+    if spec["kind"] == "peak":
+      return {"device": "cpu", "peak_flops": 1e12}
+    return {"step_time_s": {"jax": 1.0, "torch-compiled": 2.0, "torch-eager": 4.0}[spec["route"]],
+            "loss": 0.5, "peak_memory_bytes": None}
+  monkeypatch.setattr(bm, "run_work", fake_work)
+  configs = ["tiny-v1", "tiny-v2"]
+  bm.run(mode="cpu", configs=configs, out_dir=tmp_path / "a", isolate=True)
+  assert calls[1:] == [(c, r, True) for c in configs for r in ("jax", "torch-compiled", "torch-eager")]
+  calls.clear()
+  bm.run(mode="cpu", configs=configs, out_dir=tmp_path / "b", isolate=False)
+  assert calls[1:] == [(c, r, False) for r in ("torch-compiled", "torch-eager", "jax") for c in configs]
+  table = (tmp_path / "b" / "benchmark-cpu.md").read_text()
+  assert "| jax | 1000.00 |" in table and "| 2.00x |" in table and "| 0.50x |" in table
+
+
+def test_table_from_rows_alone(tmp_path):
+  """`--table` rebuilds the markdown from the .jsonl (what a run cut short leaves)."""
+  rows = bm.run(mode="cpu", routes=["jax"], configs=["tiny-v1"], out_dir=tmp_path)
+  md = tmp_path / "benchmark-cpu.md"
+  first = md.read_text()
+  md.unlink()
+  bm.main(["--mode", "cpu", "--table", str(tmp_path / "benchmark-cpu.jsonl")])
+  assert md.read_text() == first and f"{rows[0]['step_time_s'] * 1e3:.2f}" in first
+  with pytest.raises(ValueError, match="no rows of --mode gpu"):
+    bm.main(["--mode", "gpu", "--table", str(tmp_path / "benchmark-cpu.jsonl")])

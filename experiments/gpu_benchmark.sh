@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Everything a lent GPU runs for experiments/results/benchmark-<device>.md, in one call:
+#   experiments/gpu_benchmark.sh OUT_DIR
+# 1. the card and the framework versions; 2. the cuDNN attention check (tests/model_test.py,
+# bf16 against numpy); 3. `python -m minilm_jax.benchmark --mode gpu`: every workload and
+# shape, the JAX route first, each measurement in its own process. Its rows land in
+# OUT_DIR/benchmark-<device>.jsonl as they come, so a call cut short keeps what finished;
+# `python -m minilm_jax benchmark --mode gpu --table OUT_DIR/benchmark-<device>.jsonl`
+# rebuilds the table from them. Needs only jax, flax, optax, torch and transformers (no
+# data, no download: random weights of the real shapes). MODE=cpu tries the script here.
+set -uo pipefail
+out=${1:?usage: experiments/gpu_benchmark.sh OUT_DIR}
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.sm --format=csv
+  $py -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', optax.__version__, '| torch', torch.__version__, '| transformers', t.__version__)"
+} 2>&1 | tee "$out/machine.txt"
+timeout 150 $py -m pytest -q -p no:cacheprovider tests/model_test.py -k fused_attention -rs 2>&1 | tail -4 | tee "$out/attention_check.txt"
+$py -m minilm_jax.benchmark --mode "${MODE:-gpu}" --out-dir "$out" --timeout "${MEASURE_TIMEOUT:-180}" ${BENCH_ARGS:-} 2>&1 | grep -v "^W0000\|^I0000" | tee "$out/benchmark.log"
