@@ -1,0 +1,82 @@
+"""Where the JAX distillation step's time goes: wall time per step against the device's
+busy time, and the kernels that take it (from a `jax.profiler` trace).
+
+  python experiments/profile_step.py --mode gpu --config base-v1 --shape 256x128 --out DIR
+
+Times `--steps` steps of `minilm_jax.benchmark.jax_step` (median, min, max), then traces
+3 more with `jax.profiler.trace(create_perfetto_trace=True)` and sums the trace's device
+events by name. Device busy time far below the wall time means the host is the bottleneck.
+Writes DIR/profile-<config>-<shape>.json and the trace (perfetto_trace.json.gz) under DIR.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+
+from minilm_jax import benchmark as bm
+
+
+def summarize(trace_file: pathlib.Path, steps: int) -> dict:
+  """Seconds per step of a perfetto trace: per (process, thread) track, the top events of
+  the device's streams (kernels), and the top events of the host's Python thread."""
+  events = json.loads(gzip.open(trace_file).read())
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  meta = [e for e in events if e.get("ph") == "M"]
+  procs = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
+  tracks, kernels, host = collections.Counter(), collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") != "X":
+      continue
+    proc, thread, sec = procs.get(e["pid"], "?"), threads.get((e["pid"], e.get("tid")), "?"), e.get("dur", 0) / 1e6 / steps
+    tracks[f"{proc} | {thread}"] += sec
+    if "/device:" in proc and thread.lower().startswith("stream"):
+      kernels[e["name"][:120]] += sec
+    if thread == "python":
+      host[e["name"][:120]] += sec
+  top = lambda c, n: [(k, round(v, 6)) for k, v in c.most_common(n)]
+  return {"tracks_s_per_step": top(tracks, 30), "stream_kernels_s_per_step": top(kernels, 25),
+          "host_python_s_per_step": top(host, 15)}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--mode", default="gpu")
+  p.add_argument("--config", default="base-v1")
+  p.add_argument("--shape", type=bm._shape, default=(256, 128))
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--out", default="runs/profile")
+  p.add_argument("--no-trace", action="store_true")
+  a = p.parse_args()
+  batch, seq = a.shape
+  built = bm.jax_route(bm.workload(a.mode, a.config), batch, seq)
+  for _ in range(3):
+    built.sync(built.step())
+  times = []
+  for _ in range(a.steps):
+    t0 = time.perf_counter()
+    built.sync(built.step())
+    times.append(time.perf_counter() - t0)
+  result = {"config": a.config, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind,
+            "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}
+  out = pathlib.Path(a.out)
+  if not a.no_trace:
+    with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      for _ in range(3):
+        built.sync(built.step())
+      result["traced_wall_s_per_step"] = (time.perf_counter() - t0) / 3
+    result |= summarize(next((out / "trace").rglob("perfetto_trace.json.gz")), 3)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f"profile-{a.config}-{batch}x{seq}.json").write_text(json.dumps(result, indent=1))
+  print(json.dumps(result, indent=1)[:9000])
+
+
+if __name__ == "__main__":
+  main()
