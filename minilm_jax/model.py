@@ -209,15 +209,22 @@ def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Embeddings(nnx.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  """Word + position + token-type embeddings, LayerNorm, dropout.
+
+  The three lookups and their sum stay in float32 (the parameters' dtype); the LayerNorm
+  casts to the compute dtype. A lookup's gradient is a scatter-add of one row per token:
+  in float32 it is exact to float32 and fast. In bf16 it would round the sum of thousands
+  of rows ([PAD], [CLS], token type 0) to 8 bits, and on a GPU it serialises on those
+  repeated ids (measured on an H200: 286 ms of a 315 ms BERT-base distillation step).
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
-    d, dtype = config.hidden_size, jnp.dtype(config.dtype)
-    self.word_embeddings = nnx.Embed(config.vocab_size, d, dtype=dtype, embedding_init=_init(), rngs=rngs)
-    self.position_embeddings = nnx.Embed(config.max_position_embeddings, d, dtype=dtype,
+    d, f32 = config.hidden_size, jnp.float32
+    self.word_embeddings = nnx.Embed(config.vocab_size, d, dtype=f32, embedding_init=_init(), rngs=rngs)
+    self.position_embeddings = nnx.Embed(config.max_position_embeddings, d, dtype=f32,
                                          embedding_init=_init(), rngs=rngs)
-    self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d, dtype=dtype,
+    self.token_type_embeddings = nnx.Embed(config.type_vocab_size, d, dtype=f32,
                                            embedding_init=_init(), rngs=rngs)
     self.layer_norm = _layer_norm(config, rngs)
     self.dropout = nnx.Dropout(config.hidden_dropout)
