@@ -2,6 +2,7 @@
 busy time, and the kernels that take it (from a `jax.profiler` trace).
 
   python experiments/profile_step.py --mode gpu --config base-v1 --shape 256x128 --out DIR
+  (PYTHONPATH=. in front where minilm_jax is not installed, as on the GPU image)
 
 Times `--steps` steps of `minilm_jax.benchmark.jax_step` (median, min, max), then traces
 3 more with `jax.profiler.trace(create_perfetto_trace=True)` and sums the trace's device
