@@ -4,7 +4,7 @@ busy time, and the kernels that take it (from a `jax.profiler` trace).
   python experiments/profile_step.py --mode gpu --config base-v1 --shape 256x128 --out DIR
   (PYTHONPATH=. in front where minilm_jax is not installed, as on the GPU image)
 
-Times `--steps` steps of `minilm_jax.benchmark.jax_step` (median, min, max), then traces
+Times `--steps` steps of the benchmark's JAX route (`minilm_jax.benchmark.measure`), then traces
 3 more with `jax.profiler.trace(create_perfetto_trace=True)` and sums the trace's device
 events by name. Device busy time far below the wall time means the host is the bottleneck.
 Writes DIR/profile-<config>-<shape>.json and the trace (perfetto_trace.json.gz) under DIR.
@@ -15,7 +15,6 @@ import collections
 import gzip
 import json
 import pathlib
-import statistics
 import time
 
 import jax
@@ -57,15 +56,10 @@ def main():
   a = p.parse_args()
   batch, seq = a.shape
   built = bm.jax_route(bm.workload(a.mode, a.config), batch, seq)
-  for _ in range(3):
-    built.sync(built.step())
-  times = []
-  for _ in range(a.steps):
-    t0 = time.perf_counter()
-    built.sync(built.step())
-    times.append(time.perf_counter() - t0)
+  timing = bm.measure(built, warmup=3, timed=a.steps)
   result = {"config": a.config, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind,
-            "step_s_median": statistics.median(times), "step_s_min": min(times), "step_s_max": max(times)}
+            "step_s_median": timing["step_time_s"], "step_s_min": timing["step_time_min_s"],
+            "step_s_max": timing["step_time_max_s"]}
   out = pathlib.Path(a.out)
   if not a.no_trace:
     with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):

@@ -8,9 +8,10 @@ MiniLM distils the self-attention of one layer, so the encoder exposes, for the 
 named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
 before any dropout) and on request the attention logits. Every other layer goes through
 `fused_attention` (cuDNN flash attention on a GPU in bf16/fp16, XLA's elsewhere), which
-keeps no [T, S] tensor where cuDNN runs. Attention dropout cannot be fused there, so a layer whose attention
-probabilities are dropped out (training with `attention_dropout > 0`) computes them
-explicitly; `attention_dropout=0` keeps every uncaptured layer fused in training too.
+keeps no [T, S] tensor where cuDNN runs. Attention dropout cannot be fused there, so a
+layer whose attention probabilities are dropped out (training with `attention_dropout > 0`)
+computes them explicitly; `attention_dropout=0` keeps every uncaptured layer fused in
+training too.
 
 Dimension legend (einsums and shape names):
   B batch, T query positions, S key positions, N attention heads, H head size,
@@ -159,8 +160,8 @@ def attention_implementation(dtype: Any, head_dim: int) -> str:
   """The `jax.nn.dot_product_attention` implementation `fused_attention` uses.
 
   "cudnn" (flash attention, no [T, S] tensor in memory) on a GPU for bf16/fp16 inputs
-  whose shape cuDNN takes (head size a multiple of 8, at most 128, on a recent enough
-  cuDNN; JAX checks these when tracing); "xla" otherwise. JAX's own default (None) is
+  whose shape cuDNN takes (head size a multiple of 8, at most 128, or 256 from Hopper on,
+  on a recent enough cuDNN; JAX checks these when tracing); "xla" otherwise. JAX's own default (None) is
   XLA everywhere, which on a GPU writes the whole [B, N, T, S] probability tensor.
   """
   if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
