@@ -30,15 +30,16 @@ from minilm_jax.teachers import resolve_model_dir
 # Fields that fix what the checkpoints contain; a resumed run must not change them.
 _FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "student_layers",
                   "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
-                  "global_batch_size", "grad_accum_steps", "corpus", "seed")
+                  "global_batch_size", "grad_accum_steps", "corpus", "seed", "loss_terms",
+                  "internals_loss", "loss_teacher_layers", "loss_student_layers")
 
 
 def _check_resumable(workdir: pathlib.Path, cfg: train.DistillConfig) -> None:
   path = workdir / "config.json"
   if path.is_file():
-    old = json.loads(path.read_text())
-    changed = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in _FROZEN_FIELDS
-               if k in old and old[k] != getattr(cfg, k)]
+    old, new = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _FROZEN_FIELDS  # tuples as JSON lists
+               if k in old and old[k] != new[k]]
     if changed:
       raise ValueError(f"{workdir} holds a run with another configuration ({'; '.join(changed)}): "
                        "use a new --workdir, or the same settings to resume")

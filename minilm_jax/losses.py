@@ -22,6 +22,7 @@ removed with a large finite negative (not -inf), so a fully padded row gives a f
 uniform distribution and neither NaN values nor NaN gradients.
 """
 
+import difflib
 import math
 
 import jax
@@ -77,19 +78,60 @@ def value_relation_loss(teacher: AttentionInternals, student: AttentionInternals
   return relation_loss(teacher.value, teacher.value, student.value, student.value, mask, num_heads)
 
 
+# The terms each version can compute, paper order; a term list picks any non-empty subset
+# (MiniLM's "-VR" ablation is ("attention_transfer",), MiniLMv2's single relations one each).
+TERMS = {"v1": ("attention_transfer", "value_relation"),
+         "v2": ("qq_relation", "kk_relation", "vv_relation")}
+
+
+def _term(name: str, teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+          heads: int) -> jax.Array:
+  if name == "attention_transfer":
+    return attention_transfer_loss(teacher, student, mask, heads)
+  if name == "value_relation":
+    return value_relation_loss(teacher, student, mask, heads)
+  field = {"qq_relation": "query", "kk_relation": "key", "vv_relation": "value"}[name]
+  a, b = getattr(teacher, field), getattr(student, field)
+  return relation_loss(a, a, b, b, mask, heads)
+
+
+def check_terms(version: str, terms) -> tuple[str, ...]:
+  """`terms` as a tuple if it is a non-empty list of `version`'s terms, else a clear error.
+
+  An unknown name is answered with the closest valid one (difflib's similarity).
+  """
+  valid = TERMS[version]
+  terms = tuple(terms)
+  if not terms:
+    raise ValueError(f"loss_terms is empty: name at least one of {version}'s terms {valid}, "
+                     "or leave loss_terms unset (None) for the paper's")
+  for name in terms:
+    if name not in valid:
+      other = [v for v, names in TERMS.items() if name in names]
+      hint = (f"it is a {other[0]} term: set version={other[0]!r}" if other else
+              f"did you mean {difflib.get_close_matches(name, valid, n=1, cutoff=0)[0]!r}?")
+      raise ValueError(f"unknown loss term {name!r} for version {version!r} ({hint}); "
+                       f"{version}'s terms are {valid}")
+  if len(set(terms)) != len(terms):
+    raise ValueError(f"loss_terms {terms} names a term twice: list each term once")
+  return terms
+
+
+def minilm_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+                heads: int, terms: tuple[str, ...]) -> dict[str, jax.Array]:
+  """The sum of the chosen relation `terms` (names of `TERMS`); returns each and the total."""
+  values = {name: _term(name, teacher, student, mask, heads) for name in terms}
+  return values | {"total": sum(values.values())}
+
+
 def minilm_v1_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
-                   num_heads: int) -> dict[str, jax.Array]:
+                   num_heads: int, terms: tuple[str, ...] = TERMS["v1"]) -> dict[str, jax.Array]:
   """MiniLM (v1): attention transfer + value relation; returns each term and the total."""
-  terms = {"attention_transfer": attention_transfer_loss(teacher, student, mask, num_heads),
-           "value_relation": value_relation_loss(teacher, student, mask, num_heads)}
-  return terms | {"total": sum(terms.values())}
+  return minilm_loss(teacher, student, mask, num_heads, check_terms("v1", terms))
 
 
 def minilm_v2_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
-                   num_relation_heads: int) -> dict[str, jax.Array]:
+                   num_relation_heads: int,
+                   terms: tuple[str, ...] = TERMS["v2"]) -> dict[str, jax.Array]:
   """MiniLMv2: Q-Q + K-K + V-V self-attention relations with `num_relation_heads` heads."""
-  terms = {f"{n}_relation": relation_loss(getattr(teacher, name), getattr(teacher, name),
-                                          getattr(student, name), getattr(student, name),
-                                          mask, num_relation_heads)
-           for n, name in (("qq", "query"), ("kk", "key"), ("vv", "value"))}
-  return terms | {"total": sum(terms.values())}
+  return minilm_loss(teacher, student, mask, num_relation_heads, check_terms("v2", terms))

@@ -11,6 +11,10 @@ so any number of micro-batches gives the big batch's exact loss and gradient.
 """
 
 import dataclasses
+import functools
+import importlib
+import importlib.util
+import pathlib
 from typing import Any, Callable
 
 import flax.struct
@@ -34,6 +38,12 @@ class DistillConfig:
   teacher_layer: int = 0              # 1-based teacher layer distilled from; 0 = last layer
   version: str = "v1"                 # "v1": attention transfer + value relation; "v2": Q-Q, K-K, V-V relations
   num_relation_heads: int = 48        # MiniLMv2 relation heads (48 base-size, 64 large teachers)
+  loss_terms: tuple[str, ...] | None = None  # subset of losses.TERMS[version]; None = the paper's (all)
+  internals_loss: str = ""            # your loss "module:function" or "file.py:function" (see InternalsLoss); "" = version's
+  loss_teacher_layers: tuple[int, ...] = ()  # internals_loss: 1-based teacher layers it gets; () = (teacher_layer,)
+  loss_student_layers: tuple[int, ...] = ()  # internals_loss: 1-based student layers it gets; () = the last
+  teacher_assistant: str = "auto"     # MiniLM Sec. 3.3 two-stage run: "auto" (M <= L/2 and D' <= D/2), "on", "off"
+  assistant_steps: int = 0            # optimizer steps of the assistant stage; 0 = max_steps
   # Student (vocabulary, positions and model type follow the teacher).
   student_layers: int = 3             # L
   student_hidden: int = 384           # D
@@ -102,30 +112,80 @@ class TrainState:
   rng: jax.Array           # uint32 key data; step t's dropout key is fold_in(rng, t)
 
 
+# A distillation loss of internals: (teacher_internals, student_internals, mask) -> named
+# scalar terms with a "total" (what is minimised). The internals are the captured layers'
+# `AttentionInternals` (q, k, v before dropout; a custom loss also gets the attention
+# logits), in the order of `loss_teacher_layers` / `loss_student_layers`; mask is [B, T].
+InternalsLoss = Callable[[tuple[model_lib.AttentionInternals, ...],
+                          tuple[model_lib.AttentionInternals, ...], jax.Array], dict[str, jax.Array]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """The static half of a run: model configs and which layers meet in the loss."""
-  teacher: model_lib.ModelConfig     # truncated at the distilled layer, no pooler
+  """The static half of a run: model configs and which layers meet in which loss."""
+  teacher: model_lib.ModelConfig     # truncated at the deepest distilled layer, no pooler
   student: model_lib.ModelConfig
   version: str
-  relation_heads: int
+  relation_heads: int                # heads of the built-in loss; 0 with internals_loss
+  loss: InternalsLoss                # the built-in MiniLM / MiniLMv2 loss, or `internals_loss`
+  teacher_layers: tuple[int, ...]    # 0-based teacher layers whose internals the loss gets
+  student_layers: tuple[int, ...]    # 0-based student layers whose internals the loss gets
+  return_logits: bool                # capture attention logits too (custom losses)
 
 
-def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
-  """Checks the run's configuration against the teacher, before any compute."""
-  if cfg.version not in LOSSES:
-    raise ValueError(f"version {cfg.version!r} is unknown: use 'v1' (MiniLM) or 'v2' (MiniLMv2)")
-  layer = cfg.teacher_layer or teacher_full.num_layers
-  if not 1 <= layer <= teacher_full.num_layers:
-    raise ValueError(f"teacher_layer {cfg.teacher_layer} is out of range: the teacher has "
-                     f"{teacher_full.num_layers} layers (use 1..{teacher_full.num_layers}, 0 = last)")
-  dtype = cfg.resolved_dtype()
-  student = teacher_full.replace(
-      num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
-      intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
-      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_dropout, use_pooler=True,
-      dtype=dtype)
-  teacher = teacher_full.replace(num_layers=layer, use_pooler=False, dtype=dtype)
+def _paper_loss(teacher, student, mask, *, version: str, heads: int, terms: tuple[str, ...]):
+  """MiniLM / MiniLMv2 as an `InternalsLoss`: one teacher layer against the student's last."""
+  return LOSSES[version](teacher[0], student[0], mask, heads, terms)
+
+
+def load_internals_loss(spec: str) -> InternalsLoss:
+  """The function named by "package.module:function" or "path/to/file.py:function"."""
+  where, _, name = spec.rpartition(":")
+  if not where or not name:
+    raise ValueError(f"internals_loss {spec!r} is not 'module:function' or 'path/file.py:function'")
+  if where.endswith(".py"):
+    path = pathlib.Path(where).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"internals_loss file {path} does not exist: give a path relative to "
+                              "the working directory, or an absolute one")
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+  else:
+    try:
+      module = importlib.import_module(where)
+    except ModuleNotFoundError as e:
+      raise ValueError(f"internals_loss module {where!r} cannot be imported ({e}): put it on "
+                       "PYTHONPATH or name its file as 'path/file.py:function'") from e
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    raise ValueError(f"internals_loss {spec!r}: {where} has no function {name!r}")
+  return fn
+
+
+def _layers(chosen: tuple[int, ...], default: int, total: int, what: str) -> tuple[int, ...]:
+  """1-based layer numbers (config) -> 0-based indices (model), range-checked."""
+  chosen = tuple(chosen) or (default,)
+  if bad := [n for n in chosen if not 1 <= n <= total]:
+    raise ValueError(f"loss_{what}_layers {bad} are out of range: the {what} has {total} layers "
+                     f"(use 1..{total})")
+  return tuple(n - 1 for n in chosen)
+
+
+def _loss_of(cfg: DistillConfig, teacher: model_lib.ModelConfig,
+             student: model_lib.ModelConfig) -> tuple[InternalsLoss, int]:
+  """The run's `InternalsLoss` and its head count, checked against the two models."""
+  if cfg.internals_loss:
+    if cfg.loss_terms is not None:
+      raise ValueError("loss_terms chooses terms of the built-in v1/v2 losses; with internals_loss "
+                       "your function returns its own terms: leave loss_terms unset (None)")
+    return load_internals_loss(cfg.internals_loss), 0
+  if cfg.loss_teacher_layers or cfg.loss_student_layers:
+    raise ValueError("loss_teacher_layers / loss_student_layers choose the layers of an "
+                     "internals_loss; the built-in losses use teacher_layer and the student's "
+                     "last layer: set internals_loss or leave them empty")
+  terms = losses.check_terms(cfg.version, losses.TERMS[cfg.version] if cfg.loss_terms is None
+                             else cfg.loss_terms)
   if cfg.version == "v1":
     if teacher.num_heads != student.num_heads:
       raise ValueError(f"MiniLM v1 transfers attention head by head, but the teacher has "
@@ -138,11 +198,33 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
       if c.hidden_size % heads:
         raise ValueError(f"num_relation_heads={heads} does not divide the {name} hidden size "
                          f"{c.hidden_size}: choose a divisor of both widths")
+  return functools.partial(_paper_loss, version=cfg.version, heads=heads, terms=terms), heads
+
+
+def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
+  """Checks the run's configuration against the teacher, before any compute."""
+  if cfg.version not in LOSSES:
+    raise ValueError(f"version {cfg.version!r} is unknown: use 'v1' (MiniLM) or 'v2' (MiniLMv2)")
+  layer = cfg.teacher_layer or teacher_full.num_layers
+  if not 1 <= layer <= teacher_full.num_layers:
+    raise ValueError(f"teacher_layer {cfg.teacher_layer} is out of range: the teacher has "
+                     f"{teacher_full.num_layers} layers (use 1..{teacher_full.num_layers}, 0 = last)")
+  teacher_layers = _layers(cfg.loss_teacher_layers, layer, teacher_full.num_layers, "teacher")
+  student_layers = _layers(cfg.loss_student_layers, cfg.student_layers, cfg.student_layers, "student")
+  dtype = cfg.resolved_dtype()
+  student = teacher_full.replace(
+      num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
+      intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
+      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_dropout, use_pooler=True,
+      dtype=dtype)
+  teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
+  loss, heads = _loss_of(cfg, teacher, student)
   for name, c in (("teacher", teacher), ("student", student)):
     if cfg.max_seq_len > c.max_seq_len:
       raise ValueError(f"max_seq_len {cfg.max_seq_len} exceeds the {name}'s position table "
                        f"({c.max_seq_len} tokens): lower max_seq_len")
-  return Setup(teacher, student, cfg.version, heads)
+  return Setup(teacher, student, cfg.version, heads, loss, teacher_layers, student_layers,
+               return_logits=bool(cfg.internals_loss))
 
 
 def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
@@ -183,12 +265,19 @@ def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransf
 def distill_loss(params, teacher_params, batch, dropout_rng, setup: Setup):
   """Student loss on one (micro-)batch: (total, per-term dict), means over real tokens."""
   args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-  t_layer, s_layer = setup.teacher.num_layers - 1, setup.student.num_layers - 1
-  teacher = model_lib.apply(setup.teacher, teacher_params, *args, capture=(t_layer,))
-  teacher = jax.tree.map(jax.lax.stop_gradient, teacher.internals[t_layer])
-  student = model_lib.apply(setup.student, params, *args, dropout_rng=dropout_rng, capture=(s_layer,))
-  terms = LOSSES[setup.version](teacher, student.internals[s_layer], batch["attention_mask"],
-                                setup.relation_heads)
+  teacher = model_lib.apply(setup.teacher, teacher_params, *args, capture=setup.teacher_layers,
+                            return_logits=setup.return_logits)
+  teacher = jax.tree.map(jax.lax.stop_gradient, tuple(teacher.internals[i] for i in setup.teacher_layers))
+  student = model_lib.apply(setup.student, params, *args, dropout_rng=dropout_rng,
+                            capture=setup.student_layers, return_logits=setup.return_logits)
+  terms = setup.loss(teacher, tuple(student.internals[i] for i in setup.student_layers),
+                     batch["attention_mask"])
+  if not isinstance(terms, dict) or "total" not in terms:
+    raise ValueError(f"the loss {setup.loss} returned {type(terms).__name__} "
+                     f"{list(terms) if isinstance(terms, dict) else ''}: an internals loss returns "
+                     "a dict of scalar terms with a 'total' (the value minimised)")
+  if bad := [k for k, v in terms.items() if jnp.shape(v) != ()]:
+    raise ValueError(f"the loss {setup.loss} returned non-scalar terms {bad}: average them to scalars")
   return terms["total"], terms
 
 
