@@ -113,8 +113,8 @@ def distill(argv: list[str]) -> None:
   fv = _config_flags(argv, "distill")
   _init_runtime(fv.distributed)
   import json
-  from minilm_jax import distill as distill_lib
-  summary = distill_lib.run(fv.config, fv.workdir)
+  from minilm_jax import teacher_assistant
+  summary = teacher_assistant.run(fv.config, fv.workdir)  # one stage, or assistant then student
   print(json.dumps(summary, indent=2))
 
 

@@ -205,6 +205,11 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
   """Checks the run's configuration against the teacher, before any compute."""
   if cfg.version not in LOSSES:
     raise ValueError(f"version {cfg.version!r} is unknown: use 'v1' (MiniLM) or 'v2' (MiniLMv2)")
+  if cfg.teacher_assistant not in ("auto", "on", "off"):
+    raise ValueError(f"teacher_assistant {cfg.teacher_assistant!r} is unknown: use 'auto' (MiniLM's "
+                     "rule: student depth and width at most half the teacher's), 'on' or 'off'")
+  if cfg.assistant_steps < 0:
+    raise ValueError(f"assistant_steps {cfg.assistant_steps} is negative: use 0 (= max_steps) or more")
   layer = cfg.teacher_layer or teacher_full.num_layers
   if not 1 <= layer <= teacher_full.num_layers:
     raise ValueError(f"teacher_layer {cfg.teacher_layer} is out of range: the teacher has "
