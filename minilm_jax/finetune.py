@@ -4,7 +4,8 @@ The task models (`heads.py`) are BERT's: pooled [CLS] -> dropout -> dense for
 classification (cross-entropy) and regression (STS-B, mean squared error), start/end
 logits for extractive QA (the mean of the two cross-entropies, [CLS] = no answer); the
 best epoch exports as a Hugging Face `BertForSequenceClassification` /
-`BertForQuestionAnswering` directory.
+`BertForQuestionAnswering` directory. RoBERTa / XLM-R students get RoBERTa's heads and
+export as `{Roberta,XLMRoberta}For{SequenceClassification,QuestionAnswering}`.
 
 Padding costs nothing it need not: each batch is cut to its longest row, rounded up
 to a multiple of `length_bucket` tokens (a handful of compiled shapes; exact, since

@@ -1,9 +1,11 @@
-"""Task models on the shared encoder: BERT's classification / regression and QA heads.
+"""Task models on the shared encoder: classification / regression and QA heads.
 
 The modules mirror Hugging Face's `BertForSequenceClassification` (pooled [CLS] ->
-dropout -> dense) and `BertForQuestionAnswering` (last hidden states -> dense(2) = start
-and end logits), so `export_hf` writes a directory that transformers loads with no
-missing or unexpected weights. `load_encoder` reads the pre-trained encoder from a
+dropout -> dense), its RoBERTa / XLM-R counterpart `RobertaForSequenceClassification`
+(no pooler: the <s> hidden state -> dropout -> dense -> tanh -> dropout -> dense) and
+`*ForQuestionAnswering` (last hidden states -> dense(2) = start and end logits), so
+`export_hf` writes a directory that transformers loads with no missing or unexpected
+weights. `load_encoder` reads the pre-trained encoder from a
 Hugging Face directory, a packaged teacher name or a minilm_jax checkpoint / distill
 workdir.
 """
@@ -22,19 +24,30 @@ from minilm_jax import model as model_lib
 
 
 class SequenceClassifier(nnx.Module):
-  """BertForSequenceClassification: pooler output -> dropout -> dense(num_labels)."""
+  """BertForSequenceClassification: pooler output -> dropout -> dense(num_labels).
+
+  RoBERTa / XLM-R (RobertaClassificationHead): no pooler; the first (<s>) hidden state ->
+  dropout -> `classifier_dense` -> tanh -> dropout -> `classifier` (HF's out_proj).
+  """
 
   def __init__(self, config: model_lib.ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
+    roberta = config.model_type in model_lib.ROBERTA_FAMILY
     self.dropout_rate = config.hidden_dropout
-    self.encoder = model_lib.Encoder(config.replace(use_pooler=True), rngs=rngs)
-    self.classifier = nnx.Linear(config.hidden_size, num_labels,
-                                 kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.encoder = model_lib.Encoder(config.replace(use_pooler=not roberta), rngs=rngs)
+    init = nnx.initializers.normal(0.02)
+    self.classifier_dense = (nnx.Linear(config.hidden_size, config.hidden_size, kernel_init=init,
+                                        rngs=rngs) if roberta else None)
+    self.classifier = nnx.Linear(config.hidden_size, num_labels, kernel_init=init, rngs=rngs)
 
   def __call__(self, input_ids, attention_mask, token_type_ids, *, dropout_rng=None):
-    rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    pooled = self.encoder(input_ids, attention_mask, token_type_ids,
-                          dropout_rng=rngs[0]).pooled_output
-    return self.classifier(_dropout(pooled, self.dropout_rate, rngs[1])).astype(jnp.float32)
+    rngs = (None,) * 3 if dropout_rng is None else jax.random.split(dropout_rng, 3)
+    out = self.encoder(input_ids, attention_mask, token_type_ids, dropout_rng=rngs[0])
+    if self.classifier_dense is None:
+      x = out.pooled_output
+    else:
+      x = jnp.tanh(self.classifier_dense(_dropout(out.last_hidden_state[:, 0], self.dropout_rate,
+                                                  rngs[2])))
+    return self.classifier(_dropout(x, self.dropout_rate, rngs[1])).astype(jnp.float32)
 
 
 class QuestionAnswerer(nnx.Module):
@@ -77,6 +90,8 @@ def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, A
     has_pooler = any(k.endswith("pooler.dense.weight") for k in tensors)
     pure = convert.hf_to_params(config.replace(use_pooler=has_pooler), tensors,
                                 source).to_pure_dict()
+  # RoBERTa's classifier reads the <s> hidden state: its task models have no pooler.
+  use_pooler = use_pooler and config.model_type not in model_lib.ROBERTA_FAMILY
   config = config.replace(use_pooler=use_pooler)
   if use_pooler and "pooler" not in pure:
     logging.warning("%s has no pooler: initialising one (train it on the task)", model)
@@ -86,28 +101,36 @@ def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, A
   return config, pure, pathlib.Path(tokenizer_dir)
 
 
+def _linear_tensors(name: str, layer: dict) -> dict[str, np.ndarray]:
+  return {f"{name}.weight": np.ascontiguousarray(np.asarray(layer["kernel"]).T),
+          f"{name}.bias": np.asarray(layer["bias"])}
+
+
 def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.Path, *,
               labels: tuple[str, ...] | None = None, regression: bool = False,
               overwrite: bool = False) -> pathlib.Path:
-  """Writes a fine-tuned model as a Hugging Face `BertForSequenceClassification` or
-  `BertForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
+  """Writes a fine-tuned model as a Hugging Face `{Bert,Roberta,XLMRoberta}ForSequenceClassification`
+  or `...ForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
   config = module.encoder.config.replace(dtype="float32")
-  if config.model_type != "bert":
-    raise ValueError(f"export_hf writes BERT task heads; {config.model_type!r} task models "
-                     "(RobertaFor*, a different classifier head) are not supported")
   pure = checkpoint.to_host(nnx.state(module, nnx.Param)).to_pure_dict()
+  family = model_lib.ARCHITECTURES[config.model_type].removesuffix("Model")  # Bert, Roberta, XLMRoberta
+  prefix = "bert." if config.model_type == "bert" else "roberta."
   if isinstance(module, QuestionAnswerer):
-    head, arch, extra_config = "qa_outputs", "BertForQuestionAnswering", {}
+    arch, extra_config = f"{family}ForQuestionAnswering", {}
+    tensors = _linear_tensors("qa_outputs", pure["qa_outputs"])
   else:
-    head, arch = "classifier", "BertForSequenceClassification"
+    arch = f"{family}ForSequenceClassification"
     width = module.classifier.out_features
     names = list(labels) if labels else [f"LABEL_{i}" for i in range(width)]
     extra_config = {"id2label": dict(enumerate(names)),
                     "label2id": {name: i for i, name in enumerate(names)},
                     "problem_type": "regression" if regression else "single_label_classification"}
-  tensors = {f"{head}.weight": np.ascontiguousarray(np.asarray(pure[head]["kernel"]).T),
-             f"{head}.bias": np.asarray(pure[head]["bias"])}
-  return convert.save_hf(out_dir, config, pure["encoder"], tokenizer_dir, prefix="bert.",
+    if module.classifier_dense is None:
+      tensors = _linear_tensors("classifier", pure["classifier"])
+    else:
+      tensors = (_linear_tensors("classifier.dense", pure["classifier_dense"])
+                 | _linear_tensors("classifier.out_proj", pure["classifier"]))
+  return convert.save_hf(out_dir, config, pure["encoder"], tokenizer_dir, prefix=prefix,
                          extra_tensors=tensors,
                          extra_config={"architectures": [arch]} | extra_config,
                          overwrite=overwrite)
