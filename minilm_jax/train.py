@@ -133,7 +133,7 @@ class Setup:
   return_logits: bool                # capture attention logits too (custom losses)
 
 
-def _paper_loss(teacher, student, mask, *, version: str, heads: int, terms: tuple[str, ...]):
+def paper_loss(teacher, student, mask, *, version: str, heads: int, terms: tuple[str, ...]):
   """MiniLM / MiniLMv2 as an `InternalsLoss`: one teacher layer against the student's last."""
   return LOSSES[version](teacher[0], student[0], mask, heads, terms)
 
@@ -198,7 +198,7 @@ def _loss_of(cfg: DistillConfig, teacher: model_lib.ModelConfig,
       if c.hidden_size % heads:
         raise ValueError(f"num_relation_heads={heads} does not divide the {name} hidden size "
                          f"{c.hidden_size}: choose a divisor of both widths")
-  return functools.partial(_paper_loss, version=cfg.version, heads=heads, terms=terms), heads
+  return functools.partial(paper_loss, version=cfg.version, heads=heads, terms=terms), heads
 
 
 def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
