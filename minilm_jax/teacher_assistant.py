@@ -16,6 +16,7 @@ stage ends the command before the next stage starts.
 """
 
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -26,6 +27,10 @@ from minilm_jax import model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
 ASSISTANT, STUDENT = "assistant", "student"
+# What makes an exported assistant the one a config asks for.
+_ASSISTANT_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "loss_terms",
+                     "internals_loss", "loss_teacher_layers", "student_layers", "student_hidden",
+                     "student_heads", "student_intermediate", "max_steps", "corpus", "seed")
 
 
 def uses_assistant(cfg: train.DistillConfig, teacher: model_lib.ModelConfig) -> bool:
@@ -51,6 +56,15 @@ def stage_configs(cfg: train.DistillConfig, teacher: model_lib.ModelConfig,
   return assistant, student
 
 
+def _check_assistant(directory: pathlib.Path, cfg: train.DistillConfig) -> None:
+  """Refuses a finished assistant trained with settings other than `cfg`'s."""
+  old = json.loads((directory / "config.json").read_text())
+  new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  if changed := [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _ASSISTANT_FIELDS if old.get(k) != new[k]]:
+    raise ValueError(f"{directory} holds a finished assistant trained otherwise ({'; '.join(changed)}): "
+                     "use a new --workdir, or the same settings to continue with the student stage")
+
+
 def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
   """The `distill` command: one run, or the assistant then the student stage; a summary."""
   workdir = pathlib.Path(workdir).absolute()
@@ -68,7 +82,9 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
     return distill.run(cfg, workdir)
   assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
   exported = workdir / ASSISTANT / "hf" / "config.json"
-  if not exported.is_file():
+  if exported.is_file():
+    _check_assistant(workdir / ASSISTANT, assistant_cfg)
+  else:
     summary = distill.run(assistant_cfg, workdir / ASSISTANT)
     if summary["preempted"] or summary["steps"] != assistant_cfg.max_steps:
       return summary | {"stage": ASSISTANT}

@@ -69,3 +69,25 @@ def test_qa_export_matches_transformers(tiny_dir, tmp_path):
   start, end = module(ids, mask, types)
   np.testing.assert_allclose(np.asarray(start), expected.start_logits.numpy(), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(end), expected.end_logits.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_finetune_run_on_an_xlmr_student_exports_what_it_trained(tmp_path):
+  """`finetune` end to end on a tiny XLM-R: the exported best epoch predicts as the run did."""
+  from finetune_test import _write_rte
+  from minilm_jax.eval import glue
+  model_dir = build_teacher("xlm-roberta", tmp_path / "xlmr", INLINE * 3)
+  _write_rte(tmp_path / "glue", "train", 16, 0)
+  _write_rte(tmp_path / "glue", "dev", 8, 1)
+  cfg = finetune.FinetuneConfig(model=str(model_dir), task="rte", data=str(tmp_path / "glue"),
+                                max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=1,
+                                learning_rate=1e-3)
+  summary = finetune.run(cfg, tmp_path / "run")
+  assert np.isfinite(summary["history"][0]["train_loss"])
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["hf"])
+  assert type(hf).__name__ == "XLMRobertaForSequenceClassification"
+  tok = glue.load_tokenizer(summary["hf"])
+  dev = glue.encode_examples(glue.load_glue("rte", tmp_path / "glue", "dev"), tok, "rte", 24)
+  assert dev["input_ids"][0, 0] == 0 and (dev["token_type_ids"] == 0).all()  # <s> ..., one segment type
+  mine = summary["module"](dev["input_ids"], dev["attention_mask"], dev["token_type_ids"])
+  np.testing.assert_allclose(np.asarray(mine), _torch(hf, dev["input_ids"], dev["attention_mask"]).logits.numpy(),
+                             atol=1e-5, rtol=1e-5)

@@ -92,6 +92,8 @@ def test_chain_resumes_exactly_in_either_stage_and_equals_plain_runs(tmp_path, m
     pt = transformers.AutoModel.from_pretrained(chain / stage / "hf")
     assert (pt.config.num_hidden_layers, pt.config.hidden_size) == (layers, 96)
 
+  with pytest.raises(ValueError, match="holds a finished assistant trained otherwise \\(max_steps: 4 -> 6\\)"):
+    teacher_assistant.run(dataclasses.replace(cfg, assistant_steps=6), chain)
   with pytest.raises(ValueError, match="holds a teacher-assistant run.*teacher_assistant='on'"):
     teacher_assistant.run(dataclasses.replace(cfg, teacher_assistant="off"), chain)
   with pytest.raises(ValueError, match="holds a single-stage run.*teacher_assistant='off'"):
