@@ -101,6 +101,8 @@ def check_terms(version: str, terms) -> tuple[str, ...]:
   An unknown name is answered with the closest valid one (difflib's similarity).
   """
   valid = TERMS[version]
+  if isinstance(terms, str):
+    raise ValueError(f"loss_terms {terms!r} is a string: give a tuple of terms, e.g. ({terms!r},)")
   terms = tuple(terms)
   if not terms:
     raise ValueError(f"loss_terms is empty: name at least one of {version}'s terms {valid}, "

@@ -60,9 +60,11 @@ def _check_assistant(directory: pathlib.Path, cfg: train.DistillConfig) -> None:
   """Refuses a finished assistant trained with settings other than `cfg`'s."""
   old = json.loads((directory / "config.json").read_text())
   new = json.loads(json.dumps(dataclasses.asdict(cfg)))
-  if changed := [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _ASSISTANT_FIELDS if old.get(k) != new[k]]:
-    raise ValueError(f"{directory} holds a finished assistant trained otherwise ({'; '.join(changed)}): "
-                     "use a new --workdir, or the same settings to continue with the student stage")
+  changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _ASSISTANT_FIELDS if old.get(k) != new[k]]
+  if changed:
+    raise ValueError(f"{directory} holds a finished assistant trained otherwise "
+                     f"({'; '.join(changed)}): use a new --workdir, or the same settings to "
+                     "continue with the student stage")
 
 
 def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
@@ -72,9 +74,9 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
   train.make_setup(cfg, teacher)  # every config error before any stage starts
   two_stage = uses_assistant(cfg, teacher)
   if two_stage and (workdir / "checkpoints").is_dir():
-    raise ValueError(f"{workdir} holds a single-stage run, but teacher_assistant={cfg.teacher_assistant!r} "
-                     "asks for assistant/ and student/ stages: set teacher_assistant='off' to resume "
-                     "it, or use a new --workdir")
+    raise ValueError(f"{workdir} holds a single-stage run, but teacher_assistant="
+                     f"{cfg.teacher_assistant!r} asks for assistant/ and student/ stages: set "
+                     "teacher_assistant='off' to resume it, or use a new --workdir")
   if not two_stage and (workdir / ASSISTANT).is_dir():
     raise ValueError(f"{workdir} holds a teacher-assistant run ({ASSISTANT}/, {STUDENT}/): set "
                      "teacher_assistant='on' to resume it, or use a new --workdir")

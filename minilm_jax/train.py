@@ -38,12 +38,12 @@ class DistillConfig:
   teacher_layer: int = 0              # 1-based teacher layer distilled from; 0 = last layer
   version: str = "v1"                 # "v1": attention transfer + value relation; "v2": Q-Q, K-K, V-V relations
   num_relation_heads: int = 48        # MiniLMv2 relation heads (48 base-size, 64 large teachers)
-  loss_terms: tuple[str, ...] | None = None  # subset of losses.TERMS[version]; None = the paper's (all)
-  internals_loss: str = ""            # your loss "module:function" or "file.py:function" (see InternalsLoss); "" = version's
-  loss_teacher_layers: tuple[int, ...] = ()  # internals_loss: 1-based teacher layers it gets; () = (teacher_layer,)
-  loss_student_layers: tuple[int, ...] = ()  # internals_loss: 1-based student layers it gets; () = the last
-  teacher_assistant: str = "auto"     # MiniLM Sec. 3.3 two-stage run: "auto" (M <= L/2 and D' <= D/2), "on", "off"
-  assistant_steps: int = 0            # optimizer steps of the assistant stage; 0 = max_steps
+  loss_terms: tuple[str, ...] | None = None  # terms of losses.TERMS[version]; None = the paper's
+  internals_loss: str = ""            # an InternalsLoss "module:function" / "file.py:function"; "" = v1/v2
+  loss_teacher_layers: tuple[int, ...] = ()  # 1-based teacher layers internals_loss gets; () = teacher_layer
+  loss_student_layers: tuple[int, ...] = ()  # 1-based student layers internals_loss gets; () = the last
+  teacher_assistant: str = "auto"     # MiniLM Sec. 3.3: "auto" (if M <= L/2 and D' <= D/2), "on", "off"
+  assistant_steps: int = 0            # optimizer steps of the teacher-assistant stage; 0 = max_steps
   # Student (vocabulary, positions and model type follow the teacher).
   student_layers: int = 3             # L
   student_hidden: int = 384           # D

@@ -65,6 +65,7 @@ def test_bad_term_lists_are_rejected_with_the_fix(teacher):
            (dict(loss_terms=("value_relaton",)), "unknown loss term 'value_relaton'.*did you mean 'value_relation'"),
            (dict(loss_terms=("kk_relation",)), "it is a v2 term: set version='v2'"),
            (dict(loss_terms=("value_relation", "value_relation")), "names a term twice"),
+           (dict(loss_terms="value_relation"), r"is a string: give a tuple of terms, e.g. \('value_relation',\)"),
            (dict(internals_loss=f"{TINYBERT}:attention_mse", loss_terms=("value_relation",)),
             "leave loss_terms unset"),
            (dict(loss_teacher_layers=(3,)), "choose the layers of an internals_loss"),
