@@ -9,10 +9,13 @@ clearly falling loss:
 `--config experiments/demo.py:smoke` is a seconds-long variant for tests.
 """
 
-from minilm_jax.train import DistillConfig
+from minilm_jax.train import DistillConfig, check_choice
+
+VARIANTS = ("", "smoke")  # "" = the demo itself
 
 
 def get_config(variant: str = "") -> DistillConfig:
+  check_choice("demo.py variant", variant, VARIANTS)
   cfg = DistillConfig(
       teacher="all-MiniLM-L6-v2", version="v1",
       student_layers=3, student_hidden=384, student_heads=12,

@@ -84,7 +84,8 @@ def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, para
     write_model_files(tmp, config, tokenizer_dir)
     with manager(tmp, async_save=False) as m:
       m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-  return write_dir_atomically(pathlib.Path(directory), write, overwrite=overwrite)
+  return write_dir_atomically(pathlib.Path(directory), write, overwrite=overwrite,
+                              sources=(resolve_model_dir(tokenizer_dir),))
 
 
 def restore_params(directory: str | os.PathLike, step: int | None = None, *,

@@ -26,14 +26,18 @@ def convert(argv: list[str]) -> None:
   p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
   args = p.parse_args(argv)
   from minilm_jax import checkpoint, convert as convert_lib
+  from minilm_jax.teachers import resolve_model_dir
   if args.from_hf:
     if not args.to:
       p.error("--from-hf needs --to CKPT_DIR")
+    convert_lib.check_not_overlapping([resolve_model_dir(args.from_hf)], args.to)
     config, params = convert_lib.load_hf(args.from_hf)
     out = checkpoint.save_model(args.to, config, params, args.from_hf, overwrite=args.overwrite)
   else:
     if not args.to_hf:
       p.error("--from-checkpoint needs --to-hf OUT_DIR")
+    convert_lib.check_not_overlapping([args.from_checkpoint, checkpoint.resolve(args.from_checkpoint)],
+                                      args.to_hf)
     config, params, tokenizer, step = checkpoint.restore_params(args.from_checkpoint, args.step)
     out = convert_lib.save_hf(args.to_hf, config, params, tokenizer, overwrite=args.overwrite)
   print(f"wrote {out}")
@@ -59,6 +63,10 @@ def data(argv: list[str]) -> None:
   args = p.parse_args(argv)
   if args.build_tfds:
     from minilm_jax import corpus_tfds
+    if corpus_tfds.is_built(args.data_dir) and not args.overwrite:
+      print(f"{corpus_tfds.NAME} is already built in {args.data_dir}: kept the old data; pass "
+            "--overwrite to rebuild it from these files")
+      return
     out = corpus_tfds.build_text_corpus(args.build_tfds, args.data_dir,
                                         doc_per_line=args.doc_per_line,
                                         doc_per_file=args.doc_per_file, overwrite=args.overwrite)
@@ -76,6 +84,50 @@ def benchmark(argv: list[str]) -> None:
   benchmark_lib.main(argv)
 
 
+def _flag_error(e: Exception) -> str:
+  """A flag error without the config file's traceback that ml_collections pastes into it."""
+  text = str(e)
+  if "Traceback (most recent call last)" not in text:
+    return text
+  lines = [line for line in text.splitlines() if line.strip()]
+  return f"{lines[0].removesuffix('Error whilst parsing config file:').rstrip()} {lines[-1]}"
+
+
+def _unknown_override(argv: list[str], config) -> str | None:
+  """The first `--config.key` naming no field of `config`, with the closest field (difflib)."""
+  import difflib
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg.removeprefix("--config.").split("=", 1)[0]
+    node, path = config, []
+    for part in key.split("."):
+      names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+      if part not in names:
+        close = difflib.get_close_matches(part, names, n=1)
+        where = ".".join(["config", *path])
+        hint = f"did you mean --{where}.{close[0]}?" if close else f"fields: {', '.join(names)}"
+        return f"--config.{key}: {type(node).__name__} has no field {part!r}; {hint}"
+      node, path = getattr(node, part), [*path, part]
+  return None
+
+
+def _parse_flags(fv, argv: list[str], usage: str) -> None:
+  """Runs the absl parser; a bad flag or misspelt `--config.key` exits with a clear message."""
+  from absl import flags
+  try:
+    fv(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {_flag_error(e)}\n{usage}")
+  except (KeyError, AttributeError) as e:  # ml_collections: an override naming no field
+    from ml_collections import config_flags  # the config file's dataclass, without overrides
+    bare, plain = type(fv)(), [a for a in argv if not a.startswith("--config.")]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=bare, lock_config=False,
+                                    sys_argv=plain)
+    bare(plain, known_only=True)
+    sys.exit(f"error: {_unknown_override(argv, bare.config) or e}\n{usage}")
+
+
 def _config_flags(argv: list[str], command: str):
   """Parses `--config FILE [--config.key=value ...] --workdir DIR` the way Flax examples do."""
   from absl import flags
@@ -87,11 +139,10 @@ def _config_flags(argv: list[str], command: str):
   flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
   flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)",
                     flag_values=fv)
-  try:
-    fv(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}\nusage: python -m minilm_jax {command} --config experiments/NAME.py "
-             "--workdir DIR [--config.key=value ...]")
+  flags.DEFINE_integer("resume-from-step", None, "resume from this checkpoint step instead of the "
+                       "latest (later steps are moved aside, not deleted)", flag_values=fv)
+  _parse_flags(fv, argv, f"usage: python -m minilm_jax {command} --config experiments/NAME.py "
+               "--workdir DIR [--config.key=value ...] [--resume-from-step N]")
   if fv.config is None or fv.workdir is None:
     sys.exit(f"usage: python -m minilm_jax {command} --config experiments/NAME.py --workdir DIR "
              "[--config.key=value ...]")
@@ -114,7 +165,8 @@ def distill(argv: list[str]) -> None:
   _init_runtime(fv.distributed)
   import json
   from minilm_jax import teacher_assistant
-  summary = teacher_assistant.run(fv.config, fv.workdir)  # one stage, or assistant then student
+  summary = teacher_assistant.run(fv.config, fv.workdir,  # one stage, or assistant then student
+                                  resume_from_step=fv["resume-from-step"].value)
   print(json.dumps(summary, indent=2))
 
 
@@ -139,6 +191,9 @@ def finetune(argv: list[str]) -> None:
   usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
            "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
   fv, argv = flags.FlagValues(), ["minilm_jax finetune", *argv]
+  unknown = _unknown_override(argv, finetune_lib.FinetuneConfig())
+  if unknown:  # ml_collections fails on it while defining the flag, before parsing
+    sys.exit(f"error: {unknown}\n{usage}")
   # sys_argv: the overrides are found in the argv given, not in sys.argv (in-process calls).
   config_flags.DEFINE_config_dataclass("config", finetune_lib.FinetuneConfig(),
                                        "FinetuneConfig fields", flag_values=fv, sys_argv=argv)
@@ -150,10 +205,7 @@ def finetune(argv: list[str]) -> None:
   flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
                       flag_values=fv)
   flags.DEFINE_list("seeds", None, "comma-separated seeds (default: --config.seed)", flag_values=fv)
-  try:
-    fv(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}\n{usage}")
+  _parse_flags(fv, argv, usage)
   if fv.task is None or fv.model is None or fv.workdir is None:
     sys.exit(f"error: --task, --model and --workdir are required\n{usage}")
   task = finetune_lib.resolve_task(fv.task)
@@ -202,5 +254,5 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(2)
   try:
     COMMANDS[argv[0]](argv[1:])
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (OSError, ValueError, FloatingPointError) as e:
     sys.exit(f"error: {e}")

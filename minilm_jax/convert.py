@@ -77,16 +77,21 @@ def read_hf_config(model_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig,
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: a Hugging Face model directory needs config.json "
                             "(save the model with save_pretrained)")
+  text = path.read_text(errors="replace")
   try:
-    hf = json.loads(path.read_text())
+    hf = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}): restore it from the original model") from e
+    what = "empty" if not text.strip() else f"not valid JSON ({e})"
+    raise ValueError(f"{path} is {what}: restore it from the original model") from e
+  if not isinstance(hf, dict):
+    raise ValueError(f"{path} holds a JSON {type(hf).__name__}, not an object of model fields: "
+                     "restore it from the original model")
   try:
     return model_lib.ModelConfig.from_hf(hf), hf
   except KeyError as e:
     raise ValueError(f"{path} lacks the field {e}: it is not a BERT-family config") from e
-  except ValueError as e:
-    raise ValueError(f"{path}: {e}") from e
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path}: {e}; restore it from the original model") from e
 
 
 def read_hf_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], pathlib.Path]:
@@ -212,16 +217,30 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: n
       if (tokenizer_dir / name).is_file():
         shutil.copy2(tokenizer_dir / name, tmp / name)
 
-  return write_dir_atomically(out_dir, write, overwrite=overwrite)
+  return write_dir_atomically(out_dir, write, overwrite=overwrite, sources=(tokenizer_dir,))
 
 
-def write_dir_atomically(out_dir: pathlib.Path, write, *, overwrite: bool) -> pathlib.Path:
+def check_not_overlapping(sources, out_dir: str | os.PathLike) -> None:
+  """Refuses an output directory that is a source, lies inside one, or contains one."""
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  for src in sources:
+    src = pathlib.Path(src).expanduser().resolve()
+    if out == src or src in out.parents or out in src.parents:
+      relation = ("is" if out == src else "is inside" if src in out.parents else "contains")
+      raise ValueError(f"output {out_dir} {relation} the input {src}: writing it would replace "
+                       "what is being read; choose an output directory outside the input")
+
+
+def write_dir_atomically(out_dir: pathlib.Path, write, *, overwrite: bool,
+                         sources=()) -> pathlib.Path:
   """Runs `write(tmp)` into a temporary sibling, then renames it to `out_dir`.
 
   A failure leaves `out_dir` as it was; with `overwrite`, the old directory is removed
-  only after the new one is complete.
+  only after the new one is complete. An `out_dir` overlapping one of `sources` (the
+  directories read) is refused before anything is written.
   """
   out_dir = pathlib.Path(out_dir)
+  check_not_overlapping(sources, out_dir)
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"{out_dir} already exists: choose another output directory or pass "
                           "--overwrite to replace it")

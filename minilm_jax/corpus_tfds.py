@@ -64,6 +64,11 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
         yield f"{path}:{i}", {"text": doc}
 
 
+def is_built(data_dir: str | pathlib.Path | None) -> bool:
+  """Whether "tfds:text_corpus" is already prepared in `data_dir`."""
+  return bool(data_dir) and any(pathlib.Path(data_dir, NAME).glob("*/dataset_info.json"))
+
+
 def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, *,
                       doc_per_line: bool = False, doc_per_file: bool = False,
                       overwrite: bool = False) -> pathlib.Path:
@@ -82,13 +87,18 @@ def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, 
   if not data_dir:
     raise ValueError("building a TFDS dataset needs a data_dir (--data-dir DIR) to write into")
   paths = data.expand_paths(files)  # fail on a missing file before TFDS creates anything
+  if not any(data.split_documents(data.read_text(p), doc_per_line, doc_per_file) for p in paths):
+    raise ValueError(f"{files!r} holds no text ({len(paths)} files, no document): nothing was "
+                     "built; pass non-empty text files")
   builder = TextCorpus(files=[str(p) for p in paths], doc_per_line=doc_per_line,
                        doc_per_file=doc_per_file, data_dir=str(data_dir),
                        file_format="array_record")
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
-          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  out = pathlib.Path(str(builder.data_dir))
+  if is_built(data_dir) and not overwrite:
+    return out
+  mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # regenerate the dataset, no download
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
-  return pathlib.Path(str(builder.data_dir))
+  return out
 
 
 def parse_tfds_corpus(corpus: str) -> tuple[str, str]:

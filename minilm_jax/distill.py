@@ -13,47 +13,61 @@ have seen; SIGTERM (pre-emption) saves a checkpoint before the process exits.
 import dataclasses
 import json
 import logging
+import os
 import pathlib
+import shutil
 import signal
+import tempfile
 import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from minilm_jax import checkpoint, convert, data, sharding, train
-from minilm_jax.metric_writer import MetricWriter
+from minilm_jax import checkpoint, convert, data, sharding, train, workdir as workdir_lib
+from minilm_jax import model as model_lib
+from minilm_jax.metric_writer import MetricWriter, read_metrics
 from minilm_jax.teachers import resolve_model_dir
 
-# Fields that fix what the checkpoints contain; a resumed run must not change them.
-_FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "student_layers",
-                  "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
-                  "global_batch_size", "grad_accum_steps", "corpus", "seed", "loss_terms",
-                  "internals_loss", "loss_teacher_layers", "loss_student_layers")
-
-
-def _check_resumable(workdir: pathlib.Path, cfg: train.DistillConfig) -> None:
-  path = workdir / "config.json"
-  if path.is_file():
-    old, new = json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg)))
-    changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _FROZEN_FIELDS  # tuples as JSON lists
-               if k in old and old[k] != new[k]]
-    if changed:
-      raise ValueError(f"{workdir} holds a run with another configuration ({'; '.join(changed)}): "
-                       "use a new --workdir, or the same settings to resume")
-  workdir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+def _check_writable(directory: pathlib.Path, last: int | None) -> None:
+  """Fails at once, naming the path, where Orbax would wait 300 s for a step directory."""
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
+      f.write(b"\0" * 4096)  # a full disk fails here, not only a lost permission
+      f.flush()
+      os.fsync(f.fileno())
+  except OSError as e:
+    raise type(e)(e.errno, f"checkpoint directory {directory} is not writable ({e.strerror}): free "
+                  "disk space or restore write permission, then rerun to resume from the last "
+                  f"checkpoint (step {last}), which is intact") from e
 
 
 def _save(mngr: ocp.CheckpointManager, state: train.TrainState, iterator, *, force: bool = False):
   step = int(state.step)
+  _check_writable(pathlib.Path(mngr.directory), mngr.latest_step())
   mngr.save(step, force=force, args=ocp.args.Composite(
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
       train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
       data=grain.checkpoint.CheckpointSave(iterator)))
+
+
+def _resume_from(mngr: ocp.CheckpointManager, workdir: pathlib.Path, step: int) -> None:
+  """Makes `step` the latest: later steps move to `discarded-checkpoints/`, nothing is deleted."""
+  steps = mngr.all_steps()
+  if step not in steps:
+    raise ValueError(f"--resume-from-step {step}: {mngr.directory} has steps {sorted(steps)}")
+  later = [s for s in steps if s > step]
+  aside = workdir / "discarded-checkpoints"
+  for s in later:
+    aside.mkdir(exist_ok=True)
+    shutil.move(pathlib.Path(mngr.directory) / str(s), aside / f"{s}-{int(time.time())}")
+  if later:
+    logging.warning("resuming from step %d: moved later steps %s to %s", step, later, aside)
+    mngr.reload()
 
 
 def _restore(mngr: ocp.CheckpointManager, abstract: train.TrainState, iterator) -> train.TrainState:
@@ -65,8 +79,11 @@ def _restore(mngr: ocp.CheckpointManager, abstract: train.TrainState, iterator) 
         train=ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng}),
         data=grain.checkpoint.CheckpointRestore(iterator)))
   except Exception as e:
+    earlier = [s for s in mngr.all_steps() if s < step]
+    fix = (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
+           "moved aside, not deleted)" if earlier else "no earlier step is left: use a new --workdir")
     raise ValueError(f"checkpoint {mngr.directory}/{step} could not be restored ({type(e).__name__}: "
-                     f"{e}): delete that step directory to resume from an earlier one") from e
+                     f"{e}): {fix}") from e
   return train.TrainState(got["train"]["step"], got["params"], got["opt_state"], got["train"]["rng"])
 
 
@@ -74,8 +91,8 @@ def _truncate_metrics(workdir: pathlib.Path, step: int) -> None:
   """Drops records logged after the checkpoint a run resumes from: they will be redone."""
   path = workdir / "metrics.jsonl"
   if path.is_file() and jax.process_index() == 0:
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in lines))
+    records = read_metrics(workdir, drop_torn_tail=True)
+    workdir_lib.write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
 class _Preemption:
@@ -93,27 +110,40 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
-  """Distils `cfg.teacher` into a fresh student in `workdir`; returns a summary."""
+def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
+        resume_from_step: int | None = None) -> dict:
+  """Distils `cfg.teacher` into a fresh student in `workdir`; returns a summary.
+
+  Everything is checked before anything is written. `resume_from_step` resumes from that
+  checkpoint instead of the latest (later steps move to `discarded-checkpoints/`).
+  """
   workdir = pathlib.Path(workdir).absolute()
+  train.check_config(cfg)
+  previous = workdir_lib.read_config(workdir)
+  workdir_lib.check_resumable(workdir, previous, cfg)
   teacher_dir = resolve_model_dir(cfg.teacher)
   teacher_config, teacher_params = convert.load_hf(teacher_dir)
+  _check_finite_teacher(teacher_dir, teacher_params)
   setup = train.make_setup(cfg, teacher_config)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps)
-  _check_resumable(workdir, cfg)
   examples, stats = data.pretraining_examples(
       cfg.corpus, teacher_dir, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
       two_segments=cfg.two_segments, doc_per_line=cfg.doc_per_line, doc_per_file=cfg.doc_per_file,
       text_feature=cfg.text_feature)
+  corpus = workdir_lib.corpus_record(cfg, examples)
+  workdir_lib.check_corpus(workdir, corpus)
   iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
   optimizer = train.make_optimizer(cfg)
   schedule = train.learning_rate_schedule(cfg)
   step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps)
   export_config = setup.student.replace(dtype="float32")
+  workdir_lib.write(workdir, cfg, corpus)
   checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher_dir)
   mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
+  if resume_from_step is not None:
+    _resume_from(mngr, workdir, resume_from_step)
 
   replicated = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
@@ -136,11 +166,15 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
                   dynamic_ncols=True)
   pending, last = None, (start, time.perf_counter())
   first_loss = last_loss = None
+  guard, unchecked = _FiniteGuard(setup, teacher_params, mngr), None
   try:
     for step in range(start, cfg.max_steps):
       batch = sharding.global_batch(next(iterator), mesh)
       state, metrics = step_fn(state, teacher_params, batch)
       done = step + 1
+      if unchecked is not None:  # step N-1's finiteness, read once step N is dispatched
+        guard.check(*unchecked)
+      unchecked = (done, metrics, batch)
       if pending is not None:  # read step N-1's metrics only after step N is dispatched
         record = _log(writer, bar, *pending, last, cfg, schedule)
         first_loss = record["loss/total"] if first_loss is None else first_loss
@@ -150,6 +184,8 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
         pending = (done, metrics)
       bar.update(1)
       if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or preemption.requested:
+        guard.check(*unchecked)  # this step's loss first: a non-finite state is never saved
+        unchecked = None
         _save(mngr, state, iterator, force=True)
       if preemption.requested:
         break
@@ -171,11 +207,51 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
   return summary
 
 
+def _check_finite_teacher(teacher_dir: pathlib.Path, params) -> None:
+  """A NaN or inf teacher weight would poison every loss: refuse it before any step."""
+  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+         if not np.isfinite(np.asarray(x)).all()]
+  if bad:
+    raise FloatingPointError(f"the teacher {teacher_dir} has non-finite weights in {len(bad)} "
+                             f"tensors, e.g. {bad[0]}: its weights file is corrupt; restore it")
+
+
+class _FiniteGuard:
+  """Raises at the first step whose loss or gradient norm is not finite, naming the cause.
+
+  The cause is told apart on that step's batch: if the teacher's distilled internals are
+  already non-finite the teacher is at fault (its outputs overflow), else the student diverged.
+  """
+
+  def __init__(self, setup: train.Setup, teacher_params, mngr: ocp.CheckpointManager):
+    self.mngr = mngr
+    layer = setup.teacher.num_layers - 1
+
+    def teacher_finite(params, batch):
+      out = model_lib.apply(setup.teacher, params, batch["input_ids"], batch["attention_mask"],
+                            batch["token_type_ids"], capture=(layer,))
+      return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(out.internals)]))
+
+    self.teacher_finite = lambda batch: bool(jax.jit(teacher_finite)(teacher_params, batch))
+
+  def check(self, step: int, metrics: dict, batch: dict) -> None:
+    loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss/total"], metrics["grad_norm"])))
+    if np.isfinite(loss) and np.isfinite(grad_norm):
+      return
+    if not self.teacher_finite(batch):
+      cause = ("the teacher's outputs are non-finite on this batch (its weights overflow in the "
+               "compute dtype): use compute_dtype='float32' or check the teacher's weights")
+    else:
+      cause = "the student diverged: lower learning_rate or enable clip_grad_norm"
+    self.mngr.wait_until_finished()
+    raise FloatingPointError(
+        f"loss {loss}, grad_norm {grad_norm} at step {step} (batch {step - 1} of the data order): "
+        f"{cause}. Nothing non-finite was saved; the last checkpoint (step "
+        f"{self.mngr.latest_step()}) is finite and intact")
+
+
 def _log(writer, bar, step, metrics, last, cfg: train.DistillConfig, schedule) -> dict:
   record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not np.isfinite(record["loss/total"]):
-    raise FloatingPointError(f"loss is {record['loss/total']} at step {step}: lower the learning "
-                             "rate or enable clip_grad_norm; the last checkpoint is intact")
   seconds = time.perf_counter() - last[1]
   record["learning_rate"] = float(schedule(step - 1))
   record["examples_per_sec"] = (step - last[0]) * cfg.global_batch_size / seconds

@@ -61,8 +61,12 @@ def load_task_model(model_dir: pathlib.Path, cfg: finetune.FinetuneConfig):
   _, hf = convert.read_hf_config(model_dir)
   num_labels = _check_head(model_dir, hf, cfg.task)
   module, tokenizer_dir = finetune.build_model(cfg, num_labels)
-  tensors, _ = convert.read_hf_tensors(model_dir)
+  tensors, path = convert.read_hf_tensors(model_dir)
   name = _HEADS[hf["architectures"][0]]
+  missing = [t for t in (f"{name}.weight", f"{name}.bias") if t not in tensors]
+  if missing:
+    raise ValueError(f"{path} lacks the task head's {', '.join(missing)}: it is not a complete "
+                     f"{hf['architectures'][0]}; export it again (finetune writes DIR/seed-N/best)")
   head = getattr(module, name)
   kernel, bias = tensors[f"{name}.weight"].T, tensors[f"{name}.bias"]
   if kernel.shape != head.kernel.value.shape:
@@ -83,6 +87,8 @@ def evaluate(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: in
     max_seq_len: default the run's (from finetune.json), else 128 (GLUE) / 384 (SQuAD).
     batch_size: examples per forward pass (a multiple of the devices).
   """
+  if batch_size < 1:
+    raise ValueError(f"--batch-size {batch_size} must be at least 1 (default 128)")
   model_dir, run = resolve_model(model)
   task = finetune.resolve_task(task)
   cfg = finetune.FinetuneConfig(

@@ -375,7 +375,6 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
           "params": heads.count_params(module)}
   writer = None
   if workdir is not None:
-    (pathlib.Path(workdir) / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run, not a resume
     writer = MetricWriter(workdir)
     writer.write_text("config", json.dumps(dataclasses.asdict(cfg), indent=2))
   logging.info("finetune %s on %s (%s): %s", cfg.model, cfg.task, info, data.stats)
@@ -403,6 +402,8 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
       history.append(record)
       bar.write(f"epoch {epoch}: train_loss {train_loss:.4f}, dev score {record['score']:.4f}")
       if writer is not None:
+        if epoch == 1:  # a fresh run, not a resume: the old records go once a new one exists
+          writer.path.unlink(missing_ok=True)
         writer.write(epoch * steps_per_epoch, record)
       if best is None or record["score"] > best["score"]:
         best, best_params = record, checkpoint.to_host(params)

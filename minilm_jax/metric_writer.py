@@ -4,6 +4,7 @@ Only process 0 writes. TensorBoard goes through tensorboardX, which needs no Ten
 """
 
 import json
+import logging
 import pathlib
 import time
 
@@ -40,7 +41,22 @@ class MetricWriter:
       self._tb.close()
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  """The records of a run's `metrics.jsonl`, in order."""
+def read_metrics(workdir: str | pathlib.Path, drop_torn_tail: bool = False) -> list[dict]:
+  """The records of a run's `metrics.jsonl`, in order.
+
+  A process killed while appending leaves a torn last line: `drop_torn_tail` drops it
+  (a resume redoes it); any other unreadable line is an error naming the file and line.
+  """
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [(i, line) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+  records = []
+  for i, line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if drop_torn_tail and i == lines[-1][0]:
+        logging.warning("%s:%d is a torn record (the run was killed while writing it): dropped", path, i)
+        break
+      raise ValueError(f"{path}:{i} is not a JSON record ({e}): the file is damaged; remove that "
+                       "line") from e
+  return records

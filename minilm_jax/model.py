@@ -59,6 +59,11 @@ class ModelConfig:
   dtype: str = "float32"               # compute dtype; parameters are always float32
 
   def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} is {value!r}: it must be a positive integer")
     if self.model_type not in ARCHITECTURES:
       raise ValueError(f"unknown model_type {self.model_type!r}: minilm_jax supports "
                        f"{', '.join(ARCHITECTURES)} (BERT-family encoders)")

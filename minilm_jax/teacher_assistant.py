@@ -67,8 +67,12 @@ def _check_assistant(directory: pathlib.Path, cfg: train.DistillConfig) -> None:
                      "continue with the student stage")
 
 
-def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
-  """The `distill` command: one run, or the assistant then the student stage; a summary."""
+def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
+        resume_from_step: int | None = None) -> dict:
+  """The `distill` command: one run, or the assistant then the student stage; a summary.
+
+  `resume_from_step` applies to the stage that is unfinished when the command starts.
+  """
   workdir = pathlib.Path(workdir).absolute()
   teacher, _ = convert.read_hf_config(resolve_model_dir(cfg.teacher))
   train.make_setup(cfg, teacher)  # every config error before any stage starts
@@ -81,16 +85,17 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path) -> dict:
     raise ValueError(f"{workdir} holds a teacher-assistant run ({ASSISTANT}/, {STUDENT}/): set "
                      "teacher_assistant='on' to resume it, or use a new --workdir")
   if not two_stage:
-    return distill.run(cfg, workdir)
+    return distill.run(cfg, workdir, resume_from_step=resume_from_step)
   assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
   exported = workdir / ASSISTANT / "hf" / "config.json"
   if exported.is_file():
     _check_assistant(workdir / ASSISTANT, assistant_cfg)
   else:
-    summary = distill.run(assistant_cfg, workdir / ASSISTANT)
+    summary = distill.run(assistant_cfg, workdir / ASSISTANT, resume_from_step=resume_from_step)
+    resume_from_step = None  # the student stage starts now
     if summary["preempted"] or summary["steps"] != assistant_cfg.max_steps:
       return summary | {"stage": ASSISTANT}
     if jax.process_count() > 1:  # process 0 exported the assistant: every host waits for it
       multihost_utils.sync_global_devices("teacher assistant exported")
-  return distill.run(student_cfg, workdir / STUDENT) | {"stage": STUDENT,
-                                                        "assistant": str(exported.parent)}
+  summary = distill.run(student_cfg, workdir / STUDENT, resume_from_step=resume_from_step)
+  return summary | {"stage": STUDENT, "assistant": str(exported.parent)}

@@ -11,6 +11,7 @@ so any number of micro-batches gives the big batch's exact loss and gradient.
 """
 
 import dataclasses
+import difflib
 import functools
 import importlib
 import importlib.util
@@ -84,7 +85,40 @@ class DistillConfig:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 PAPER_STUDENTS = ("L6-H768", "L12-H384", "L6-H384", "L4-H384", "L3-H384")
+
+
+def check_choice(what: str, value: str, choices) -> None:
+  """Raises naming the closest valid choice (difflib) when `value` is not one of `choices`."""
+  if value not in choices:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"{what} {value!r} is unknown: {hint}use one of {', '.join(map(repr, choices))}")
+
+
+def check_config(cfg: DistillConfig) -> None:
+  """Field values a run cannot start with, checked before anything is written."""
+  check_choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
+  check_choice("version", cfg.version, tuple(LOSSES))
+  positive = ("student_layers", "student_hidden", "student_heads", "max_seq_len",
+              "global_batch_size", "grad_accum_steps", "max_steps", "log_every", "checkpoint_every",
+              "keep_checkpoints")
+  for name in positive:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name}={value!r} must be a positive integer: pass --config.{name}=N, N >= 1")
+  for name in ("teacher_layer", "student_intermediate", "warmup_steps", "data_workers"):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ValueError(f"{name}={value!r} must be an integer >= 0")
+  if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+    raise ValueError(f"seed={cfg.seed!r} must be an integer in [0, 2**32)")
+  if not 0 <= cfg.student_dropout < 1:
+    raise ValueError(f"student_dropout={cfg.student_dropout} must be in [0, 1)")
+  if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
+    raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
+                     f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")
 
 
 def paper_config(*, teacher: str, version: str, student: str, learning_rate: float,
@@ -94,8 +128,7 @@ def paper_config(*, teacher: str, version: str, student: str, learning_rate: flo
   MiniLM / MiniLMv2: English Wikipedia + BookCorpus, sequences of 512, batch 1024,
   400k steps, 4k warmup then linear decay, AdamW (0.9, 0.999), weight decay 0.01.
   """
-  if student not in PAPER_STUDENTS:
-    raise ValueError(f"student {student!r} is not one of the papers' sizes {PAPER_STUDENTS}")
+  check_choice("student", student, PAPER_STUDENTS)
   layers, hidden = (int(x[1:]) for x in student.split("-"))
   return DistillConfig(
       teacher=teacher, version=version, teacher_layer=teacher_layer,
@@ -203,8 +236,7 @@ def _loss_of(cfg: DistillConfig, teacher: model_lib.ModelConfig,
 
 def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
   """Checks the run's configuration against the teacher, before any compute."""
-  if cfg.version not in LOSSES:
-    raise ValueError(f"version {cfg.version!r} is unknown: use 'v1' (MiniLM) or 'v2' (MiniLMv2)")
+  check_config(cfg)
   if cfg.teacher_assistant not in ("auto", "on", "off"):
     raise ValueError(f"teacher_assistant {cfg.teacher_assistant!r} is unknown: use 'auto' (MiniLM's "
                      "rule: student depth and width at most half the teacher's), 'on' or 'off'")

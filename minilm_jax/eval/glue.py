@@ -155,6 +155,9 @@ def load_glue(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) ->
   else:
     header = list(task.header)
   indices = _column_indices(task, header, path)
+  if not rows:
+    raise ValueError(f"{path} has {'a header but ' if task.header is None else ''}no examples: pass the "
+                     f"complete GLUE {task.name} {split} file")
   *text_idx, label_idx = indices
   examples, skipped = [], 0
   for line, row in rows:

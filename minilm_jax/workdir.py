@@ -1,0 +1,128 @@
+"""What a `distill` workdir holds, and when a run may reuse it.
+
+A directory is a distill run's when it is empty or new, or its `config.json` is a
+`DistillConfig`. Reusing one resumes, so whatever fixes the checkpoints' contents or the
+batches they continue with must be unchanged: the frozen config fields and the corpus
+itself, recorded in `corpus.json` (file sizes and a SHA-256 of the tokenized examples).
+Every check reads only; `write` runs after all of them passed, each file written whole
+(a temporary file, then `os.replace`), so a refused run leaves the directory as it was.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from minilm_jax import data, train
+
+CONFIG_FILE = "config.json"
+CORPUS_FILE = "corpus.json"
+# Fields that fix what the checkpoints contain or which batches follow them.
+FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "student_layers",
+                 "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
+                 "global_batch_size", "grad_accum_steps", "clip_grad_norm", "corpus", "data_dir",
+                 "text_feature", "doc_per_line", "doc_per_file", "two_segments", "seed", "loss_terms",
+                 "internals_loss", "loss_teacher_layers", "loss_student_layers")
+_RUN_KEYS = ("teacher", "student_layers", "max_steps")  # a config.json with these is a run's
+
+
+def _as_json(cfg: train.DistillConfig) -> dict:
+  """The config as config.json holds it (tuples as lists), to compare with a saved one."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _read_json(path: pathlib.Path):
+  text = path.read_text(errors="replace")
+  if not text.strip():
+    raise ValueError(f"{path} is empty (a run killed while writing it?): restore it, or use a new "
+                     "--workdir")
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): restore it, or use a new --workdir") from e
+
+
+def read_config(workdir: pathlib.Path) -> dict | None:
+  """The config of the run in `workdir`; None for a new run. Refuses a non-run directory."""
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    found = [n for n in ("checkpoints", "metrics.jsonl", "hf") if (workdir / n).exists()]
+    if found:
+      raise ValueError(f"{workdir} holds {', '.join(found)} but no {CONFIG_FILE}: it is not a "
+                       "distill run (or its config.json was lost); use a new --workdir")
+    return None
+  old = _read_json(path)
+  if not isinstance(old, dict) or not all(k in old for k in _RUN_KEYS):
+    what = ("a Hugging Face model's config" if isinstance(old, dict) and "model_type" in old
+            else f"not a distill config (a JSON {type(old).__name__} without {', '.join(_RUN_KEYS)})")
+    raise ValueError(f"{workdir} holds something other than a distill run ({path} is {what}), "
+                     "which distill would overwrite: use a new or empty --workdir")
+  defaults = _as_json(train.DistillConfig())
+  for key, value in old.items():
+    default = defaults.get(key)
+    if default is not None and not isinstance(value, type(default)) and not (
+        isinstance(default, float) and isinstance(value, int)):
+      raise ValueError(f"{path}: {key} is {value!r}, a {type(value).__name__}, but the run's "
+                       f"{key} is a {type(default).__name__}: restore the file or use a new --workdir")
+  return old
+
+
+def check_resumable(workdir: pathlib.Path, old: dict | None, cfg: train.DistillConfig) -> None:
+  """Refuses to resume the run `old` with other frozen fields."""
+  if old is None:
+    return
+  new = _as_json(cfg)
+  changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in FROZEN_FIELDS
+             if k in old and old[k] != new[k]]
+  if changed:
+    raise ValueError(f"{workdir} holds a run with another configuration ({'; '.join(changed)}): "
+                     "use a new --workdir, or the same settings to resume")
+
+
+def corpus_record(cfg: train.DistillConfig, examples: data.PackedExamples) -> dict:
+  """What the run reads: local files with their sizes, and a SHA-256 of the packed examples."""
+  files = {}
+  if cfg.corpus != "demo" and not cfg.corpus.startswith("tfds:"):
+    files = {str(p): p.stat().st_size for p in data.expand_paths(cfg.corpus)}
+  digest = hashlib.sha256()
+  for array in (examples.tokens, examples.starts, examples.lengths, examples.a_lengths):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return {"files": files, "examples": len(examples), "tokens": int(len(examples.tokens)),
+          "sha256": digest.hexdigest()}
+
+
+def check_corpus(workdir: pathlib.Path, record: dict) -> None:
+  """Refuses to resume on a corpus other than the one the run started with, saying what changed."""
+  path = workdir / CORPUS_FILE
+  if not path.is_file():
+    return
+  old = _read_json(path)
+  if old.get("sha256") == record["sha256"]:
+    return
+  before, after = old.get("files", {}), record["files"]
+  changes = [f"{f} removed" for f in sorted(set(before) - set(after))]
+  changes += [f"{f} added" for f in sorted(set(after) - set(before))]
+  changes += [f"{f}: {before[f]} -> {after[f]} bytes" for f in sorted(set(before) & set(after))
+              if before[f] != after[f]]
+  changes += [f"{k}: {old.get(k)} -> {record[k]}" for k in ("examples", "tokens")
+              if old.get(k) != record[k]]
+  raise ValueError(f"the corpus changed since the run in {workdir} started "
+                   f"({'; '.join(changes or ['same sizes, other tokens'])}): its checkpoints "
+                   "continue another data order. Restore the corpus, or use a new --workdir")
+
+
+def write_text(path: pathlib.Path, text: str) -> None:
+  """Writes a file whole: a temporary file beside it, then `os.replace`."""
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def write(workdir: pathlib.Path, cfg: train.DistillConfig, record: dict) -> None:
+  """Records the run's config and corpus, after every check passed."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_text(workdir / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+  write_text(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
