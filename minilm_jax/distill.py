@@ -242,12 +242,15 @@ class _FiniteGuard:
       cause = ("the teacher's outputs are non-finite on this batch (its weights overflow in the "
                "compute dtype): use compute_dtype='float32' or check the teacher's weights")
     else:
-      cause = "the student diverged: lower learning_rate or enable clip_grad_norm"
+      cause = ("the student diverged: rerun with a lower --config.learning_rate (it resumes), or "
+               "use a new --workdir with clip_grad_norm")
     self.mngr.wait_until_finished()
+    last = self.mngr.latest_step()
+    kept = "no checkpoint was saved yet" if last is None else (
+        f"the last checkpoint (step {last}) is finite and intact")
     raise FloatingPointError(
         f"loss {loss}, grad_norm {grad_norm} at step {step} (batch {step - 1} of the data order): "
-        f"{cause}. Nothing non-finite was saved; the last checkpoint (step "
-        f"{self.mngr.latest_step()}) is finite and intact")
+        f"{cause}. Nothing non-finite was saved; {kept}")
 
 
 def _log(writer, bar, step, metrics, last, cfg: train.DistillConfig, schedule) -> dict:

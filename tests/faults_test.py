@@ -88,7 +88,7 @@ def test_divergence_is_caught_before_a_save_and_the_last_finite_checkpoint_kept(
   with pytest.raises(FloatingPointError) as e:
     distill.run(cfg, tmp_path)
   message = str(e.value)
-  assert "student diverged: lower learning_rate" in message
+  assert "student diverged: rerun with a lower --config.learning_rate" in message
   assert "at step 3 (batch 2 of the data order)" in message or "at step 4 (batch 3" in message
   assert "last checkpoint (step 2) is finite and intact" in message
   ckpt = tmp_path / "checkpoints"
