@@ -25,6 +25,7 @@ from minilm_jax import checkpoint, cli, convert, distill, finetune, heads
 from minilm_jax import data as data_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import read_metrics
+from minilm_jax.teachers import resolve_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "demo.py"
@@ -98,7 +99,6 @@ def test_divergence_is_caught_before_a_save_and_the_last_finite_checkpoint_kept(
 
 
 def _teacher_copy(tmp_path, edit):
-  from minilm_jax.teachers import resolve_model_dir
   out = tmp_path / "teacher"
   shutil.copytree(resolve_model_dir("all-MiniLM-L6-v2"), out)
   tensors = safetensors.numpy.load_file(out / "model.safetensors")
@@ -167,7 +167,6 @@ TINY = model_lib.ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermed
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """A tiny random BERT (HF dir), its fine-tuned-shaped RTE export and an RTE folder."""
-  from minilm_jax.teachers import resolve_model_dir
   root = tmp_path_factory.mktemp("tiny")
   encoder = convert.save_hf(root / "hf", TINY, model_lib.init_params(TINY, seed=3),
                             resolve_model_dir("all-MiniLM-L6-v2"))
@@ -342,6 +341,7 @@ def _without_root_override():
       raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child only calls prctl, then exec
 def test_unwritable_checkpoint_dir_fails_in_seconds_naming_it(corpus, tmp_path):
   preexec = _without_root_override if os.geteuid() == 0 else None
   probe = tmp_path / "probe"
