@@ -55,19 +55,18 @@ def _save(mngr: ocp.CheckpointManager, state: train.TrainState, iterator, *, for
       data=grain.checkpoint.CheckpointSave(iterator)))
 
 
-def _resume_from(mngr: ocp.CheckpointManager, workdir: pathlib.Path, step: int) -> None:
+def _resume_from(workdir: pathlib.Path, step: int) -> None:
   """Makes `step` the latest: later steps move to `discarded-checkpoints/`, nothing is deleted."""
-  steps = mngr.all_steps()
+  directory = workdir / "checkpoints"
+  steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
   if step not in steps:
-    raise ValueError(f"--resume-from-step {step}: {mngr.directory} has steps {sorted(steps)}")
-  later = [s for s in steps if s > step]
-  aside = workdir / "discarded-checkpoints"
-  for s in later:
+    raise ValueError(f"--resume-from-step {step}: {directory} has steps {steps}")
+  later, aside = [s for s in steps if s > step], workdir / "discarded-checkpoints"
+  if later and jax.process_index() == 0:  # one mover on a shared filesystem
     aside.mkdir(exist_ok=True)
-    shutil.move(pathlib.Path(mngr.directory) / str(s), aside / f"{s}-{int(time.time())}")
-  if later:
+    for s in later:
+      shutil.move(directory / str(s), aside / f"{s}-{int(time.time())}")
     logging.warning("resuming from step %d: moved later steps %s to %s", step, later, aside)
-    mngr.reload()
 
 
 def _restore(mngr: ocp.CheckpointManager, abstract: train.TrainState, iterator) -> train.TrainState:
@@ -139,11 +138,11 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   schedule = train.learning_rate_schedule(cfg)
   step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps)
   export_config = setup.student.replace(dtype="float32")
+  if resume_from_step is not None:
+    _resume_from(workdir, resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)
   checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher_dir)
   mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
-  if resume_from_step is not None:
-    _resume_from(mngr, workdir, resume_from_step)
 
   replicated = sharding.replicated(mesh)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 
 from minilm_jax import data, train
@@ -122,7 +123,9 @@ def write_text(path: pathlib.Path, text: str) -> None:
 
 
 def write(workdir: pathlib.Path, cfg: train.DistillConfig, record: dict) -> None:
-  """Records the run's config and corpus, after every check passed."""
+  """Records the run's config and corpus (process 0), after every check passed."""
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() != 0:
+    return
   write_text(workdir / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
   write_text(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
