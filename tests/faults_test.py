@@ -400,3 +400,10 @@ def test_corrupt_latest_checkpoint_offers_and_takes_resume_from_step(corpus, fin
   assert step == 4 and [r["step"] for r in read_metrics(run_copy)] == [2, 4]  # torn tail dropped
   for a, b in zip(jax.tree.leaves(redone), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # exact resume from step 2
+
+
+def test_resume_from_a_missing_step_names_the_steps_there(corpus, run_copy):
+  before = digest(run_copy)
+  with pytest.raises(ValueError, match=r"--resume-from-step 3: .*checkpoints has steps \[2, 4\]"):
+    distill.run(smoke_config(corpus), run_copy, resume_from_step=3)
+  assert digest(run_copy) == before
