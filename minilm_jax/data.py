@@ -24,8 +24,9 @@ simple, exact, and resumable by example index; for corpora beyond host memory, p
 subset ("tfds:NAME:train[:10%]") or cap `max_documents`.
 
 `batch_iterator` turns the packed examples into a grain pipeline: global shuffle with a seed
-(reshuffled each epoch), this process's shard, repeat, fixed-shape batches, worker processes
-and prefetch, with an exactly resumable, JSON-serialisable iterator state.
+(reshuffled each epoch), repeat, global batches of which each process builds only its own
+contiguous block of rows, worker processes and prefetch, with an exactly resumable,
+JSON-serialisable iterator state that is the same on every process.
 """
 
 import dataclasses
@@ -378,25 +379,33 @@ def _stack_examples(examples: grain.MapDataset, indices: np.ndarray):
   return np.stack(rows)
 
 
+def _gather_block(gather: Callable, block: slice, indices: np.ndarray):
+  """The rows of this process's block of one global batch of example indices."""
+  return gather(indices[block])
+
+
 def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: int,
                    num_epochs: int | None = None, process_index: int | None = None,
                    process_count: int | None = None, worker_count: int = 0, prefetch: int = 2,
                    read_threads: int = 1) -> grain.DatasetIterator:
-  """This process's batches: shuffle -> shard -> repeat -> batch -> worker processes.
+  """This process's rows of each global batch: shuffle -> repeat -> batch -> its block -> workers.
 
-  Each epoch is globally shuffled by `seed` (reshuffled per epoch) and cut into
-  `process_count` disjoint, equal shards before batching; at most process_count - 1 examples
-  per epoch are left out so that every process yields the same number of batches. Batches
-  have a fixed shape (the last incomplete one of a finite run is dropped). The order depends
-  on the seed, never on `worker_count`. `get_state()` is a JSON-serialisable dict;
-  `set_state()` on a freshly built iterator (same arguments) continues exactly.
+  Each epoch is globally shuffled by `seed` (reshuffled per epoch); global batches of
+  `global_batch_size` examples run across epoch boundaries, and process p builds rows
+  p * B/P .. (p + 1) * B/P - 1 of each, the rows a single process would give the devices
+  of host p. So P processes x D devices see exactly the batches (and, as dropout follows a
+  row's global position, the masks) of 1 process x P*D devices. Batches have a fixed shape
+  (the last incomplete one of a finite run is dropped). The order depends on the seed, never
+  on `worker_count` or `process_count`. `get_state()` is a JSON-serialisable dict, the same
+  on every process (it counts global batches); `set_state()` on a freshly built iterator
+  (same arguments, any process count) continues exactly.
 
   Args:
     examples: `pretraining_examples` output.
     global_batch_size: examples per step over all processes.
     seed: shuffle seed, 0 <= seed < 2**32.
     num_epochs: passes over the data; None repeats forever.
-    process_index, process_count: this process's shard; default jax.process_index/count().
+    process_index, process_count: this process's block; default jax.process_index/count().
     worker_count: grain worker processes (0: build batches in this process).
     prefetch: batches buffered per worker (and by the reading threads).
     read_threads: threads building batches inside each process.
@@ -416,18 +425,18 @@ def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: 
                      f"process_count={process_count}")
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed={seed} must be in [0, 2**32)")
-  per_process = global_batch_size // process_count
-  epoch = len(examples) - len(examples) % process_count
-  # Shuffle, shard and batch example *indices*; rows are built per batch at the end.
-  shard = grain.MapDataset.range(len(examples)).shuffle(seed)[:epoch]
-  shard = shard[process_index::process_count]
-  if num_epochs is not None and num_epochs * len(shard) < per_process:
+  if num_epochs is not None and num_epochs * len(examples) < global_batch_size:
     raise ValueError(
-        f"{num_epochs} epoch(s) of {len(examples)} examples give no batch of {per_process} "
-        f"per process: lower global_batch_size or raise num_epochs")
+        f"{num_epochs} epoch(s) of {len(examples)} examples give no batch of {global_batch_size}: "
+        "lower global_batch_size or raise num_epochs")
+  per_process = global_batch_size // process_count
+  block = slice(process_index * per_process, (process_index + 1) * per_process)
   gather = examples.gather if isinstance(examples, PackedExamples) else functools.partial(
       _stack_examples, examples)
-  batches = shard.repeat(num_epochs).batch(per_process, drop_remainder=True).map(gather)
+  # Shuffle and batch example *indices* globally; this process builds only its block's rows.
+  order = grain.MapDataset.range(len(examples)).shuffle(seed).repeat(num_epochs)
+  batches = order.batch(global_batch_size, drop_remainder=True).map(
+      functools.partial(_gather_block, gather, block))
   ds = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:

@@ -103,18 +103,30 @@ def test_batches_have_fixed_shape_and_dtype(demo):
   assert all(v.shape == (4, 64) and v.dtype == np.int32 for v in batch.values())
 
 
-def test_shards_are_disjoint_and_cover_the_epoch():
+def test_processes_take_contiguous_blocks_of_the_single_process_batches():
+  """P processes x D devices see the batches of 1 process x P*D devices (issue 14)."""
   examples = grain.MapDataset.range(103)
-  for epoch in (1, 2):
-    shards = [np.concatenate(list(data.batch_iterator(
-        examples, global_batch_size=4, seed=7, num_epochs=epoch, process_index=i,
-        process_count=4)))[(epoch - 1) * 25:] for i in range(4)]
-    assert [len(s) for s in shards] == [25] * 4  # 103 - 103 % 4 examples, equal shards
-    together = np.concatenate(shards)
-    assert len(set(together.tolist())) == 100  # disjoint, 3 examples left out this epoch
-  first = np.concatenate(list(data.batch_iterator(
-      examples, global_batch_size=4, seed=7, num_epochs=2, process_index=0, process_count=4)))
-  assert list(first[:25]) != list(first[25:])  # each epoch reshuffled
+  single = list(data.batch_iterator(examples, global_batch_size=8, seed=7, num_epochs=2,
+                                    process_index=0, process_count=1))
+  assert len(single) == 2 * 103 // 8  # global batches run across the epoch boundary
+  for count in (2, 4):
+    blocks = [list(data.batch_iterator(examples, global_batch_size=8, seed=7, num_epochs=2,
+                                       process_index=i, process_count=count))
+              for i in range(count)]
+    assert all(len(b) == len(single) for b in blocks)
+    for step, batch in enumerate(single):  # process p: rows p*8/P .. (p+1)*8/P - 1
+      np.testing.assert_array_equal(np.concatenate([b[step] for b in blocks]), batch)
+  part = data.batch_iterator(examples, global_batch_size=8, seed=7, num_epochs=2,
+                             process_index=1, process_count=2)
+  for _ in range(3):
+    next(part)
+  whole = data.batch_iterator(examples, global_batch_size=8, seed=7, num_epochs=2,
+                              process_index=0, process_count=1)
+  whole.set_state(json.loads(json.dumps(part.get_state())))  # the state counts global batches
+  np.testing.assert_array_equal(next(whole), single[3])
+  rows = np.concatenate(single)
+  assert sorted(rows[:103].tolist()) == list(range(103))  # each epoch takes every example once
+  assert list(rows[103:]) != list(rows[:len(rows) - 103])  # and is reshuffled
   default = next(data.batch_iterator(examples, global_batch_size=4, seed=7))  # jax: 1 process
   assert list(default) == list(next(data.batch_iterator(
       examples, global_batch_size=4, seed=7, process_index=0, process_count=1)))
