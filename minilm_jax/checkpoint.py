@@ -7,12 +7,17 @@ A checkpoint directory holds
     <step>/params       the parameters (Orbax, one directory per step)
     <step>/opt_state    training runs only: optimizer state, ...
     <step>/train        ... step counter and PRNG key,
-    <step>/data         ... and the data iterator's state (JSON)
+    <step>/data         ... and the data iterator's state (JSON, one file per process)
 
 `convert --from-hf` writes step 0 with parameters only; `distill` writes every N steps
 through the same `CheckpointManager`, asynchronously and atomically (Orbax writes a
 temporary directory and renames it when complete), so both export the same way. The
 frozen teacher is never saved: it is re-read from its Hugging Face directory.
+
+Checkpoints do not depend on the topology that wrote them: parameters are restored with the
+sharding of the devices at hand (one device to export or fine-tune, the new mesh to resume),
+and the data state counts global batches, so a run saved by 2 processes x 4 devices exports
+on a laptop and resumes on 1 process x 8 devices.
 """
 
 import dataclasses
@@ -27,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from minilm_jax import model as model_lib
-from minilm_jax.convert import TOKENIZER_FILES, write_dir_atomically
+from minilm_jax.convert import TOKENIZER_FILES, write_dir_atomically, write_file_atomically
 from minilm_jax.teachers import resolve_model_dir
 
 MODEL_FILE = "model.json"
@@ -58,15 +63,18 @@ def read_model_config(directory: pathlib.Path) -> model_lib.ModelConfig:
 
 def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
                       tokenizer_dir: str | os.PathLike) -> None:
-  """Writes model.json and tokenizer/ into a checkpoint directory (idempotent)."""
+  """Writes model.json and tokenizer/ into a checkpoint directory (idempotent, atomic per file)."""
   directory.mkdir(parents=True, exist_ok=True)
-  (directory / MODEL_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+  write_file_atomically(directory / MODEL_FILE,
+                        json.dumps(dataclasses.asdict(config), indent=2) + "\n")
   tok = directory / TOKENIZER_DIR
   tok.mkdir(exist_ok=True)
   src = resolve_model_dir(tokenizer_dir)
   for name in TOKENIZER_FILES:
     if (src / name).is_file() and src != tok:
-      shutil.copy2(src / name, tok / name)
+      tmp = tok / f".{name}.tmp-{os.getpid()}"
+      shutil.copy2(src / name, tmp)
+      os.replace(tmp, tok / name)
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
@@ -108,6 +116,7 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       raise FileNotFoundError(f"{directory} has no step {step}; it has steps {sorted(steps)}")
     if abstract is None:
       abstract = model_lib.abstract_params(config)
+    abstract = on_one_device(abstract)
     try:
       restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     except Exception as e:
@@ -115,6 +124,43 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
                        "checkpoint is corrupt or was written for another model; pick another --step "
                        "or re-create it") from e
   return config, restored["params"], directory / TOKENIZER_DIR, step
+
+
+def on_one_device(abstract: Any) -> Any:
+  """Abstract arrays without a sharding placed on this process's first device.
+
+  Orbax restores into the sharding each leaf names, whatever sharding saved it; without one
+  it insists on the saving topology ("Topology mismatch"), so a checkpoint of several
+  devices could not be read here.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(x, "sharding", None) or device), abstract)
+
+
+def data_state(step_dir: pathlib.Path) -> dict:
+  """The data iterator state saved with a step, for this process, whatever process count saved it.
+
+  grain writes one `process_<i>-of-<n>.json` per process. `data.batch_iterator` states
+  count global batches, so every process saves the same state and a run may resume on
+  another process count; states that differ (a pipeline whose position is per process)
+  cannot be shared, and the error says to resume on the process count that saved them.
+  """
+  folder = pathlib.Path(step_dir) / "data"
+  own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if own.is_file():
+    return json.loads(own.read_text())
+  files = sorted(folder.glob("process_*-of-*.json"))
+  if not files:
+    raise FileNotFoundError(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
+                            "the step is incomplete; resume from another step")
+  states = [json.loads(f.read_text()) for f in files]
+  if any(s != states[0] for s in states):
+    saved_by = files[0].stem.split("-of-")[1]
+    raise ValueError(f"{folder} holds different data iterator states for the {saved_by} processes "
+                     f"that saved it, so it gives no global data position for "
+                     f"{jax.process_count()} processes: resume with --num-processes {saved_by}")
+  return states[0]
 
 
 def to_host(tree: Any) -> Any:

@@ -9,8 +9,13 @@ ml_collections config file with absl-style overrides, as the Flax examples do:
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
+
+# `distill` flags that name the cluster for `jax.distributed.initialize`, and their env variables.
+CLUSTER_FLAGS = {"coordinator-address": "JAX_COORDINATOR_ADDRESS",
+                 "num-processes": "JAX_NUM_PROCESSES", "process-id": "JAX_PROCESS_ID"}
 
 
 def convert(argv: list[str]) -> None:
@@ -137,23 +142,55 @@ def _config_flags(argv: list[str], command: str):
   config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
                                   lock_config=False, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)",
-                    flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize(): one process per "
+                    "host, the cluster auto-detected (TPU VM, SLURM, Open MPI, GKE) or named by "
+                    "the flags below", flag_values=fv)
+  flags.DEFINE_string("coordinator-address", None, "HOST:PORT that process 0 serves the "
+                      "coordinator on (env JAX_COORDINATOR_ADDRESS)", flag_values=fv)
+  flags.DEFINE_integer("num-processes", None, "processes in the run, one per host (env "
+                       "JAX_NUM_PROCESSES)", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("process-id", None, "this process, 0 .. num-processes - 1 (env "
+                       "JAX_PROCESS_ID)", lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("resume-from-step", None, "resume from this checkpoint step instead of the "
                        "latest (later steps are moved aside, not deleted)", flag_values=fv)
-  _parse_flags(fv, argv, f"usage: python -m minilm_jax {command} --config experiments/NAME.py "
-               "--workdir DIR [--config.key=value ...] [--resume-from-step N]")
+  usage = (f"usage: python -m minilm_jax {command} --config experiments/NAME.py --workdir DIR "
+           "[--config.key=value ...] [--resume-from-step N] [--distributed "
+           "[--coordinator-address HOST:PORT --num-processes N --process-id I]]")
+  _parse_flags(fv, argv, usage)
+  for name, env in CLUSTER_FLAGS.items():  # the environment fills what the command line left
+    if fv[name].value is None and os.environ.get(env):
+      try:
+        fv[name].parse(os.environ[env])
+      except flags.Error as e:
+        sys.exit(f"error: environment variable {env}={os.environ[env]!r}: {e}")
   if fv.config is None or fv.workdir is None:
-    sys.exit(f"usage: python -m minilm_jax {command} --config experiments/NAME.py --workdir DIR "
-             "[--config.key=value ...]")
+    sys.exit(usage)
   return fv
 
 
-def _init_runtime(distributed: bool) -> None:
+def _cluster(fv) -> dict | None:
+  """`jax.distributed.initialize` arguments: None (one process) or those named (JAX finds the rest)."""
+  given = {name.replace("-", "_"): fv[name].value for name in CLUSTER_FLAGS
+           if fv[name].value is not None}
+  if not given:
+    return {} if fv.distributed else None
+  if len(given) < len(CLUSTER_FLAGS) and not fv.distributed:
+    missing = [f"--{n} ({e})" for n, e in CLUSTER_FLAGS.items() if n.replace("-", "_") not in given]
+    sys.exit(f"error: naming the cluster takes --coordinator-address, --num-processes and "
+             f"--process-id together; missing {', '.join(missing)}. Pass all three (or set the "
+             "environment variables), or add --distributed to let JAX detect the rest on a TPU "
+             "VM, SLURM, Open MPI or GKE cluster")
+  if given.get("process_id", -1) >= given.get("num_processes", 1 << 30):
+    sys.exit(f"error: --process-id {given['process_id']} must be below --num-processes "
+             f"{given['num_processes']} (ids are 0 .. {given['num_processes'] - 1})")
+  return given
+
+
+def _init_runtime(cluster: dict | None) -> None:
   import logging
   import jax
-  if distributed:
-    jax.distributed.initialize()
+  if cluster is not None:
+    jax.distributed.initialize(**cluster)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -162,12 +199,13 @@ def _init_runtime(distributed: bool) -> None:
 
 def distill(argv: list[str]) -> None:
   fv = _config_flags(argv, "distill")
-  _init_runtime(fv.distributed)
-  import json
-  from minilm_jax import teacher_assistant
+  _init_runtime(_cluster(fv))
+  from minilm_jax import distill as distill_lib, teacher_assistant
   summary = teacher_assistant.run(fv.config, fv.workdir,  # one stage, or assistant then student
                                   resume_from_step=fv["resume-from-step"].value)
   print(json.dumps(summary, indent=2))
+  if summary["preempted"]:  # not 0: a scheduler must not read a pre-empted run as finished
+    sys.exit(distill_lib.PREEMPTED_EXIT_CODE)
 
 
 def _default_data(task: str) -> str:
@@ -215,7 +253,7 @@ def finetune(argv: list[str]) -> None:
     sys.exit(f"error: --seeds {','.join(fv.seeds)} must be integers, e.g. --seeds 0,1,2")
   cfg = dataclasses.replace(fv.config, task=task, model=fv.model,
                             data=fv.data or fv.config.data or _default_data(task))
-  _init_runtime(False)
+  _init_runtime(None)
   summary = finetune_lib.run_seeds(cfg, fv.workdir, seeds)
   print(json.dumps({k: summary[k] for k in ("task", "model", "seeds", "scores", "mean", "std",
                                             "wall_time_s")}, indent=2))

@@ -231,6 +231,18 @@ def check_not_overlapping(sources, out_dir: str | os.PathLike) -> None:
                        "what is being read; choose an output directory outside the input")
 
 
+def write_file_atomically(path: pathlib.Path, data: str | bytes) -> None:
+  """Writes `path` through a temporary sibling and `os.replace`.
+
+  A reader (another host polling a shared file system) sees the old file or the new one,
+  never a torn one.
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+  os.replace(tmp, path)
+
+
 def write_dir_atomically(out_dir: pathlib.Path, write, *, overwrite: bool,
                          sources=()) -> pathlib.Path:
   """Runs `write(tmp)` into a temporary sibling, then renames it to `out_dir`.

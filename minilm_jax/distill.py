@@ -7,7 +7,10 @@ student parameters, optimizer state, step, PRNG key and the data iterator's per-
 state), `metrics.jsonl`, `tensorboard/` and, at the end, `hf/` (the student as a Hugging
 Face directory). Re-running with the same workdir resumes from the latest checkpoint
 and continues with exactly the batches and dropout masks an uninterrupted run would
-have seen; SIGTERM (pre-emption) saves a checkpoint before the process exits.
+have seen; SIGTERM (pre-emption) on any process makes every process save the same step and
+exit with `PREEMPTED_EXIT_CODE`. On several processes, process 0 alone writes the shared
+files (config.json, model.json, tokenizer/, metrics, hf/), each through a temporary file and
+`os.replace`; the others wait at a barrier.
 """
 
 import dataclasses
@@ -26,11 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
+from jax.experimental import multihost_utils
 
 from minilm_jax import checkpoint, convert, data, sharding, train, workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import MetricWriter, read_metrics
 from minilm_jax.teachers import resolve_model_dir
+
+# Exit status of a run that SIGTERM stopped after saving: EX_TEMPFAIL of sysexits.h ("try
+# again"), so a scheduler never reads a pre-empted run as finished; the same command resumes.
+PREEMPTED_EXIT_CODE = 75
+
 
 def _check_writable(directory: pathlib.Path, last: int | None) -> None:
   """Fails at once, naming the path, where Orbax would wait 300 s for a step directory."""
@@ -75,14 +84,15 @@ def _restore(mngr: ocp.CheckpointManager, abstract: train.TrainState, iterator) 
     got = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         opt_state=ocp.args.StandardRestore(abstract.opt_state),
-        train=ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng}),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
+        train=ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng})))
   except Exception as e:
     earlier = [s for s in mngr.all_steps() if s < step]
     fix = (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
            "moved aside, not deleted)" if earlier else "no earlier step is left: use a new --workdir")
     raise ValueError(f"checkpoint {mngr.directory}/{step} could not be restored ({type(e).__name__}: "
                      f"{e}): {fix}") from e
+  # Not grain's CheckpointRestore: it reads only the file of this process count.
+  iterator.set_state(checkpoint.data_state(pathlib.Path(mngr.directory) / str(step)))
   return train.TrainState(got["train"]["step"], got["params"], got["opt_state"], got["train"]["rng"])
 
 
@@ -91,19 +101,49 @@ def _truncate_metrics(workdir: pathlib.Path, step: int) -> None:
   path = workdir / "metrics.jsonl"
   if path.is_file() and jax.process_index() == 0:
     records = read_metrics(workdir, drop_torn_tail=True)
-    workdir_lib.write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+    convert.write_file_atomically(
+        path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """SIGTERM on any process stops every process after the same step.
 
-  def __init__(self):
-    self.requested = False
+  The handler only raises this process's flag; one process stops on it at once. Several
+  vote after each step: a `max` over one flag per device, a tiny all-reduce queued behind
+  the step and read one step later (so it stalls nothing). Every process reads the same
+  vote after the same step, so all save that step and exit together. Each host checking
+  its own flag instead let one wait in Orbax's save barrier while the others waited in the
+  next step's all-reduce: a deadlock.
+  """
+
+  def __init__(self, mesh):
+    self.requested = False  # this process received SIGTERM
+    self._mesh = mesh
+    self._any = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+    self._vote = None  # the last step's vote, read at the next step
     self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint before exiting")
+    logging.warning("SIGTERM: every process will save the same step and exit")
     self.requested = True
+
+  def _cast(self) -> jax.Array:
+    flags = np.full(len(self._mesh.local_devices), self.requested, np.int32)  # one per device
+    return self._any(jax.make_array_from_process_local_data(sharding.batch_sharded(self._mesh),
+                                                            flags))
+
+  def agreed(self) -> bool:
+    """After a step: whether every process stops now (the vote cast after the previous step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    previous, self._vote = self._vote, self._cast()
+    return previous is not None and bool(previous.addressable_data(0))
+
+  def any_requested(self) -> bool:
+    """At the end of a run: whether any process got SIGTERM (a vote read at once)."""
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(self._cast().addressable_data(0))
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._previous)
@@ -141,7 +181,9 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   if resume_from_step is not None:
     _resume_from(workdir, resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)
-  checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher_dir)
+  if jax.process_index() == 0:
+    checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher_dir)
+  multihost_utils.sync_global_devices("minilm_jax distill: run files written")
   mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
 
   replicated = sharding.replicated(mesh)
@@ -160,7 +202,7 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
                teacher_dir, setup.teacher.num_layers, setup.student, mesh.size, stats, start)
   if start == 0:
     writer.write_text("config", json.dumps(dataclasses.asdict(cfg), indent=2))
-  preemption = _Preemption()
+  preemption = _Preemption(mesh)
   bar = tqdm.tqdm(total=cfg.max_steps, initial=start, unit="step", disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   pending, last = None, (start, time.perf_counter())
@@ -182,16 +224,20 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
       if done % cfg.log_every == 0 or done == cfg.max_steps:
         pending = (done, metrics)
       bar.update(1)
-      if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or preemption.requested:
+      stop = preemption.agreed()
+      if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stop:
         guard.check(*unchecked)  # this step's loss first: a non-finite state is never saved
         unchecked = None
         _save(mngr, state, iterator, force=True)
-      if preemption.requested:
+      if stop:
+        logging.warning("pre-empted: every process saved step %d; exiting with code %d (re-run "
+                        "the same command to resume)", done, PREEMPTED_EXIT_CODE)
         break
     if pending is not None:
       record = _log(writer, bar, *pending, last, cfg, schedule)
       first_loss = record["loss/total"] if first_loss is None else first_loss
       last_loss = record["loss/total"]
+    preempted = preemption.any_requested()  # SIGTERM in the last step too: exit as pre-empted
   finally:
     mngr.wait_until_finished()
     preemption.restore()
@@ -199,7 +245,7 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
     writer.close()
   final_step = int(state.step)
   summary = {"workdir": str(workdir), "steps": final_step, "first_loss": first_loss,
-             "last_loss": last_loss, "preempted": preemption.requested, "corpus": dataclasses.asdict(stats)}
+             "last_loss": last_loss, "preempted": preempted, "corpus": dataclasses.asdict(stats)}
   if cfg.export_hf and final_step == cfg.max_steps and jax.process_index() == 0:
     params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
     summary["hf"] = str(convert.save_hf(workdir / "hf", export_config, params, teacher_dir, overwrite=True))

@@ -17,7 +17,7 @@ import pathlib
 import jax
 import numpy as np
 
-from minilm_jax import data, train
+from minilm_jax import convert, data, train
 
 CONFIG_FILE = "config.json"
 CORPUS_FILE = "corpus.json"
@@ -115,17 +115,11 @@ def check_corpus(workdir: pathlib.Path, record: dict) -> None:
                    "continue another data order. Restore the corpus, or use a new --workdir")
 
 
-def write_text(path: pathlib.Path, text: str) -> None:
-  """Writes a file whole: a temporary file beside it, then `os.replace`."""
-  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def write(workdir: pathlib.Path, cfg: train.DistillConfig, record: dict) -> None:
   """Records the run's config and corpus (process 0), after every check passed."""
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() != 0:
     return
-  write_text(workdir / CONFIG_FILE, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-  write_text(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
+  convert.write_file_atomically(workdir / CONFIG_FILE,
+                                json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+  convert.write_file_atomically(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
