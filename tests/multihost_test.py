@@ -26,7 +26,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from minilm_jax import checkpoint, cli, convert, distill, finetune, train, workdir
+from minilm_jax import checkpoint, cli, convert, distill, finetune, train
+from minilm_jax import workdir as workdir_lib
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -263,7 +264,7 @@ def test_shared_files_are_replaced_whole_and_written_by_process_zero(tmp_path, m
   assert _torn_reads(tmp_path / "config.json", convert.write_file_atomically) == 0
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  workdir.write(tmp_path / "run", train.DistillConfig(), {"sha256": "0"})
+  workdir_lib.write(tmp_path / "run", train.DistillConfig(), {"sha256": "0"})
   assert list((tmp_path / "run").iterdir()) == []  # process 0 writes config.json, the others wait
 
 
