@@ -6,12 +6,12 @@ and skips padding) and in the size of the token-type table.
 
 MiniLM distils the self-attention of one layer, so the encoder exposes, for the layers
 named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
-before any dropout) and on request the attention logits. Every other layer goes through
-`fused_attention` (cuDNN flash attention on a GPU in bf16/fp16, XLA's elsewhere), which
-keeps no [T, S] tensor where cuDNN runs. Attention dropout cannot be fused there, so a
-layer whose attention probabilities are dropped out (training with `attention_dropout > 0`)
-computes them explicitly; `attention_dropout=0` keeps every uncaptured layer fused in
-training too.
+before any dropout) and on request the attention logits. Every layer's attention goes
+through `fused_attention`, where one function (`attention_implementation`) picks the route:
+cuDNN flash attention on a GPU in bf16/fp16, with the attention-probability dropout fused
+into the kernel in training, so no [T, S] tensor is kept; XLA elsewhere, where a layer whose
+probabilities are dropped out computes them explicitly ([B, N, T, S] float32) and
+`attention_dropout=0` keeps every layer fused in training too.
 
 Dimension legend (einsums and shape names):
   B batch, T query positions, S key positions, N attention heads, H head size,
@@ -161,44 +161,88 @@ def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def attention_implementation(dtype: Any, head_dim: int) -> str:
-  """The `jax.nn.dot_product_attention` implementation `fused_attention` uses.
+def attention_implementation(dtype: Any, head_dim: int, dropout: bool = False) -> str:
+  """The route `fused_attention` takes: "cudnn" or "xla".
 
-  "cudnn" (flash attention, no [T, S] tensor in memory) on a GPU for bf16/fp16 inputs
-  whose shape cuDNN takes (head size a multiple of 8, at most 128, or 256 from Hopper on,
-  on a recent enough cuDNN; JAX checks these when tracing); "xla" otherwise. JAX's own default (None) is
-  XLA everywhere, which on a GPU writes the whole [B, N, T, S] probability tensor.
+  "cudnn" (flash attention, no [T, S] tensor in memory, dropout fused when `dropout`) on a
+  GPU for bf16/fp16 inputs whose shape cuDNN takes (head size a multiple of 8, at most 128,
+  or 256 from Hopper on, on a recent enough cuDNN; JAX checks these when tracing); "xla"
+  otherwise. JAX's own default (None) is XLA everywhere, which on a GPU writes the whole
+  [B, N, T, S] probability tensor.
   """
   if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return "xla"
   x = jax.ShapeDtypeStruct((1, 8, 1, head_dim), jnp.dtype(dtype))
   lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
   try:
-    jax.eval_shape(functools.partial(jax.nn.dot_product_attention, implementation="cudnn"),
-                   x, x, x, key_value_seq_lengths=lengths)
+    jax.eval_shape(functools.partial(_cudnn_attention, dropout_rate=0.1 if dropout else 0.0, seed=0),
+                   x, x, x, lengths)
   except Exception as e:  # noqa: BLE001 - any refusal (cuDNN version, GPU generation, shape)
-    warnings.warn(f"cuDNN attention is unavailable for {jnp.dtype(dtype)} heads of {head_dim} "
-                  f"({type(e).__name__}: {e}); using XLA's attention", stacklevel=2)
+    warnings.warn(f"cuDNN attention{' with dropout' if dropout else ''} is unavailable for "
+                  f"{jnp.dtype(dtype)} heads of {head_dim} ({type(e).__name__}: {e}); using XLA's "
+                  "attention", stacklevel=2)
     return "xla"
   return "cudnn"
 
 
+def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths_B, *, dropout_rate: float, seed: int):
+  """cuDNN flash attention over the first `lengths_B` keys, dropout fused in the kernel.
+
+  `jax.nn.dot_product_attention` takes no dropout, so a dropout rate goes to the function
+  behind it (`jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`), whose `seed`
+  is a compile-time integer.
+  """
+  if not dropout_rate:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, key_value_seq_lengths=lengths_B,
+                                        implementation="cudnn")
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415 - GPU only
+  b, t = q_BTNH.shape[:2]
+  return cudnn.dot_product_attention(
+      q_BTNH, k_BSNH, v_BSNH, q_seqlen=jnp.full((b,), t, jnp.int32), kv_seqlen=lengths_B,
+      scale=1 / math.sqrt(q_BTNH.shape[-1]), mask_type=cudnn.MaskType.PADDING, seed=seed,
+      dropout_rate=dropout_rate)
+
+
 def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
-                    attention_mask_BS: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(H)) v per head over the unpadded keys: [B, T, N, H].
+                    attention_mask_BS: jax.Array, *, dropout_rate: float = 0.0,
+                    dropout_rng: jax.Array | None = None, cudnn_seed: int = 0) -> jax.Array:
+  """dropout(softmax(q k^T / sqrt(H))) v per head over the unpadded keys: [B, T, N, H].
 
   On cuDNN the padding goes in as key lengths (the count of 1s in each mask row, at least
   1 so that an all-padding filler row stays finite), which equals the mask for
   right-padded rows, the only kind the tokenizers and packers here write; XLA takes the
-  mask itself.
+  mask itself. Dropout on the probabilities (`dropout_rate > 0`, with `dropout_rng`):
+
+  - XLA: the masks come from `dropout_rng`, so they are the same on every run, after an
+    exact resume and on any device count (the step's keys are identical across shardings).
+  - cuDNN: the kernel draws its masks from Philox with the compile-time `cudnn_seed` (the
+    layer index) and an offset that XLA advances each time the compiled step runs on a
+    device, from 0 in each process; `dropout_rng` is not used. A run is reproducible from
+    step 0 in a fresh process, but a resumed run replays the masks of the first steps
+    rather than continuing the uninterrupted run's (resume is exact except for these
+    masks), every data-parallel device draws the same masks for its rows, and a
+    recompilation restarts the sequence.
   """
-  impl = attention_implementation(q_BTNH.dtype, q_BTNH.shape[-1])
+  h = q_BTNH.shape[-1]
+  impl = attention_implementation(q_BTNH.dtype, h, dropout_rate > 0)
   if impl == "cudnn":
     lengths = jnp.maximum(attention_mask_BS.sum(axis=-1, dtype=jnp.int32), 1)
-    return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, key_value_seq_lengths=lengths,
-                                        implementation="cudnn")
+    return _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths, dropout_rate=dropout_rate, seed=cudnn_seed)
+  if dropout_rate > 0:
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) / math.sqrt(h)
+    return explicit_attention(logits, v_BSNH, attention_mask_BS, dropout_rate, dropout_rng)
   mask = attention_mask_BS[:, None, None, :].astype(bool)
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, implementation="xla")
+
+
+def explicit_attention(logits_BNTS: jax.Array, v_BSNH: jax.Array, attention_mask_BS: jax.Array,
+                       dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+  """dropout(softmax(logits)) v with the probabilities in memory: XLA's route with dropout."""
+  probs = attention_probs(logits_BNTS, attention_mask_BS)
+  if dropout_rate > 0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v_BSNH.dtype), v_BSNH)
 
 
 def _init(stddev: float = 0.02):
@@ -217,11 +261,14 @@ def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 class Embeddings(nnx.Module):
   """Word + position + token-type embeddings, LayerNorm, dropout.
 
-  The three lookups and their sum stay in float32 (the parameters' dtype); the LayerNorm
-  casts to the compute dtype. A lookup's gradient is a scatter-add of one row per token:
-  in float32 it is exact to float32 and fast. In bf16 it would round the sum of thousands
-  of rows ([PAD], [CLS], token type 0) to 8 bits, and on a GPU it serialises on those
-  repeated ids (measured on an H200: 286 ms of a 315 ms BERT-base distillation step).
+  The three tables and their sum stay in float32 (the parameters' dtype); the LayerNorm
+  casts to the compute dtype. Only the word embeddings are a lookup, whose gradient is a
+  float32 scatter-add of one row per token. Where many tokens share a row ([PAD], [CLS],
+  position 0, token type 0) a scatter serialises on a GPU (a bf16 one took 286 ms of a
+  315 ms BERT-base distillation step on an H200, and rounded the sum to 8 bits), so the
+  other two tables need none: BERT's positions 0..T-1 are a slice of the table broadcast
+  over the batch and the K token types a `where` over the K rows, whose gradients are
+  reductions. RoBERTa's positions skip padding wherever it sits, so they stay a lookup.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -242,9 +289,22 @@ class Embeddings(nnx.Module):
       return jnp.cumsum(real, axis=1) * real + self.config.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
 
+  def positions(self, input_ids: jax.Array) -> jax.Array:
+    """Position embeddings, [B, T, D] or [1, T, D] (BERT: the same for every row)."""
+    if self.config.model_type in ROBERTA_FAMILY:
+      return self.position_embeddings(self.position_ids(input_ids))
+    return self.position_embeddings.embedding[:input_ids.shape[1]][None]
+
+  def token_types(self, token_type_ids: jax.Array) -> jax.Array:
+    """Token-type embeddings: row 0, replaced by row k where the id is k."""
+    table = self.token_type_embeddings.embedding[...]
+    x = jnp.broadcast_to(table[0], (*token_type_ids.shape, table.shape[1]))
+    for k in range(1, table.shape[0]):
+      x = jnp.where((token_type_ids == k)[..., None], table[k], x)
+    return x
+
   def __call__(self, input_ids, token_type_ids, dropout_rng) -> jax.Array:
-    x = (self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids(input_ids))
-         + self.token_type_embeddings(token_type_ids))
+    x = self.word_embeddings(input_ids) + self.positions(input_ids) + self.token_types(token_type_ids)
     return _dropout(self.dropout, self.layer_norm(x), dropout_rng)
 
 
@@ -255,8 +315,9 @@ def _dropout(layer: nnx.Dropout, x: jax.Array, rng: jax.Array | None) -> jax.Arr
 class Layer(nnx.Module):
   """One post-LayerNorm Transformer layer (BERT): self-attention, then feed-forward."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, index: int = 0, *, rngs: nnx.Rngs):
     self.config = config
+    self.index = index  # 0-based; seeds cuDNN's fused attention dropout
     d, f, dtype = config.hidden_size, config.intermediate_size, jnp.dtype(config.dtype)
     self.query = _dense(d, d, dtype, rngs)
     self.key = _dense(d, d, dtype, rngs)
@@ -267,7 +328,6 @@ class Layer(nnx.Module):
     self.output = _dense(f, d, dtype, rngs)
     self.output_norm = _layer_norm(config, rngs)
     self.hidden_dropout = nnx.Dropout(config.hidden_dropout)
-    self.attention_dropout = nnx.Dropout(config.attention_dropout)
 
   def __call__(self, x_BTD, attention_mask_BS, dropout_rng, *, capture: bool, return_logits: bool):
     c = self.config
@@ -276,16 +336,13 @@ class Layer(nnx.Module):
     split = lambda y: y.reshape(b, t, c.num_heads, c.head_dim)
     q, k, v = split(q_BTD), split(k_BTD), split(v_BTD)
     rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
-    drop_probs = rngs[0] is not None and c.attention_dropout > 0
+    drop_rate = c.attention_dropout if rngs[0] is not None else 0.0
     logits = None
-    if drop_probs or return_logits:
+    if return_logits:
       logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
       logits = logits / math.sqrt(c.head_dim)
-    if drop_probs:
-      probs = _dropout(self.attention_dropout, attention_probs(logits, attention_mask_BS), rngs[0])
-      ctx = jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
-    else:
-      ctx = fused_attention(q, k, v, attention_mask_BS)
+    ctx = fused_attention(q, k, v, attention_mask_BS, dropout_rate=drop_rate, dropout_rng=rngs[0],
+                          cudnn_seed=self.index)  # XLA merges its logits with those above (CSE)
     h = self.attention_out(ctx.reshape(b, t, -1))
     h = self.attention_norm(_dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
     y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))
@@ -300,7 +357,7 @@ class Encoder(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     self.embeddings = Embeddings(config, rngs=rngs)
-    self.layers = nnx.List([Layer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Layer(config, i, rngs=rngs) for i in range(config.num_layers)])
     self.pooler = _dense(config.hidden_size, config.hidden_size, jnp.dtype(config.dtype), rngs) if config.use_pooler else None
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,

@@ -1,5 +1,7 @@
 """The Flax encoder against PyTorch `transformers` (float32, CPU, eager attention)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,15 +187,83 @@ def test_fused_attention_cudnn_matches_numpy_bfloat16():
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
-def test_embedding_gradients_accumulate_in_float32():
-  """bf16 compute still looks embeddings up in float32, so their gradients are float32
-  scatter-adds: a bf16 one rounds the sum over repeated ids ([PAD], token type 0) to 8 bits
-  and serialised on those ids on an H200 (286 ms of a 315 ms step)."""
+def _scatters(hlo: str) -> list[tuple[str, list[str]]]:
+  """(result type, operand types) of every scatter in compiled HLO text (operands by name)."""
+  types = dict(re.findall(r"(%[\w.-]+) = (\w+)\[", hlo))
+  found = []
+  for result, operands in re.findall(r"= (\w+)\[[^=]*? scatter\(([^)]*)\)", hlo):
+    found.append((result, [types.get(name.strip(), "?") for name in operands.split(",")]))
+  return found
+
+
+def test_step_keeps_one_float32_scatter_the_word_table():
+  """The compiled distillation step (bf16 compute, two token types) has one scatter, the
+  word table's gradient, in float32: positions are a broadcast slice and token types a
+  `where`, whose gradients are reductions. A bf16 scatter rounds the sum over repeated ids
+  ([PAD], token type 0) to 8 bits, and scatters serialised on such ids on an H200 (286 ms
+  of a 315 ms step)."""
+  from minilm_jax import sharding, train
+  teacher = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+  cfg = train.DistillConfig(student_layers=1, student_hidden=32, student_heads=4, max_seq_len=8,
+                            global_batch_size=4, compute_dtype="bfloat16", two_segments=True)
+  setup = train.make_setup(cfg, teacher)
+  optimizer = train.make_optimizer(cfg)
+  state = train.init_state(cfg, setup, optimizer)
+  teacher_params = train.truncate_teacher(setup, model_lib.init_params(teacher))
+  batch = {k: jnp.zeros((4, 8), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+  step = train.make_train_step(setup, optimizer, sharding.make_mesh())
+  scatters = _scatters(step.lower(state, teacher_params, batch).compile().as_text())
+  assert len(scatters) == 1, scatters
+  result, operands = scatters[0]
+  assert result == "f32" and operands[0] == operands[2] == "f32", scatters  # table, ids, rows
+
+
+def test_embeddings_equal_the_lookups():
+  """Slice and `where` give exactly the rows a lookup of the position / token-type ids gives."""
   config = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
-                                 intermediate_size=64, max_position_embeddings=16, dtype="bfloat16")
-  params = model_lib.init_params(config)
-  ids = jnp.zeros((2, 8), jnp.int32)
-  loss = lambda p: model_lib.apply(config, p, ids).last_hidden_state.astype(jnp.float32).sum()
-  hlo = jax.jit(jax.grad(loss)).lower(params).as_text(dialect="hlo")
-  scatters = [line for line in hlo.splitlines() if " scatter(" in line]
-  assert len(scatters) == 3 and all(line.split("=")[1].strip().startswith("f32[") for line in scatters), scatters
+                                 intermediate_size=64, max_position_embeddings=16, type_vocab_size=3)
+  emb = model_lib.Embeddings(config, rngs=__import__("flax").nnx.Rngs(0))
+  ids = jnp.array([[5, 6, 7, 0], [8, 9, 0, 0]])
+  types = jnp.array([[0, 1, 2, 0], [2, 2, 1, 0]])
+  np.testing.assert_array_equal(jnp.broadcast_to(emb.positions(ids), (2, 4, 32)),
+                                emb.position_embeddings(emb.position_ids(ids)))
+  np.testing.assert_array_equal(emb.token_types(types), emb.token_type_embeddings(types))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU, bf16 heads take cuDNN")
+def test_attention_route_off_a_gpu_is_xla():
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for dropout in (False, True):
+      assert model_lib.attention_implementation(dtype, 32, dropout) == "xla"
+
+
+def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
+  """Rate 0 with a key is exactly the no-dropout path (1e-6); rate r zeroes probabilities
+  where a Bernoulli(1 - r) draw of the key is 0 and scales the rest by 1 / (1 - r)."""
+  (q, k, v), mask = _random_attention_inputs(jnp.float32)
+  key = jax.random.key(3)
+  with jax.default_matmul_precision("float32"):
+    fused = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask)))
+    zero = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.0, dropout_rng=key))
+    dropped = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25, dropout_rng=key))
+  np.testing.assert_allclose(zero, fused, rtol=0, atol=1e-6)
+  b, t, n, h = q.shape
+  logits = np.einsum("btnh,bsnh->bnts", np.float64(q), np.float64(k)) / np.sqrt(h)
+  logits = np.where(mask[:, None, None, :] == 1, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  keep = np.asarray(jax.random.bernoulli(key, 0.75, probs.shape))
+  want = np.einsum("bnts,bsnh->btnh", np.where(keep, probs / 0.75, 0.0), np.float64(v))
+  np.testing.assert_allclose(dropped, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_is_its_own_setting(teacher, batch):
+  """attention_dropout=0 in training differs from eval only by the hidden dropout."""
+  config, params = teacher
+  no_dropout = config.replace(hidden_dropout=0.0, attention_dropout=0.0)
+  eval_out = run(no_dropout, params, batch).last_hidden_state
+  train_out = run(no_dropout, params, batch, dropout_rng=jax.random.key(0)).last_hidden_state
+  np.testing.assert_allclose(train_out, eval_out, rtol=0, atol=1e-6)
+  attention_only = run(config.replace(hidden_dropout=0.0), params, batch, dropout_rng=jax.random.key(0))
+  assert np.abs(real(attention_only.last_hidden_state, batch) - real(eval_out, batch)).max() > 1e-2
