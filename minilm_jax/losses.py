@@ -20,6 +20,11 @@ have any head counts (and widths), as long as R divides both widths.
 Softmax and KL always run in float32, whatever the compute dtype; padded keys are
 removed with a large finite negative (not -inf), so a fully padded row gives a finite
 uniform distribution and neither NaN values nor NaN gradients.
+
+`relation_loss` writes the definition out with the [B, R, T, S] relations in memory; it is
+the reference the tests check against numpy. The MiniLM / MiniLMv2 losses the step trains
+with compute the same value and gradients with `blockwise_relation.blockwise_relation_loss`,
+which never holds a T x S tensor.
 """
 
 import difflib
@@ -28,9 +33,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from minilm_jax.blockwise_relation import MASKED, blockwise_relation_loss
 from minilm_jax.model import AttentionInternals
-
-_MASKED = -1e9  # logit of a padded key: exp underflows to exactly 0, yet stays finite.
 
 
 def relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
@@ -44,7 +48,7 @@ def relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
   a = a_BTD.reshape(b, t, num_relation_heads, h)
   k = b_BSD.reshape(b, b_BSD.shape[1], num_relation_heads, h)
   logits = jnp.einsum("BTRH,BSRH->BRTS", a, k, preferred_element_type=jnp.float32) / math.sqrt(h)
-  logits = jnp.where(mask_BS[:, None, None, :].astype(bool), logits, _MASKED)
+  logits = jnp.where(mask_BS[:, None, None, :].astype(bool), logits, MASKED)
   return jax.nn.log_softmax(logits, axis=-1)
 
 
@@ -69,13 +73,13 @@ def relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Arr
 def attention_transfer_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
                             num_heads: int) -> jax.Array:
   """MiniLM's attention transfer: KL(softmax(q_T k_T^T) || softmax(q_S k_S^T)), per head."""
-  return relation_loss(teacher.query, teacher.key, student.query, student.key, mask, num_heads)
+  return blockwise_relation_loss(teacher.query, teacher.key, student.query, student.key, mask, num_heads)
 
 
 def value_relation_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
                         num_heads: int) -> jax.Array:
   """MiniLM's value relation transfer: KL(softmax(v_T v_T^T) || softmax(v_S v_S^T))."""
-  return relation_loss(teacher.value, teacher.value, student.value, student.value, mask, num_heads)
+  return blockwise_relation_loss(teacher.value, teacher.value, student.value, student.value, mask, num_heads)
 
 
 # The terms each version can compute, paper order; a term list picks any non-empty subset
@@ -92,7 +96,7 @@ def _term(name: str, teacher: AttentionInternals, student: AttentionInternals, m
     return value_relation_loss(teacher, student, mask, heads)
   field = {"qq_relation": "query", "kk_relation": "key", "vv_relation": "value"}[name]
   a, b = getattr(teacher, field), getattr(student, field)
-  return relation_loss(a, a, b, b, mask, heads)
+  return blockwise_relation_loss(a, a, b, b, mask, heads)
 
 
 def check_terms(version: str, terms) -> tuple[str, ...]:
