@@ -19,8 +19,10 @@ Routes (one builder each, `(Workload, batch, seq) -> Built`, the step ready to t
                   q/k/v projections of its distilled layer (bf16 weights) and the student
                   after those of its last layer, `torch.compile` of forward + loss (its
                   backward compiled by AOTAutograd), bf16 autocast, fused AdamW.
-Both PyTorch routes train the student with dropout 0.1 and AdamW(b1 .9, b2 .999, eps
-1e-6, weight decay .01) and share one loss, `torch_minilm_loss`.
+Every route trains the student with hidden dropout 0.1, the workload's attention-
+probability dropout (0.1 as in BERT, or 0 in the `-attn0` workloads) and constant-rate
+AdamW(lr 1e-4, b1 .9, b2 .999, eps 1e-6, weight decay .01); the PyTorch routes share one
+loss, `torch_minilm_loss`.
 
 Model FLOPs per step (`step_flops`): matrix multiplications only, 2 FLOPs per
 multiply-add; embedding lookups, LayerNorm, GELU, softmax, dropout and the KL count 0.
@@ -67,7 +69,7 @@ except ImportError:  # only the PyTorch routes need it; the JAX route runs witho
 
 ROUTES = ("jax", "torch-compiled", "torch-eager")
 ADAMW = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
-DROPOUT = 0.1  # student hidden and attention-probability dropout (the teacher is in eval mode)
+DROPOUT = 0.1  # student hidden dropout (the teacher is in eval mode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Workload:
   teacher_layer: int         # distilled teacher layer, 1-based; the student's is its last
   version: str               # "v1" (attention transfer + value relation) or "v2" (q-q, k-k, v-v)
   relation_heads: int        # R; v1 uses the attention heads
+  attention_dropout: float = DROPOUT  # the student's attention-probability dropout
 
 
 BERT_BASE = Bert(12, 768, 12, 3072)
@@ -113,14 +116,18 @@ class Mode:
   isolate: bool              # each measurement in a fresh subprocess
   max_batch_start: int       # first batch the largest-batch search tries (longest seq)
   max_batch_limit: int       # and the largest (a CPU never runs out of memory quickly)
+  first: tuple[tuple[str, tuple[int, int]], ...] = ()  # (config, shape) measured before the rest
 
 
 MODES = {
     "gpu": Mode((Workload("base-v1", BERT_BASE, L6_H384, 12, "v1", 12),
+                 Workload("base-v1-attn0", BERT_BASE, L6_H384, 12, "v1", 12, attention_dropout=0.0),
                  Workload("base-v2", BERT_BASE, L6_H384, 12, "v2", 48),
                  Workload("large-v2", BERT_LARGE, L6_H384, 21, "v2", 64)),
                 ((256, 128), (64, 512)), warmup=5, timed=30, peak_n=8192, isolate=True,
-                max_batch_start=64, max_batch_limit=1 << 14),
+                max_batch_start=64, max_batch_limit=1 << 14,
+                # What the targets need first, so that a run cut short still answers them.
+                first=(("base-v1", (256, 128)), ("base-v1", (64, 512)), ("base-v2", (64, 512)))),
     "cpu": Mode((Workload("tiny-v1", TINY_T, TINY_S, 2, "v1", 4),
                  Workload("tiny-v2", TINY_T, TINY_S, 2, "v2", 8),
                  Workload("tiny-large-v2", TINY_T3, TINY_S, 2, "v2", 8)),
@@ -269,13 +276,13 @@ def torch_minilm_loss(teacher_qkv, student_qkv, mask, version: str, heads: int):
   return sum(torch_relation_loss(*p, mask, heads) for p in pairs)
 
 
-def torch_bert(b: Bert, attn: str, device, dropout: float = DROPOUT):
+def torch_bert(b: Bert, attn: str, device, dropout: float = DROPOUT, attention_dropout: float = DROPOUT):
   """A randomly initialised `transformers.BertModel` of shape `b`, made on `device`."""
   import transformers
   config = transformers.BertConfig(
       vocab_size=b.vocab, hidden_size=b.hidden, num_hidden_layers=b.layers, num_attention_heads=b.heads,
       intermediate_size=b.intermediate, max_position_embeddings=b.max_positions,
-      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, attn_implementation=attn)
+      hidden_dropout_prob=dropout, attention_probs_dropout_prob=attention_dropout, attn_implementation=attn)
   with torch.device(device):
     return transformers.BertModel(config, add_pooling_layer=False)
 
@@ -335,7 +342,7 @@ def torch_eager_route(w: Workload, batch: int, seq: int) -> Built:
   """Full models, eager attention, fp32 weights + bf16 autocast, q/k/v by forward hooks."""
   device, ids, mask = _torch_setup(w, batch, seq)
   teacher = torch_bert(w.teacher, "eager", device).eval().requires_grad_(False)
-  student = torch_bert(w.student, "eager", device).train()
+  student = torch_bert(w.student, "eager", device, attention_dropout=w.attention_dropout).train()
   t_qkv, s_qkv = {}, {}
   _hook_qkv(teacher.encoder.layer[w.teacher_layer - 1], t_qkv)
   _hook_qkv(student.encoder.layer[-1], s_qkv)
@@ -360,7 +367,8 @@ def torch_compiled_route(w: Workload, batch: int, seq: int, *, compile: bool = T
   device, ids, mask = _torch_setup(w, batch, seq)
   teacher = _qkv_up_to(torch_bert(w.teacher, "sdpa", device), w.teacher_layer)
   teacher = teacher.to(torch.bfloat16).eval().requires_grad_(False)
-  student = _qkv_up_to(torch_bert(w.student, "sdpa", device), w.student.layers).train()
+  student = _qkv_up_to(torch_bert(w.student, "sdpa", device, attention_dropout=w.attention_dropout),
+                       w.student.layers).train()
   opt = _adamw(student.parameters(), fused=True)
 
   def loss_fn(ids, mask):
@@ -387,8 +395,9 @@ def torch_compiled_route(w: Workload, batch: int, seq: int, *, compile: bool = T
 def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
   """(DistillConfig, Setup, full teacher ModelConfig) of `minilm_jax.train` for a workload.
 
-  As in the PyTorch routes: constant-rate AdamW(b1 .9, b2 .999, eps 1e-6, wd .01) with no
-  gradient clipping (train.py's default clips at norm 1; the workload has no clipping).
+  As in the PyTorch routes: the workload's dropouts; AdamW(b1 .9, b2 .999, eps 1e-6, wd .01)
+  with no gradient clipping (train.py's default clips at norm 1; the workload has no
+  clipping), at the constant rate `jax_optimizer` gives it.
   """
   from minilm_jax import train
   from minilm_jax.model import ModelConfig
@@ -399,11 +408,19 @@ def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
   cfg = train.DistillConfig(
       teacher_layer=w.teacher_layer, version=w.version, num_relation_heads=w.relation_heads,
       student_layers=s.layers, student_hidden=s.hidden, student_heads=s.heads,
-      student_intermediate=s.intermediate, student_dropout=DROPOUT, compute_dtype=dtype,
+      student_intermediate=s.intermediate, student_dropout=DROPOUT,
+      student_attention_dropout=w.attention_dropout, compute_dtype=dtype,
       max_seq_len=seq, global_batch_size=batch, learning_rate=ADAMW["lr"], warmup_steps=0,
       weight_decay=ADAMW["weight_decay"], adam_b1=ADAMW["b1"], adam_b2=ADAMW["b2"],
       adam_eps=ADAMW["eps"], clip_grad_norm=0.0)
   return cfg, train.make_setup(cfg, teacher_full), teacher_full
+
+
+def jax_optimizer(cfg):
+  """`train.make_optimizer` at the PyTorch routes' constant learning rate, not the run's
+  warmup + decay schedule (which would decay over `cfg.max_steps`)."""
+  from minilm_jax import train
+  return train.make_optimizer(cfg, ADAMW["lr"])
 
 
 def jax_step(w: Workload, batch: int, seq: int):
@@ -413,7 +430,7 @@ def jax_step(w: Workload, batch: int, seq: int):
   from minilm_jax import model as model_lib, sharding, train
   cfg, setup, teacher_full = jax_setup(w, batch, seq)
   mesh = sharding.make_mesh(jax.devices()[:1])
-  optimizer = train.make_optimizer(cfg)
+  optimizer = jax_optimizer(cfg)
   state = sharding.put_replicated(train.init_state(cfg, setup, optimizer), mesh)
   teacher = train.truncate_teacher(setup, model_lib.init_params(teacher_full, seed=1))
   data = make_batch(w.teacher.vocab, batch, seq)
@@ -524,6 +541,7 @@ def step_row(common: dict, w: Workload, batch: int, seq: int, route: str, result
   flops = step_flops(w, batch, seq)
   row = common | {"kind": "step", "route": route, "framework": route.split("-")[0],
                   "config": w.name, "version": w.version, "relation_heads": w.relation_heads,
+                  "attention_dropout": w.attention_dropout,
                   "teacher": w.teacher.name, "teacher_layer": w.teacher_layer, "student": w.student.name,
                   "batch": batch, "seq": seq, "model_flops": flops["total"]} | result
   loss = row.get("loss")
@@ -550,7 +568,8 @@ def markdown(rows: Sequence[dict]) -> str:
   lines = ["| config | teacher -> student | B x T | route | step ms | tokens/s | TFLOP/s | MFU "
            "| peak GiB | vs torch-compiled | loss |", "|" + "---|" * 11]
   for r in steps:
-    name = f"{r['config']} | {r['teacher']}@{r['teacher_layer']} -> {r['student']} {r['version']} R{r['relation_heads']}"
+    name = (f"{r['config']} | {r['teacher']}@{r['teacher_layer']} -> {r['student']} {r['version']} "
+            f"R{r['relation_heads']} attn-drop {r.get('attention_dropout', DROPOUT):g}")
     if "error" in r:
       lines.append(f"| {name} | {r['batch']}x{r['seq']} | {r['route']} | error: {r['error'][:80]} |||||||")
       continue
@@ -607,10 +626,12 @@ def run(mode: str = "cpu", routes: Sequence[str] = ROUTES, configs: Sequence[str
                                               "max_batch", "error") if k in row}), flush=True)
 
   shapes = m.shapes if shapes is None else shapes
+  pairs = sorted(((w, shape) for w in works for shape in shapes),  # the mode's `first` first, stably
+                 key=lambda p: m.first.index((p[0].name, p[1])) if (p[0].name, p[1]) in m.first else len(m.first))
   if isolate:  # workload by workload, the JAX route first: a run cut short keeps whole comparisons
-    units = [(w, shape, r) for w in works for shape in shapes for r in sorted(routes, key=ROUTES.index)]
+    units = [(w, shape, r) for w, shape in pairs for r in sorted(routes, key=ROUTES.index)]
   else:  # route by route, JAX last (its in-process XLA threads would slow the PyTorch routes)
-    units = [(w, shape, r) for r in sorted(routes, key=lambda r: r == "jax") for w in works for shape in shapes]
+    units = [(w, shape, r) for r in sorted(routes, key=lambda r: r == "jax") for w, shape in pairs]
   for w, (batch, seq), route in units:
     spec = {"kind": "step", "mode": mode, "config": w.name, "route": route, "batch": batch, "seq": seq,
             "warmup": m.warmup, "timed": timed or m.timed}

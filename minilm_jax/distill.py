@@ -13,6 +13,7 @@ files (config.json, model.json, tokenizer/, metrics, hf/), each through a tempor
 `os.replace`; the others wait at a barrier.
 """
 
+import collections
 import dataclasses
 import json
 import logging
@@ -103,6 +104,26 @@ def _truncate_metrics(workdir: pathlib.Path, step: int) -> None:
     records = read_metrics(workdir, drop_torn_tail=True)
     convert.write_file_atomically(
         path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+
+
+class _Progress:
+  """The progress bar over finished steps, not dispatched ones: the loop runs ahead of the
+  device by however many steps XLA queues, so a step counts once its loss is ready."""
+
+  def __init__(self, bar: tqdm.tqdm):
+    self.bar, self.inflight = bar, collections.deque()
+
+  def dispatched(self, step: int, loss: jax.Array) -> None:
+    self.inflight.append((step, loss))
+    while self.inflight and self.inflight[0][1].is_ready():
+      self.finished(self.inflight[0][0])
+
+  def finished(self, step: int) -> None:
+    """Every step up to `step` is done (its metrics were read, say)."""
+    while self.inflight and self.inflight[0][0] <= step:
+      self.inflight.popleft()
+    if step > self.bar.n:
+      self.bar.update(step - self.bar.n)
 
 
 class _Preemption:
@@ -205,7 +226,8 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   preemption = _Preemption(mesh)
   bar = tqdm.tqdm(total=cfg.max_steps, initial=start, unit="step", disable=jax.process_index() != 0,
                   dynamic_ncols=True)
-  pending, last = None, (start, time.perf_counter())
+  progress = _Progress(bar)
+  pending, last, tokens = None, (start, time.perf_counter()), 0
   first_loss = last_loss = None
   guard, unchecked = _FiniteGuard(setup, teacher_params, mngr), None
   try:
@@ -213,17 +235,20 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
       batch = sharding.global_batch(next(iterator), mesh)
       state, metrics = step_fn(state, teacher_params, batch)
       done = step + 1
+      tokens = tokens + metrics["tokens"]  # real tokens since the last record, summed on device
       if unchecked is not None:  # step N-1's finiteness, read once step N is dispatched
         guard.check(*unchecked)
+        progress.finished(unchecked[0])  # its loss was read: it has finished
       unchecked = (done, metrics, batch)
       if pending is not None:  # read step N-1's metrics only after step N is dispatched
         record = _log(writer, bar, *pending, last, cfg, schedule)
+        progress.finished(pending[0])
         first_loss = record["loss/total"] if first_loss is None else first_loss
         last_loss, last = record["loss/total"], (pending[0], time.perf_counter())
         pending = None
       if done % cfg.log_every == 0 or done == cfg.max_steps:
-        pending = (done, metrics)
-      bar.update(1)
+        pending, tokens = (done, metrics, tokens), 0
+      progress.dispatched(done, metrics["loss/total"])
       stop = preemption.agreed()
       if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stop:
         guard.check(*unchecked)  # this step's loss first: a non-finite state is never saved
@@ -238,6 +263,7 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
       first_loss = record["loss/total"] if first_loss is None else first_loss
       last_loss = record["loss/total"]
     preempted = preemption.any_requested()  # SIGTERM in the last step too: exit as pre-empted
+    progress.finished(int(state.step))
   finally:
     mngr.wait_until_finished()
     preemption.restore()
@@ -298,12 +324,12 @@ class _FiniteGuard:
         f"{cause}. Nothing non-finite was saved; {kept}")
 
 
-def _log(writer, bar, step, metrics, last, cfg: train.DistillConfig, schedule) -> dict:
-  record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+def _log(writer, bar, step, metrics, tokens, last, cfg: train.DistillConfig, schedule) -> dict:
+  record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
   seconds = time.perf_counter() - last[1]
   record["learning_rate"] = float(schedule(step - 1))
   record["examples_per_sec"] = (step - last[0]) * cfg.global_batch_size / seconds
-  record["tokens_per_sec"] = record["examples_per_sec"] * cfg.max_seq_len
+  record["tokens_per_sec"] = float(tokens) / seconds  # real tokens: padding is not work done
   stats = jax.local_devices()[0].memory_stats()
   if stats and "peak_bytes_in_use" in stats:
     record["peak_memory_gb"] = stats["peak_bytes_in_use"] / 2**30

@@ -6,8 +6,15 @@ The teacher is frozen, in eval mode, truncated at the layer it is distilled from
 stored in its compute dtype; the student trains with dropout and float32 master weights.
 The step is data-parallel over a `('data',)` mesh (see `sharding.py`): the batch is
 sharded, everything else replicated, the student state donated. Gradient accumulation
-runs micro-batches in a `lax.scan` inside the step and weights each by its real tokens,
-so any number of micro-batches gives the big batch's exact loss and gradient.
+runs micro-batches in a `lax.scan` inside the step (one micro-batch needs no loop) and
+weights each by its real tokens, so any number of micro-batches gives the big batch's
+exact loss and gradient. Dropout masks come from "rbg" keys (`DROPOUT_PRNG`): XLA's
+RngBitGenerator (Philox on a GPU) where the default threefry spends one 20-round hash per
+random word. Per the `jax.random` docs its bits are deterministic per key on one platform
+and identical across shardings, so exact resume and the one-device = N-device equality hold
+(not identical across CPU / GPU / TPU, and generated whole on each device rather than split
+by the sharding). jax.random's own Philox is cheaper still, but on jax 0.10 a sharded step
+using it does not compile (its `mulhi` fails the MHLO -> StableHLO conversion).
 """
 
 import dataclasses
@@ -29,6 +36,7 @@ from minilm_jax import losses, sharding
 from minilm_jax import model as model_lib
 
 LOSSES = {"v1": losses.minilm_v1_loss, "v2": losses.minilm_v2_loss}
+DROPOUT_PRNG = "rbg"  # jax.random key implementation of the step's dropout keys
 
 
 @dataclasses.dataclass
@@ -50,7 +58,8 @@ class DistillConfig:
   student_hidden: int = 384           # D
   student_heads: int = 12             # N (v1 needs the teacher's head count)
   student_intermediate: int = 0       # F; 0 = 4 * D
-  student_dropout: float = 0.1        # hidden and attention dropout during distillation
+  student_dropout: float = 0.1        # hidden dropout (embeddings, sublayer outputs) during distillation
+  student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
   compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
   # Data.
   corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
@@ -114,8 +123,9 @@ def check_config(cfg: DistillConfig) -> None:
       raise ValueError(f"{name}={value!r} must be an integer >= 0")
   if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
     raise ValueError(f"seed={cfg.seed!r} must be an integer in [0, 2**32)")
-  if not 0 <= cfg.student_dropout < 1:
-    raise ValueError(f"student_dropout={cfg.student_dropout} must be in [0, 1)")
+  for name in ("student_dropout", "student_attention_dropout"):
+    if not 0 <= getattr(cfg, name) < 1:
+      raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1)")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")
@@ -142,7 +152,7 @@ class TrainState:
   step: jax.Array          # int32 scalar: optimizer steps taken
   params: nnx.State        # student parameters, float32
   opt_state: Any           # optax state
-  rng: jax.Array           # uint32 key data; step t's dropout key is fold_in(rng, t)
+  rng: jax.Array           # threefry key data; step t's dropout key: `dropout_key(rng, t)`
 
 
 # A distillation loss of internals: (teacher_internals, student_internals, mask) -> named
@@ -252,7 +262,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
   student = teacher_full.replace(
       num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
       intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
-      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_dropout, use_pooler=True,
+      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_attention_dropout, use_pooler=True,
       dtype=dtype)
   teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
   loss, heads = _loss_of(cfg, teacher, student)
@@ -287,8 +297,11 @@ def decay_mask(params: nnx.State) -> nnx.State:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-2].key in ("kernel", "embedding"), params)
 
 
-def make_optimizer(cfg: DistillConfig) -> optax.GradientTransformation:
-  adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
+def make_optimizer(cfg: DistillConfig, learning_rate: optax.ScalarOrSchedule | None = None
+                   ) -> optax.GradientTransformation:
+  """AdamW (decay mask, optional clipping); `learning_rate` defaults to the run's schedule."""
+  learning_rate = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
+  adamw = optax.adamw(learning_rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw) if cfg.clip_grad_norm else adamw
 
@@ -297,6 +310,14 @@ def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransf
   params = model_lib.init_params(setup.student, cfg.seed)
   rng = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
+
+
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+  """Step `step`'s `DROPOUT_PRNG` key, its bits drawn from fold_in(threefry key `rng`, step):
+  the checkpointed state keeps threefry key data whatever the implementation."""
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+  shape = jax.random.key_data(jax.random.key(0, impl=DROPOUT_PRNG)).shape
+  return jax.random.wrap_key_data(jax.random.bits(step_key, shape, jnp.uint32), impl=DROPOUT_PRNG)
 
 
 def distill_loss(params, teacher_params, batch, dropout_rng, setup: Setup):
@@ -327,7 +348,7 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
 
   def step(state: TrainState, teacher_params, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    key = dropout_key(state.rng, state.step)
 
     def grads_of(micro, index):  # token-weighted sums, so micro-batches add up exactly
       tokens = jnp.sum(micro["attention_mask"]).astype(jnp.float32)
@@ -336,17 +357,21 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
       (_, terms), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
       return grads, terms, tokens
 
-    micro = jax.tree.map(split_micro, batch)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), 0))
-    (grads, terms, tokens), _ = jax.lax.scan(
-        lambda carry, inputs: (jax.tree.map(jnp.add, carry, grads_of(*inputs)), None),
-        zeros, (micro, jnp.arange(micro_batches)))
-    tokens = jnp.maximum(tokens, 1.0)
+    if micro_batches == 1:
+      grads, terms, tokens = grads_of(batch, 0)
+    else:
+      micro = jax.tree.map(split_micro, batch)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                           jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), 0))
+      (grads, terms, tokens), _ = jax.lax.scan(
+          lambda carry, inputs: (jax.tree.map(jnp.add, carry, grads_of(*inputs)), None),
+          zeros, (micro, jnp.arange(micro_batches)))
+    real_tokens, tokens = tokens, jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {f"loss/{k}": v / tokens for k, v in terms.items()} | {"grad_norm": optax.global_norm(grads)}
+    metrics = {f"loss/{k}": v / tokens for k, v in terms.items()} | {
+        "grad_norm": optax.global_norm(grads), "tokens": real_tokens}
     return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)

@@ -7,6 +7,7 @@ counts elementwise work, within 10%); the PyTorch loss both routes use against
 `minilm_jax.train.distill_loss` on the same weights (float32, dropout off).
 """
 
+import dataclasses
 import json
 import math
 
@@ -178,3 +179,62 @@ def test_table_from_rows_alone(tmp_path):
   assert md.read_text() == first and f"{rows[0]['step_time_s'] * 1e3:.2f}" in first
   with pytest.raises(ValueError, match="no rows of --mode gpu"):
     bm.main(["--mode", "gpu", "--table", str(tmp_path / "benchmark-cpu.jsonl")])
+
+
+def test_jax_route_adamw_is_torch_adamw_at_a_constant_rate():
+  """The JAX route's optimizer against torch.optim.AdamW (lr 1e-4 constant, weight decay on
+  matrices and embeddings only, no clipping) over 3 steps: parameter changes to 1e-4
+  relative. A decaying schedule (1e-4 -> 0 over max_steps) is off by 1e-3 at step 3."""
+  w = WORKLOADS[0]
+  cfg, setup, _ = bm.jax_setup(w, 4, 32, dtype="float32")
+  params = model_lib.init_params(setup.student, seed=0)
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
+  optimizer = bm.jax_optimizer(cfg)
+  state, jax_params = optimizer.init(params), params
+  for g in grads:
+    updates, state = optimizer.update(g, state, jax_params)
+    jax_params = jax.tree.map(lambda p, u: p + u, jax_params, updates)
+  leaves, decay = jax.tree.leaves(params), jax.tree.leaves(train.decay_mask(params))
+  tensors = [torch.tensor(np.asarray(p), requires_grad=True) for p in leaves]
+  torch_opt = torch.optim.AdamW(
+      [{"params": [t for t, d in zip(tensors, decay) if d], "weight_decay": bm.ADAMW["weight_decay"]},
+       {"params": [t for t, d in zip(tensors, decay) if not d], "weight_decay": 0.0}],
+      lr=bm.ADAMW["lr"], betas=(bm.ADAMW["b1"], bm.ADAMW["b2"]), eps=bm.ADAMW["eps"])
+  for g in grads:
+    for t, x in zip(tensors, jax.tree.leaves(g)):
+      t.grad = torch.tensor(x)
+    torch_opt.step()
+  for p0, got, want in zip(leaves, jax.tree.leaves(jax_params), tensors):
+    p0 = np.asarray(p0)
+    change, want_change = np.asarray(got) - p0, want.detach().numpy() - p0
+    # 1e-4 relative, plus 4 float32 ulp of |p| (each side rounds p) and 1e-5 of the largest
+    # change (for changes that nearly cancel over the 3 steps).
+    bound = 1e-4 * np.abs(want_change) + 4 * 1.2e-7 * np.abs(p0) + 1e-5 * np.abs(want_change).max()
+    assert np.all(np.abs(change - want_change) <= bound)
+
+
+def test_gpu_mode_measures_what_the_targets_need_first(tmp_path, monkeypatch):
+  """base-v1 256x128, base-v1 64x512, base-v2 64x512 (each JAX first), then the rest,
+  among them base-v1 with attention dropout 0, whose PyTorch students drop nothing either."""
+  calls = []
+  def fake_work(spec, isolate, timeout=None):
+    calls.append((spec.get("config"), (spec.get("batch"), spec.get("seq")), spec.get("route")))
+    if spec["kind"] == "peak":
+      return {"device": "cpu", "peak_flops": 1e12}
+    return {"step_time_s": 1.0, "loss": 0.5, "peak_memory_bytes": None}
+  monkeypatch.setattr(bm, "run_work", fake_work)
+  rows = bm.run(mode="gpu", out_dir=tmp_path)
+  first = [("base-v1", (256, 128)), ("base-v1", (64, 512)), ("base-v2", (64, 512))]
+  assert calls[1:10] == [(c, s, r) for c, s in first for r in ("jax", "torch-compiled", "torch-eager")]
+  assert len(rows) == 4 * 2 * 3
+  assert {r["attention_dropout"] for r in rows if r["config"] == "base-v1-attn0"} == {0.0}
+
+
+def test_torch_students_drop_attention_as_the_workload_says(monkeypatch):
+  made, real = [], bm.torch_bert
+  monkeypatch.setattr(bm, "torch_bert", lambda *a, **k: made.append(k.get("attention_dropout", bm.DROPOUT))
+                      or real(*a, **k))
+  w = dataclasses.replace(WORKLOADS[0], attention_dropout=0.0)
+  bm.torch_eager_route(w, 2, 16), bm.torch_compiled_route(w, 2, 16)  # built, not run
+  assert made == [bm.DROPOUT, 0.0] * 2  # the teacher (eval mode, no dropout runs), the student

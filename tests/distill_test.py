@@ -1,5 +1,6 @@
 """The `distill` job end to end: export, exact resume after SIGTERM, bad checkpoints."""
 
+import io
 import json
 import os
 import pathlib
@@ -11,9 +12,10 @@ import time
 import numpy as np
 import pytest
 import torch
+import tqdm
 import transformers
 
-from minilm_jax import checkpoint, cli, distill, model as model_lib
+from minilm_jax import checkpoint, cli, data, distill, model as model_lib
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -139,3 +141,45 @@ def test_cli_main_applies_config_overrides_in_process(tmp_path):
   assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
   saved = json.loads((tmp_path / "config.json").read_text())
   assert saved["max_steps"] == 2 and saved["export_hf"] is False
+
+
+def test_tokens_per_sec_counts_real_tokens(tmp_path):
+  """tokens_per_sec / examples_per_sec is the mean count of real (unpadded) tokens per
+  example of the steps a record covers, replayed from the same pipeline: short one-line
+  documents leave most of each 32-token example as padding."""
+  corpus = tmp_path / "lines.txt"
+  corpus.write_text("".join(f"Sentence number {i} is short{'.' * (i % 7)}\n" for i in range(64)))
+  cfg = smoke_config(corpus=str(corpus), doc_per_line=True, export_hf=False)
+  distill.run(cfg, tmp_path / "run")
+  examples, _ = data.pretraining_examples(str(corpus), distill.resolve_model_dir(cfg.teacher),
+                                          max_seq_len=cfg.max_seq_len, doc_per_line=True)
+  iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed)
+  real = [int(next(iterator)["attention_mask"].sum()) for _ in range(cfg.max_steps)]
+  records = read_metrics(tmp_path / "run")
+  assert [r["step"] for r in records] == [2, 4]
+  for r, steps in zip(records, (real[:2], real[2:])):
+    per_example = sum(steps) / (len(steps) * cfg.global_batch_size)
+    assert per_example < 0.8 * cfg.max_seq_len
+    assert r["tokens_per_sec"] / r["examples_per_sec"] == pytest.approx(per_example, rel=1e-9)
+
+
+class _Loss:
+  def __init__(self):
+    self.ready = False
+
+  def is_ready(self):
+    return self.ready
+
+
+def test_progress_counts_finished_steps():
+  bar = tqdm.tqdm(total=10, initial=2, file=io.StringIO())
+  progress = distill._Progress(bar)
+  losses = [_Loss() for _ in range(4)]
+  for step, loss in zip(range(3, 7), losses):
+    progress.dispatched(step, loss)
+  assert bar.n == 2  # four steps dispatched, none finished
+  losses[0].ready = losses[1].ready = losses[3].ready = True
+  progress.dispatched(7, _Loss())
+  assert bar.n == 4  # steps 3 and 4 are done; 6 is ready but 5, before it, not yet
+  progress.finished(6)  # e.g. step 6's metrics were read
+  assert bar.n == 6 and [s for s, _ in progress.inflight] == [7]

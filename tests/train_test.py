@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def build(cfg, teacher, mesh, micro_batches=1):
 
 
 def test_gradient_accumulation_equals_one_big_batch(teacher):
-  cfg = tiny_cfg(student_dropout=0.0, global_batch_size=16)
+  cfg = tiny_cfg(student_dropout=0.0, student_attention_dropout=0.0, global_batch_size=16)
   mesh = sharding.make_mesh()
   batch = sharding.global_batch(random_batch(16), mesh)  # unequal lengths: token weighting matters
   results = []
@@ -170,3 +171,51 @@ def test_paper_configs_are_valid_for_their_teachers(path):
     assert setup.student.hidden_size == int(student.split("H")[1])
     assert setup.teacher.num_layers == (21 if "large" in path.stem else teacher.num_layers)
     assert setup.relation_heads == {"v1": 12, "v2": 64 if "large" in path.stem else 48}[cfg.version]
+
+
+def _tiny_step_inputs(micro_batches=1, **cfg_changes):
+  teacher = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                  max_position_embeddings=16)
+  cfg = train.DistillConfig(student_layers=1, student_hidden=32, student_heads=4, max_seq_len=8,
+                            global_batch_size=4, **cfg_changes)
+  setup = train.make_setup(cfg, teacher)
+  optimizer = train.make_optimizer(cfg)
+  step = train.make_train_step(setup, optimizer, sharding.make_mesh(), micro_batches)
+  batch = {k: jnp.ones((4, 8), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+  return step, (train.init_state(cfg, setup, optimizer),
+                train.truncate_teacher(setup, model_lib.init_params(teacher)), batch), setup
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs inside it (jit, scan, custom_vjp bodies)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
+
+
+def test_one_micro_batch_needs_no_scan_and_masks_are_rbg():
+  """grad_accum_steps == 1 traces no `scan` (a scan of one is still a loop), 2 do; every
+  dropout mask is drawn from an rbg key (`key<rbg>`), only the step key's 128 bits from
+  threefry (`key<fry>`)."""
+  for micro, loops in ((1, False), (2, True)):
+    step, args, _ = _tiny_step_inputs(micro)
+    eqns = list(_eqns(jax.make_jaxpr(step)(*args).jaxpr))
+    assert any(e.primitive.name == "scan" for e in eqns) == loops
+    draws = {(re.match(r"key<\w+>", str(e.invars[0].aval)).group(), tuple(e.params["shape"]))
+             for e in eqns if e.primitive.name == "random_bits"}
+    assert ("key<fry>", (4,)) in draws
+    assert {k for k, shape in draws if shape != (4,)} == {"key<rbg>"}, draws
+
+
+def test_attention_dropout_is_its_own_field():
+  _, _, setup = _tiny_step_inputs(student_dropout=0.2, student_attention_dropout=0.0)
+  assert setup.student.hidden_dropout == 0.2 and setup.student.attention_dropout == 0.0
+  assert train.DistillConfig().student_attention_dropout == 0.1  # BERT's and the papers' default
+
+
+def test_metrics_count_real_tokens():
+  step, (state, teacher, batch), _ = _tiny_step_inputs()
+  batch["attention_mask"] = jnp.array([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6, [0] * 8], jnp.int32)
+  _, metrics = step(state, teacher, batch)
+  assert float(metrics["tokens"]) == 15

@@ -1,0 +1,45 @@
+"""Step time of the JAX distillation step by dropout PRNG implementation (`train.DROPOUT_PRNG`).
+
+  PYTHONPATH=. python experiments/dropout_prng.py [--impls threefry2x32,rbg,philox4x32] [--shape 16x128]
+
+The demo's shapes with random weights (teacher L6-H384, 12 heads, layer 6; student L3-H384; v1,
+float32 on CPU, bfloat16 elsewhere), hidden and attention dropout 0.1, one device; the median of
+`--timed` steps after 3 untimed ones (`minilm_jax.benchmark.measure`), one process per run.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+
+ONE = r"""
+import json, sys
+import jax
+from minilm_jax import benchmark as bm, train
+train.DROPOUT_PRNG = sys.argv[1]
+batch, seq = map(int, sys.argv[2].split("x"))
+w = bm.Workload("demo", bm.L6_H384, bm.Bert(3, 384, 12, 1536), 6, "v1", 12)
+if jax.default_backend() == "cpu":  # the benchmark's JAX route is bf16; a CPU trains in float32
+  setup = bm.jax_setup
+  bm.jax_setup = lambda w, batch, seq, dtype="float32": setup(w, batch, seq, dtype)
+built = bm.jax_route(w, batch, seq)
+print(json.dumps({"impl": sys.argv[1], "device": jax.devices()[0].device_kind,
+                  **bm.measure(built, warmup=3, timed=int(sys.argv[3]))}))
+"""
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--impls", default="threefry2x32,rbg,philox4x32")
+  p.add_argument("--shape", default="16x128")
+  p.add_argument("--timed", default="10")
+  a = p.parse_args()
+  for impl in a.impls.split(","):
+    done = subprocess.run([sys.executable, "-c", ONE, impl, a.shape, a.timed], capture_output=True, text=True)
+    line = done.stdout.strip().splitlines()[-1] if done.returncode == 0 else json.dumps(
+        {"impl": impl, "error": done.stderr.strip().splitlines()[-1][:300]})
+    print(line, flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,99 @@
+"""Temporary memory of the relation loss, direct (`losses.relation_loss`) against blockwise
+(`blockwise_relation.blockwise_relation_loss`, what the step trains with), from XLA's
+`compiled.memory_analysis()`: compiling is enough, nothing runs, so a CPU answers for
+BERT-base shapes.
+
+  PYTHONPATH=. python experiments/relation_memory.py [--full-step] [--out experiments/results]
+
+Rows: the v1 and v2 loss + gradient on the captured q/k/v of a BERT-base teacher (768 wide)
+and an L6-H384 student at 256x128 and 64x512 (R = 12 heads for v1, 48 relation heads for v2),
+in float32 and bfloat16; `--full-step` adds the whole jit train step of the benchmark's
+base-v1 / base-v2 workloads (bf16) at 64x512, the direct loss swapped in for the blockwise one.
+"""
+
+import argparse
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+from minilm_jax import benchmark as bm
+from minilm_jax import blockwise_relation, losses, sharding, train
+from minilm_jax import model as model_lib
+from minilm_jax.model import AttentionInternals
+
+RELATIONS = {"direct": losses.relation_loss, "blockwise": blockwise_relation.blockwise_relation_loss}
+
+
+def loss_memory(version: str, relation, batch: int, seq: int, dtype) -> dict:
+  """memory_analysis of jit(value_and_grad(v1/v2 loss)) on captured-layer tensors."""
+  heads = 12 if version == "v1" else 48
+  internals = lambda d: AttentionInternals(*(jax.ShapeDtypeStruct((batch, seq, d), dtype) for _ in range(3)))
+  mask = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+
+  def loss(student, teacher, mask):
+    pairs = ([("query", "key"), ("value", "value")] if version == "v1"
+             else [("query", "query"), ("key", "key"), ("value", "value")])
+    return sum(relation(getattr(teacher, a), getattr(teacher, b), getattr(student, a), getattr(student, b),
+                        mask, heads) for a, b in pairs)
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(internals(384), internals(768), mask).compile()
+  return _bytes(compiled)
+
+
+def step_memory(config: str, relation, batch: int, seq: int) -> dict:
+  """memory_analysis of the benchmark's JAX train step (bf16), with `relation` in the losses."""
+  original = losses.blockwise_relation_loss
+  losses.blockwise_relation_loss = relation  # what minilm_v1_loss / minilm_v2_loss call
+  try:
+    w = bm.workload("gpu", config)
+    cfg, setup, _ = bm.jax_setup(w, batch, seq)
+    optimizer = train.make_optimizer(cfg, cfg.learning_rate)
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    state = abstract(jax.eval_shape(lambda: train.init_state(cfg, setup, optimizer)))
+    teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setup.teacher.dtype),
+                           model_lib.abstract_params(setup.teacher))
+    data = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    step = train.make_train_step(setup, optimizer, sharding.make_mesh(jax.devices()[:1]))
+    return _bytes(step.lower(state, teacher, data).compile())
+  finally:
+    losses.blockwise_relation_loss = original
+
+
+def _bytes(compiled) -> dict:
+  m = compiled.memory_analysis()
+  return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "output": m.output_size_in_bytes}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--full-step", action="store_true")
+  p.add_argument("--out", default="experiments/results")
+  a = p.parse_args()
+  lines = [f"# Relation loss temporary memory (XLA memory_analysis, {jax.devices()[0].device_kind}, "
+           f"jax {jax.__version__})", "",
+           "Compiled only (nothing runs): `PYTHONPATH=. python experiments/relation_memory.py --full-step`. "
+           "Temp = XLA's temporary buffers of the compiled program (arguments and outputs excluded).", "",
+           "| what | B x T | dtype | direct temp GiB | blockwise temp GiB | ratio |", "|---|---|---|---|---|---|"]
+  rows = [(f"{v} loss + grad (captured q/k/v)", v, b, t, d) for v in ("v1", "v2") for b, t in ((256, 128), (64, 512))
+          for d in (jnp.float32, jnp.bfloat16)]
+  for label, version, batch, seq, dtype in rows:
+    got = {name: loss_memory(version, rel, batch, seq, dtype)["temp"] for name, rel in RELATIONS.items()}
+    lines.append(f"| {label} | {batch}x{seq} | {jnp.dtype(dtype).name} | {got['direct'] / 2**30:.2f} "
+                 f"| {got['blockwise'] / 2**30:.2f} | {got['direct'] / got['blockwise']:.1f}x |")
+    print(lines[-1], flush=True)
+  if a.full_step:
+    for config in ("base-v1", "base-v2"):
+      t0 = time.time()
+      got = {name: step_memory(config, rel, 64, 512)["temp"] for name, rel in RELATIONS.items()}
+      lines.append(f"| {config} full train step (bf16, L6-H384 student) | 64x512 | bfloat16 "
+                   f"| {got['direct'] / 2**30:.2f} | {got['blockwise'] / 2**30:.2f} "
+                   f"| {got['direct'] / got['blockwise']:.1f}x |")
+      print(lines[-1], f"({time.time() - t0:.0f} s to compile both)", flush=True)
+  out = pathlib.Path(a.out) / f"relation-memory-{bm.device_name()}.md"
+  out.write_text("\n".join(lines) + "\n")
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
