@@ -267,3 +267,18 @@ def test_attention_dropout_is_its_own_setting(teacher, batch):
   np.testing.assert_allclose(train_out, eval_out, rtol=0, atol=1e-6)
   attention_only = run(config.replace(hidden_dropout=0.0), params, batch, dropout_rng=jax.random.key(0))
   assert np.abs(real(attention_only.last_hidden_state, batch) - real(eval_out, batch)).max() > 1e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused dropout needs a GPU")
+def test_fused_attention_cudnn_dropout_bfloat16():
+  """On a GPU, bf16 heads with dropout go to cuDNN with the dropout fused: with v = 1 each
+  output is the sum of the kept probabilities / (1 - r), 1 on average (inverted dropout is
+  unbiased) but not row by row; the backward pass compiles and is finite."""
+  (q, k, _), mask = _random_attention_inputs(jnp.bfloat16)
+  assert model_lib.attention_implementation(jnp.bfloat16, 32, True) == "cudnn"
+  ones = jnp.ones_like(k)
+  run = jax.jit(lambda q, k, v: model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25))
+  got = np.asarray(run(q, k, ones), np.float32)[mask.astype(bool)]
+  assert abs(got.mean() - 1) < 2e-2 and got.std() > 1e-2
+  grads = jax.grad(lambda q: run(q, k, ones).astype(jnp.float32).sum())(q)
+  assert np.isfinite(np.asarray(grads, np.float32)).all()
