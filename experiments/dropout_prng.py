@@ -1,4 +1,4 @@
-"""Step time of the JAX distillation step by dropout PRNG implementation (`train.DROPOUT_PRNG`).
+"""Step time of the JAX distillation step by dropout PRNG implementation (`dropout_prng`).
 
   PYTHONPATH=. python experiments/dropout_prng.py [--impls threefry2x32,rbg,philox4x32] [--shape 16x128]
 
@@ -16,12 +16,13 @@ ONE = r"""
 import json, sys
 import jax
 from minilm_jax import benchmark as bm, train
-train.DROPOUT_PRNG = sys.argv[1]
 batch, seq = map(int, sys.argv[2].split("x"))
 w = bm.Workload("demo", bm.L6_H384, bm.Bert(3, 384, 12, 1536), 6, "v1", 12)
 if jax.default_backend() == "cpu":  # the benchmark's JAX route is bf16; a CPU trains in float32
   setup = bm.jax_setup
   bm.jax_setup = lambda w, batch, seq, dtype="float32": setup(w, batch, seq, dtype)
+config = train.DistillConfig
+train.DistillConfig = lambda **kw: config(**kw, dropout_prng=sys.argv[1])
 built = bm.jax_route(w, batch, seq)
 print(json.dumps({"impl": sys.argv[1], "device": jax.devices()[0].device_kind,
                   **bm.measure(built, warmup=3, timed=int(sys.argv[3]))}))

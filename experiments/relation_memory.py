@@ -44,12 +44,15 @@ def loss_memory(version: str, relation, batch: int, seq: int, dtype) -> dict:
   return _bytes(compiled)
 
 
-def step_memory(config: str, relation, batch: int, seq: int, attention_dropout: float) -> dict:
+def step_memory(config: str, relation, batch: int, seq: int, attention_dropout: float,
+                student_layers: int = 6) -> dict:
   """memory_analysis of the benchmark's JAX train step (bf16), with `relation` in the losses."""
   original = losses.blockwise_relation_loss
   losses.blockwise_relation_loss = relation  # what minilm_v1_loss / minilm_v2_loss call
   try:
-    w = dataclasses.replace(bm.workload("gpu", config), attention_dropout=attention_dropout)
+    w = bm.workload("gpu", config)
+    w = dataclasses.replace(w, attention_dropout=attention_dropout,
+                            student=dataclasses.replace(w.student, layers=student_layers))
     cfg, setup, _ = bm.jax_setup(w, batch, seq)
     optimizer = train.make_optimizer(cfg, cfg.learning_rate)
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
@@ -86,20 +89,21 @@ def main():
                  f"| {got['blockwise'] / 2**30:.2f} | {got['direct'] / got['blockwise']:.1f}x |")
     print(lines[-1], flush=True)
   if a.full_step:
-    for config, attention_dropout in (("base-v1", 0.1), ("base-v2", 0.1), ("base-v2", 0.0)):
+    for config, attention_dropout, layers in (("base-v1", 0.1, 6), ("base-v2", 0.1, 6), ("base-v2", 0.0, 6),
+                                              ("base-v2", 0.1, 1)):
       t0 = time.time()
-      got = {name: step_memory(config, rel, 64, 512, attention_dropout)["temp"] for name, rel in RELATIONS.items()}
-      lines.append(f"| {config} full train step (bf16, L6-H384 student, attention dropout "
+      got = {name: step_memory(config, rel, 64, 512, attention_dropout, layers)["temp"]
+             for name, rel in RELATIONS.items()}
+      lines.append(f"| {config} full train step (bf16, L{layers}-H384 student, attention dropout "
                    f"{attention_dropout:g}) | 64x512 | bfloat16 "
                    f"| {got['direct'] / 2**30:.2f} | {got['blockwise'] / 2**30:.2f} "
                    f"| {got['direct'] / got['blockwise']:.1f}x |")
       print(lines[-1], f"({time.time() - t0:.0f} s to compile both)", flush=True)
   if a.full_step:
-    lines += ["", "The full-step rows share ~19 GiB that is not the loss: off a GPU the student's attention "
-              "is XLA's, which keeps [B, N, T, S] float32 logits and probabilities for the backward pass "
-              "(with attention dropout 0 too); the base-v2 step with a 1-layer student plans 3.9 GiB "
-              "(blockwise), with 6 layers 19.8 GiB, about 3.2 GiB per student layer. On a GPU cuDNN's "
-              "flash attention keeps none of them."]
+    lines += ["", "The 6-layer full-step rows share ~19 GiB that is not the loss: off a GPU the student's "
+              "attention is XLA's, which keeps [B, N, T, S] float32 logits and probabilities for the "
+              "backward pass (with attention dropout 0 too), about 3 GiB per student layer (compare the "
+              "1-layer row). On a GPU cuDNN's flash attention keeps none of them."]
   out = pathlib.Path(a.out) / f"relation-memory-{bm.device_name()}.md"
   out.write_text("\n".join(lines) + "\n")
   print(f"wrote {out}")

@@ -8,13 +8,15 @@ The step is data-parallel over a `('data',)` mesh (see `sharding.py`): the batch
 sharded, everything else replicated, the student state donated. Gradient accumulation
 runs micro-batches in a `lax.scan` inside the step (one micro-batch needs no loop) and
 weights each by its real tokens, so any number of micro-batches gives the big batch's
-exact loss and gradient. Dropout masks come from "rbg" keys (`DROPOUT_PRNG`): XLA's
-RngBitGenerator (Philox on a GPU) where the default threefry spends one 20-round hash per
-random word. Per the `jax.random` docs its bits are deterministic per key on one platform
-and identical across shardings, so exact resume and the one-device = N-device equality hold
-(not identical across CPU / GPU / TPU, and generated whole on each device rather than split
-by the sharding). jax.random's own Philox is cheaper still, but on jax 0.10 a sharded step
-using it does not compile (its `mulhi` fails the MHLO -> StableHLO conversion).
+exact loss and gradient. On a GPU or TPU dropout masks come from "rbg" keys
+(`dropout_prng="auto"`): XLA's RngBitGenerator (Philox on a GPU) where the default threefry
+spends one 20-round hash per random word. Per the `jax.random` docs its bits are
+deterministic per key on one platform and identical across shardings, so exact resume and
+the one-device = N-device equality hold (they differ between CPU, GPU and TPU, and each
+device generates the whole array rather than its shard). On a CPU XLA's RngBitGenerator is
+slower than threefry (`experiments/results/dropout-prng-cpu.md`), so "auto" keeps threefry
+there. jax.random's own Philox is cheaper still, but on jax 0.10 a sharded step using it does
+not compile (its `mulhi` fails the MHLO -> StableHLO conversion).
 """
 
 import dataclasses
@@ -36,8 +38,6 @@ from minilm_jax import losses, sharding
 from minilm_jax import model as model_lib
 
 LOSSES = {"v1": losses.minilm_v1_loss, "v2": losses.minilm_v2_loss}
-DROPOUT_PRNG = "rbg"  # jax.random key implementation of the step's dropout keys
-
 
 @dataclasses.dataclass
 class DistillConfig:
@@ -61,6 +61,7 @@ class DistillConfig:
   student_dropout: float = 0.1        # hidden dropout (embeddings, sublayer outputs) during distillation
   student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
   compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
+  dropout_prng: str = "auto"          # jax.random impl of dropout keys; "auto" = rbg on GPU/TPU, threefry2x32 on CPU
   # Data.
   corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
   data_dir: str = ""                  # TFDS data_dir for tfds: corpora
@@ -87,6 +88,11 @@ class DistillConfig:
   checkpoint_every: int = 200         # steps between checkpoints (and one at the end)
   keep_checkpoints: int = 3           # checkpoints kept
   export_hf: bool = True              # write the student as a Hugging Face directory at the end
+
+  def resolved_prng(self) -> str:
+    if self.dropout_prng != "auto":
+      return self.dropout_prng
+    return "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
 
   def resolved_dtype(self) -> str:
     if self.compute_dtype != "auto":
@@ -126,6 +132,11 @@ def check_config(cfg: DistillConfig) -> None:
   for name in ("student_dropout", "student_attention_dropout"):
     if not 0 <= getattr(cfg, name) < 1:
       raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1)")
+  try:
+    jax.random.key(0, impl=cfg.resolved_prng())
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"dropout_prng {cfg.dropout_prng!r} is not a jax.random implementation ({e}): "
+                     "use 'auto', 'threefry2x32' or 'rbg'") from e
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")
@@ -152,7 +163,7 @@ class TrainState:
   step: jax.Array          # int32 scalar: optimizer steps taken
   params: nnx.State        # student parameters, float32
   opt_state: Any           # optax state
-  rng: jax.Array           # threefry key data; step t's dropout key: `dropout_key(rng, t)`
+  rng: jax.Array           # threefry key data; step t's dropout key: `dropout_key(rng, t, impl)`
 
 
 # A distillation loss of internals: (teacher_internals, student_internals, mask) -> named
@@ -174,6 +185,7 @@ class Setup:
   teacher_layers: tuple[int, ...]    # 0-based teacher layers whose internals the loss gets
   student_layers: tuple[int, ...]    # 0-based student layers whose internals the loss gets
   return_logits: bool                # capture attention logits too (custom losses)
+  dropout_prng: str = "threefry2x32"  # jax.random implementation of the step's dropout keys
 
 
 def paper_loss(teacher, student, mask, *, version: str, heads: int, terms: tuple[str, ...]):
@@ -271,7 +283,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
       raise ValueError(f"max_seq_len {cfg.max_seq_len} exceeds the {name}'s position table "
                        f"({c.max_seq_len} tokens): lower max_seq_len")
   return Setup(teacher, student, cfg.version, heads, loss, teacher_layers, student_layers,
-               return_logits=bool(cfg.internals_loss))
+               return_logits=bool(cfg.internals_loss), dropout_prng=cfg.resolved_prng())
 
 
 def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
@@ -312,12 +324,15 @@ def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransf
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
-def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
-  """Step `step`'s `DROPOUT_PRNG` key, its bits drawn from fold_in(threefry key `rng`, step):
-  the checkpointed state keeps threefry key data whatever the implementation."""
+def dropout_key(rng: jax.Array, step: jax.Array, impl: str) -> jax.Array:
+  """Step `step`'s dropout key of implementation `impl`: fold_in(threefry key `rng`, step)
+  itself, or a key whose bits are drawn from it, so that the checkpointed state keeps
+  threefry key data whatever the implementation."""
   step_key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-  shape = jax.random.key_data(jax.random.key(0, impl=DROPOUT_PRNG)).shape
-  return jax.random.wrap_key_data(jax.random.bits(step_key, shape, jnp.uint32), impl=DROPOUT_PRNG)
+  if impl == "threefry2x32":
+    return step_key
+  shape = jax.random.key_data(jax.random.key(0, impl=impl)).shape
+  return jax.random.wrap_key_data(jax.random.bits(step_key, shape, jnp.uint32), impl=impl)
 
 
 def distill_loss(params, teacher_params, batch, dropout_rng, setup: Setup):
@@ -348,7 +363,7 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
 
   def step(state: TrainState, teacher_params, batch):
-    key = dropout_key(state.rng, state.step)
+    key = dropout_key(state.rng, state.step, setup.dropout_prng)
 
     def grads_of(micro, index):  # token-weighted sums, so micro-batches add up exactly
       tokens = jnp.sum(micro["attention_mask"]).astype(jnp.float32)

@@ -70,8 +70,10 @@ def comparable(records):
   return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "examples_per_sec")} for r in records]
 
 
-def test_resume_after_sigterm_is_exact(tmp_path):
-  steps = ["--config.max_steps=12", "--config.checkpoint_every=3", "--config.log_every=1"]
+@pytest.mark.parametrize("prng", ["auto", "rbg"])  # threefry on a CPU; rbg, accelerators' default
+def test_resume_after_sigterm_is_exact(tmp_path, prng):
+  steps = ["--config.max_steps=12", "--config.checkpoint_every=3", "--config.log_every=1",
+           f"--config.dropout_prng={prng}"]
   straight = distill_cli(tmp_path / "straight", *steps)
   assert straight.returncode == 0, straight.stderr[-2000:]
 

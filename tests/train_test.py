@@ -64,7 +64,7 @@ sys.path.insert(0, sys.argv[1])
 from train_test import tiny_cfg, random_batch, build
 from minilm_jax import convert, sharding
 teacher = convert.load_hf("all-MiniLM-L6-v2")
-cfg = tiny_cfg(global_batch_size=16)
+cfg = tiny_cfg(global_batch_size=16, dropout_prng=sys.argv[2])
 out = {}
 for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
   mesh = sharding.make_mesh(devices)
@@ -81,10 +81,11 @@ print(json.dumps({"devices": jax.device_count(), "loss_one": out["one"][0], "los
 """
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize("prng", ["threefry2x32", "rbg"])  # CPU's default, accelerators' default
+def test_eight_devices_equal_one_device(prng):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin"}
-  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(pathlib.Path(__file__).parent)],
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(pathlib.Path(__file__).parent), prng],
                           capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   got = json.loads(result.stdout.strip().splitlines()[-1])
@@ -135,6 +136,8 @@ def test_bad_configs_fail_before_compute(teacher):
     train.make_setup(train.DistillConfig(max_seq_len=600), config)
   with pytest.raises(ValueError, match="version 'v3' is unknown"):
     train.make_setup(train.DistillConfig(version="v3"), config)
+  with pytest.raises(ValueError, match="dropout_prng 'mt19937' is not a jax.random implementation.*'rbg'"):
+    train.make_setup(train.DistillConfig(dropout_prng="mt19937"), config)
   mesh = sharding.make_mesh(jax.devices() * 1)
   with pytest.raises(ValueError, match="global_batch_size 30 is not divisible by 1 devices x 4 "
                      "gradient-accumulation steps: use a multiple of 4"):
@@ -194,18 +197,22 @@ def _eqns(jaxpr):
       yield from _eqns(sub)
 
 
-def test_one_micro_batch_needs_no_scan_and_masks_are_rbg():
-  """grad_accum_steps == 1 traces no `scan` (a scan of one is still a loop), 2 do; every
-  dropout mask is drawn from an rbg key (`key<rbg>`), only the step key's 128 bits from
-  threefry (`key<fry>`)."""
+@pytest.mark.parametrize("prng", ["rbg", "auto"])
+def test_one_micro_batch_needs_no_scan_and_masks_use_the_chosen_prng(prng):
+  """grad_accum_steps == 1 traces no `scan` (a scan of one is still a loop), 2 do. With
+  rbg, every dropout mask is drawn from an rbg key (`key<rbg>`), only the step key's 128
+  bits from threefry (`key<fry>`); "auto" on a CPU draws them all from threefry."""
   for micro, loops in ((1, False), (2, True)):
-    step, args, _ = _tiny_step_inputs(micro)
+    step, args, setup = _tiny_step_inputs(micro, dropout_prng=prng)
     eqns = list(_eqns(jax.make_jaxpr(step)(*args).jaxpr))
     assert any(e.primitive.name == "scan" for e in eqns) == loops
     draws = {(re.match(r"key<\w+>", str(e.invars[0].aval)).group(), tuple(e.params["shape"]))
              for e in eqns if e.primitive.name == "random_bits"}
-    assert ("key<fry>", (4,)) in draws
-    assert {k for k, shape in draws if shape != (4,)} == {"key<rbg>"}, draws
+    masks = {k for k, shape in draws if shape != (4,)}
+    if prng == "rbg":
+      assert ("key<fry>", (4,)) in draws and masks == {"key<rbg>"}, draws
+    elif jax.default_backend() == "cpu":
+      assert setup.dropout_prng == "threefry2x32" and {k for k, _ in draws} == {"key<fry>"}, draws
 
 
 def test_attention_dropout_is_its_own_field():
