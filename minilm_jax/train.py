@@ -39,6 +39,7 @@ from minilm_jax import model as model_lib
 
 LOSSES = {"v1": losses.minilm_v1_loss, "v2": losses.minilm_v2_loss}
 
+
 @dataclasses.dataclass
 class DistillConfig:
   """Everything a distillation run depends on; `experiments/*.py` return one."""
@@ -61,7 +62,7 @@ class DistillConfig:
   student_dropout: float = 0.1        # hidden dropout (embeddings, sublayer outputs) during distillation
   student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
   compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
-  dropout_prng: str = "auto"          # jax.random impl of dropout keys; "auto" = rbg on GPU/TPU, threefry2x32 on CPU
+  dropout_prng: str = "auto"          # dropout keys' jax.random impl; "auto" = rbg on GPU/TPU, threefry2x32 on CPU
   # Data.
   corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
   data_dir: str = ""                  # TFDS data_dir for tfds: corpora
