@@ -46,7 +46,7 @@ def test_config_term_list_reaches_the_step_and_its_metrics(teacher):
   batch = sharding.global_batch(random_batch(8), mesh)
   got = {}
   for terms in (None, ("value_relation",)):
-    cfg = tiny_cfg(loss_terms=terms, student_dropout=0.0)
+    cfg = tiny_cfg(loss_terms=terms, student_dropout=0.0, student_attention_dropout=0.0)
     step, state, tp = build(cfg, teacher, mesh)
     got[terms] = jax.device_get(step(state, tp, batch)[1])
   assert {"loss/attention_transfer", "loss/value_relation", "loss/total"} <= set(got[None])
@@ -107,6 +107,7 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
   """The TinyBERT example through the ordinary step: its layers, its terms, a falling loss."""
   cfg = load(TINYBERT).get_config("smoke")
   cfg.max_steps, cfg.student_dropout, cfg.learning_rate = 30, 0.0, 2e-3
+  cfg.student_attention_dropout = 0.0
   setup = train.make_setup(cfg, teacher[0])
   assert setup.teacher.num_layers == 6 and setup.teacher_layers == (2, 5)
   assert setup.student_layers == (0, 1) and setup.return_logits
@@ -125,7 +126,8 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
     state, metrics = step(state, tp, batches[i % 2])
     if i == 0:
       first = jax.device_get(metrics)
-      assert set(first) == {"loss/attention_mse_1", "loss/attention_mse_2", "loss/total", "grad_norm"}
+      assert set(first) == {"loss/attention_mse_1", "loss/attention_mse_2", "loss/total", "grad_norm",
+                            "tokens"}
       for k in ("attention_mse_1", "attention_mse_2", "total"):
         np.testing.assert_allclose(first[f"loss/{k}"], want[k], rtol=1e-5, err_msg=k)
     totals.append(metrics["loss/total"])
