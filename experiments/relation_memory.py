@@ -100,7 +100,7 @@ def main():
                    f"| {got['direct'] / got['blockwise']:.1f}x |")
       print(lines[-1], f"({time.time() - t0:.0f} s to compile both)", flush=True)
   if a.full_step:
-    lines += ["", "The 6-layer full-step rows share ~19 GiB that is not the loss: off a GPU the student's "
+    lines += ["", "The 6-layer full-step rows share 20-24 GiB that is not the loss: off a GPU the student's "
               "attention is XLA's, which keeps [B, N, T, S] float32 logits and probabilities for the "
               "backward pass (with attention dropout 0 too), about 3 GiB per student layer (compare the "
               "1-layer row). On a GPU cuDNN's flash attention keeps none of them."]
