@@ -395,7 +395,8 @@ def torch_compiled_route(w: Workload, batch: int, seq: int, *, compile: bool = T
 def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
   """(DistillConfig, Setup, full teacher ModelConfig) of `minilm_jax.train` for a workload.
 
-  As in the PyTorch routes: the workload's dropouts; AdamW(b1 .9, b2 .999, eps 1e-6, wd .01)
+  As in the PyTorch routes: the workload's dropouts, the attention dropout fused in cuDNN on
+  a GPU (`fused_attention_dropout`, as PyTorch's SDPA fuses its own); AdamW(b1 .9, b2 .999, eps 1e-6, wd .01)
   with no gradient clipping (train.py's default clips at norm 1; the workload has no
   clipping), at the constant rate `jax_optimizer` gives it.
   """
@@ -409,7 +410,7 @@ def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
       teacher_layer=w.teacher_layer, version=w.version, num_relation_heads=w.relation_heads,
       student_layers=s.layers, student_hidden=s.hidden, student_heads=s.heads,
       student_intermediate=s.intermediate, student_dropout=DROPOUT,
-      student_attention_dropout=w.attention_dropout, compute_dtype=dtype,
+      student_attention_dropout=w.attention_dropout, fused_attention_dropout=True, compute_dtype=dtype,
       max_seq_len=seq, global_batch_size=batch, learning_rate=ADAMW["lr"], warmup_steps=0,
       weight_decay=ADAMW["weight_decay"], adam_b1=ADAMW["b1"], adam_b2=ADAMW["b2"],
       adam_eps=ADAMW["eps"], clip_grad_norm=0.0)

@@ -198,7 +198,7 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   optimizer = train.make_optimizer(cfg)
   schedule = train.learning_rate_schedule(cfg)
   step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps)
-  export_config = setup.student.replace(dtype="float32")
+  export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
   if resume_from_step is not None:
     _resume_from(workdir, resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)

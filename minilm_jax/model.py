@@ -8,8 +8,9 @@ MiniLM distils the self-attention of one layer, so the encoder exposes, for the 
 named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
 before any dropout) and on request the attention logits. Every layer's attention goes
 through `fused_attention`, where one function (`attention_implementation`) picks the route:
-cuDNN flash attention on a GPU in bf16/fp16, with the attention-probability dropout fused
-into the kernel in training, so no [T, S] tensor is kept; XLA elsewhere, where a layer whose
+cuDNN flash attention on a GPU in bf16/fp16, in training with the attention-probability
+dropout fused into the kernel when `cudnn_dropout` is set (opt-in: those masks do not
+follow the JAX key), so no [T, S] tensor is kept; XLA elsewhere, where a layer whose
 probabilities are dropped out computes them explicitly ([B, N, T, S] float32) and
 `attention_dropout=0` keeps every layer fused in training too.
 
@@ -57,6 +58,7 @@ class ModelConfig:
   attention_dropout: float = 0.1       # dropout on attention probabilities (training only)
   use_pooler: bool = True              # BERT's tanh pooler over [CLS]
   dtype: str = "float32"               # compute dtype; parameters are always float32
+  cudnn_dropout: bool = False          # GPU: attention dropout fused in cuDNN (fast; see fused_attention)
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -205,13 +207,15 @@ def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths_B, *, dropout_rate: float, 
 
 def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
                     attention_mask_BS: jax.Array, *, dropout_rate: float = 0.0,
-                    dropout_rng: jax.Array | None = None, cudnn_seed: int = 0) -> jax.Array:
+                    dropout_rng: jax.Array | None = None, cudnn_dropout: bool = False,
+                    cudnn_seed: int = 0) -> jax.Array:
   """dropout(softmax(q k^T / sqrt(H))) v per head over the unpadded keys: [B, T, N, H].
 
   On cuDNN the padding goes in as key lengths (the count of 1s in each mask row, at least
   1 so that an all-padding filler row stays finite), which equals the mask for
   right-padded rows, the only kind the tokenizers and packers here write; XLA takes the
-  mask itself. Dropout on the probabilities (`dropout_rate > 0`, with `dropout_rng`):
+  mask itself. Dropout on the probabilities (`dropout_rate > 0`, with `dropout_rng`) takes
+  cuDNN only when `cudnn_dropout` is set, since only XLA's masks resume exactly:
 
   - XLA: the masks come from `dropout_rng`, so they are the same on every run, after an
     exact resume and on any device count (the step's keys are identical across shardings).
@@ -224,7 +228,8 @@ def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
     recompilation restarts the sequence.
   """
   h = q_BTNH.shape[-1]
-  impl = attention_implementation(q_BTNH.dtype, h, dropout_rate > 0)
+  dropout = dropout_rate > 0
+  impl = attention_implementation(q_BTNH.dtype, h, dropout) if cudnn_dropout or not dropout else "xla"
   if impl == "cudnn":
     lengths = jnp.maximum(attention_mask_BS.sum(axis=-1, dtype=jnp.int32), 1)
     return _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths, dropout_rate=dropout_rate, seed=cudnn_seed)
@@ -342,7 +347,7 @@ class Layer(nnx.Module):
       logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
       logits = logits / math.sqrt(c.head_dim)
     ctx = fused_attention(q, k, v, attention_mask_BS, dropout_rate=drop_rate, dropout_rng=rngs[0],
-                          cudnn_seed=self.index)  # XLA merges its logits with those above (CSE)
+                          cudnn_dropout=c.cudnn_dropout, cudnn_seed=self.index)  # XLA merges its logits with those above (CSE)
     h = self.attention_out(ctx.reshape(b, t, -1))
     h = self.attention_norm(_dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
     y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))

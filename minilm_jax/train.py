@@ -61,6 +61,7 @@ class DistillConfig:
   student_intermediate: int = 0       # F; 0 = 4 * D
   student_dropout: float = 0.1        # hidden dropout (embeddings, sublayer outputs) during distillation
   student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
+  fused_attention_dropout: bool = False  # GPU: that dropout fused in cuDNN (faster; its masks do not resume exactly)
   compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
   dropout_prng: str = "auto"          # dropout keys' jax.random impl; "auto" = rbg on GPU/TPU, threefry2x32 on CPU
   # Data.
@@ -276,7 +277,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
       num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
       intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
       hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_attention_dropout, use_pooler=True,
-      dtype=dtype)
+      cudnn_dropout=cfg.fused_attention_dropout, dtype=dtype)
   teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
   loss, heads = _loss_of(cfg, teacher, student)
   for name, c in (("teacher", teacher), ("student", student)):

@@ -277,7 +277,8 @@ def test_fused_attention_cudnn_dropout_bfloat16():
   (q, k, _), mask = _random_attention_inputs(jnp.bfloat16)
   assert model_lib.attention_implementation(jnp.bfloat16, 32, True) == "cudnn"
   ones = jnp.ones_like(k)
-  run = jax.jit(lambda q, k, v: model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25))
+  run = jax.jit(lambda q, k, v: model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25,
+                                                          cudnn_dropout=True))
   got = np.asarray(run(q, k, ones), np.float32)[mask.astype(bool)]
   assert abs(got.mean() - 1) < 2e-2 and got.std() > 1e-2
   grads = jax.grad(lambda q: run(q, k, ones).astype(jnp.float32).sum())(q)

@@ -221,6 +221,14 @@ def test_attention_dropout_is_its_own_field():
   assert train.DistillConfig().student_attention_dropout == 0.1  # BERT's and the papers' default
 
 
+def test_cudnn_fused_dropout_is_opt_in():
+  """cuDNN's dropout masks ignore the JAX key (no exact resume), so only a student whose
+  run asks for them gets them; the frozen teacher never does."""
+  assert not _tiny_step_inputs()[2].student.cudnn_dropout
+  _, _, setup = _tiny_step_inputs(fused_attention_dropout=True)
+  assert setup.student.cudnn_dropout and not setup.teacher.cudnn_dropout
+
+
 def test_metrics_count_real_tokens():
   step, (state, teacher, batch), _ = _tiny_step_inputs()
   batch["attention_mask"] = jnp.array([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6, [0] * 8], jnp.int32)
