@@ -10,7 +10,7 @@ rows is rewritten to experiments/results/benchmark-<device>.md.
 
 import sys
 
-from minilm_jax import benchmark
+from minilm_jax.benchmark import main
 
 if __name__ == "__main__":
-  benchmark.main(sys.argv[1:])
+  main.main(sys.argv[1:])

@@ -4,7 +4,7 @@
 
 The demo's shapes with random weights (teacher L6-H384, 12 heads, layer 6; student L3-H384; v1,
 float32 on CPU, bfloat16 elsewhere), hidden and attention dropout 0.1, one device; the median of
-`--timed` steps after 3 untimed ones (`minilm_jax.benchmark.measure`), one process per run.
+`--timed` steps after 3 untimed ones (`minilm_jax.benchmark.harness.measure`), one process per run.
 """
 
 import argparse
@@ -15,17 +15,18 @@ import sys
 ONE = r"""
 import json, sys
 import jax
-from minilm_jax import benchmark as bm, train
+from minilm_jax import train
+from minilm_jax.benchmark import harness, jax_routes, workloads as wl
 batch, seq = map(int, sys.argv[2].split("x"))
-w = bm.Workload("demo", bm.L6_H384, bm.Bert(3, 384, 12, 1536), 6, "v1", 12)
+w = wl.Workload("demo", wl.L6_H384, wl.Bert(3, 384, 12, 1536), 6, "v1", 12)
 if jax.default_backend() == "cpu":  # the benchmark's JAX route is bf16; a CPU trains in float32
-  setup = bm.jax_setup
-  bm.jax_setup = lambda w, batch, seq, dtype="float32": setup(w, batch, seq, dtype)
+  setup = jax_routes.jax_setup
+  jax_routes.jax_setup = lambda w, batch, seq, dtype="float32": setup(w, batch, seq, dtype)
 config = train.DistillConfig
 train.DistillConfig = lambda **kw: config(**kw, dropout_prng=sys.argv[1])
-built = bm.jax_route(w, batch, seq)
+built = jax_routes.jax_route(w, batch, seq)
 print(json.dumps({"impl": sys.argv[1], "device": jax.devices()[0].device_kind,
-                  **bm.measure(built, warmup=3, timed=int(sys.argv[3]))}))
+                  **harness.measure(built, warmup=3, timed=int(sys.argv[3]))}))
 """
 
 

@@ -4,7 +4,7 @@ busy time, and the kernels that take it (from a `jax.profiler` trace).
   python experiments/profile_step.py --mode gpu --config base-v1 --shape 256x128 --out DIR
   (PYTHONPATH=. in front where minilm_jax is not installed, as on the GPU image)
 
-Times `--steps` steps of the benchmark's JAX route (`minilm_jax.benchmark.measure`), then traces
+Times `--steps` steps of the benchmark's JAX route (`minilm_jax.benchmark.harness.measure`), then traces
 3 more with `jax.profiler.trace(create_perfetto_trace=True)` and sums the trace's device
 events by name. Device busy time far below the wall time means the host is the bottleneck.
 Writes DIR/profile-<config>-<shape>.json and the trace (perfetto_trace.json.gz) under DIR.
@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from minilm_jax import benchmark as bm
+from minilm_jax.benchmark import harness, jax_routes, main as benchmark_main, workloads
 
 
 def summarize(trace_file: pathlib.Path, steps: int) -> dict:
@@ -49,14 +49,14 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--mode", default="gpu")
   p.add_argument("--config", default="base-v1")
-  p.add_argument("--shape", type=bm._shape, default=(256, 128))
+  p.add_argument("--shape", type=benchmark_main.parse_shape, default=(256, 128))
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--out", default="runs/profile")
   p.add_argument("--no-trace", action="store_true")
   a = p.parse_args()
   batch, seq = a.shape
-  built = bm.jax_route(bm.workload(a.mode, a.config), batch, seq)
-  timing = bm.measure(built, warmup=3, timed=a.steps)
+  built = jax_routes.jax_route(workloads.workload(a.mode, a.config), batch, seq)
+  timing = harness.measure(built, warmup=3, timed=a.steps)
   result = {"config": a.config, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind,
             "step_s_median": timing["step_time_s"], "step_s_min": timing["step_time_min_s"],
             "step_s_max": timing["step_time_max_s"]}

@@ -21,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import benchmark as bm
+from minilm_jax.benchmark import harness, jax_routes, workloads
 from minilm_jax import blockwise_relation, losses, sharding, train
 from minilm_jax import model as model_lib
 from minilm_jax.model import AttentionInternals
@@ -50,10 +50,10 @@ def step_memory(config: str, relation, batch: int, seq: int, attention_dropout: 
   original = losses.blockwise_relation_loss
   losses.blockwise_relation_loss = relation  # what minilm_v1_loss / minilm_v2_loss call
   try:
-    w = bm.workload("gpu", config)
+    w = workloads.workload("gpu", config)
     w = dataclasses.replace(w, attention_dropout=attention_dropout,
                             student=dataclasses.replace(w.student, layers=student_layers))
-    cfg, setup, _ = bm.jax_setup(w, batch, seq)
+    cfg, setup, _ = jax_routes.jax_setup(w, batch, seq)
     optimizer = train.make_optimizer(cfg, cfg.learning_rate)
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     state = abstract(jax.eval_shape(lambda: train.init_state(cfg, setup, optimizer)))
@@ -104,7 +104,7 @@ def main():
               "attention is XLA's, which keeps [B, N, T, S] float32 logits and probabilities for the "
               "backward pass (with attention dropout 0 too), about 3 GiB per student layer (compare the "
               "1-layer row). On a GPU cuDNN's flash attention keeps none of them."]
-  out = pathlib.Path(a.out) / f"relation-memory-{bm.device_name()}.md"
+  out = pathlib.Path(a.out) / f"relation-memory-{harness.device_name()}.md"
   out.write_text("\n".join(lines) + "\n")
   print(f"wrote {out}")
 

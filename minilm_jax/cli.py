@@ -85,8 +85,8 @@ def data(argv: list[str]) -> None:
 
 
 def benchmark(argv: list[str]) -> None:
-  from minilm_jax import benchmark as benchmark_lib
-  benchmark_lib.main(argv)
+  from minilm_jax.benchmark import main as benchmark_main
+  benchmark_main.main(argv)
 
 
 def _flag_error(e: Exception) -> str:
