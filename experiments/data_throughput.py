@@ -23,7 +23,7 @@ import time
 
 import grain
 
-from minilm_jax import corpus_tfds, data
+from minilm_jax import corpus_tfds, data, documents
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "corpus"
@@ -69,7 +69,7 @@ def main():
           f"at start {os.getloadavg()[0]:.1f} (other jobs share the machine: numbers vary).", ""]
 
   start = time.perf_counter()
-  docs = data.load_documents(files)
+  docs = documents.load_documents(files)
   read_s = time.perf_counter() - start
   tok, _ = data.load_tokenizer(args.tokenizer)
   n_tokens = sum(len(d) for d in data.encode_documents(tok, docs))

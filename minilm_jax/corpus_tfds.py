@@ -1,10 +1,10 @@
 """TFDS corpora: local text files -> a prepared array_record dataset; reading one by index.
 
-A big corpus is read, split into documents and cleaned once (`minilm_jax.data` rules: one
+A big corpus is read, split into documents and cleaned once (`minilm_jax.documents` rules: one
 document per blank-line block, line or file; Project Gutenberg boilerplate cut), then stored as
 `DATA_DIR/text_corpus/1.0.0/*.array_record` with one `{"text": ...}` record per document.
 Training reads it back with `tfds.data_source("text_corpus", data_dir=DATA_DIR)`, i.e. corpus
-"tfds:text_corpus". `tfds_documents` reads any prepared TFDS dataset ("tfds:NAME[/CONFIG]
+"tfds:text_corpus". `minilm_jax.documents.tfds_documents` reads any prepared TFDS dataset ("tfds:NAME[/CONFIG]
 [:SPLIT]") the same way. Nothing is downloaded and TensorFlow is not needed.
 
   python -m minilm_jax data --build-tfds 'corpus/**/*.txt' --data-dir /data/tfds
@@ -16,10 +16,9 @@ from typing import Sequence
 from etils import epath
 import tensorflow_datasets as tfds
 
-from minilm_jax import data
+from minilm_jax import documents
 
 NAME = "text_corpus"
-BUILD_TFDS_COMMAND = "python -m minilm_jax data --build-tfds FILES --data-dir DIR"
 
 
 class TextCorpus(tfds.core.GeneratorBasedBuilder):
@@ -54,12 +53,12 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing is downloaded
     if self._files is None:
       raise ValueError(f"{NAME!r} is not prepared in {str(self.data_dir)!r}: build it with "
-                       f"`{BUILD_TFDS_COMMAND}`")
-    return {"train": self._generate_examples(data.expand_paths(self._files))}
+                       f"`{documents.BUILD_TFDS_COMMAND}`")
+    return {"train": self._generate_examples(documents.expand_paths(self._files))}
 
   def _generate_examples(self, paths: list[pathlib.Path]):
     for path in paths:
-      docs = data.split_documents(data.read_text(path), self._doc_per_line, self._doc_per_file)
+      docs = documents.split_documents(documents.read_text(path), self._doc_per_line, self._doc_per_file)
       for i, doc in enumerate(docs):
         yield f"{path}:{i}", {"text": doc}
 
@@ -86,8 +85,8 @@ def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, 
   """
   if not data_dir:
     raise ValueError("building a TFDS dataset needs a data_dir (--data-dir DIR) to write into")
-  paths = data.expand_paths(files)  # fail on a missing file before TFDS creates anything
-  if not any(data.split_documents(data.read_text(p), doc_per_line, doc_per_file) for p in paths):
+  paths = documents.expand_paths(files)  # fail on a missing file before TFDS creates anything
+  if not any(documents.split_documents(documents.read_text(p), doc_per_line, doc_per_file) for p in paths):
     raise ValueError(f"{files!r} holds no text ({len(paths)} files, no document): nothing was "
                      "built; pass non-empty text files")
   builder = TextCorpus(files=[str(p) for p in paths], doc_per_line=doc_per_line,
@@ -99,36 +98,3 @@ def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, 
   mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # regenerate the dataset, no download
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   return out
-
-
-def parse_tfds_corpus(corpus: str) -> tuple[str, str]:
-  """'tfds:NAME[/CONFIG][:SPLIT]' -> (name, split); the split defaults to 'train'."""
-  name, _, split = corpus.removeprefix("tfds:").partition(":")
-  if not name:
-    raise ValueError(f"corpus {corpus!r}: expected 'tfds:NAME[/CONFIG][:SPLIT]'")
-  return name, split or "train"
-
-
-def tfds_documents(corpus: str, data_dir: str | None, text_feature: str = "text",
-                   max_documents: int | None = None) -> list[str]:
-  """Reads the text feature of every record of a prepared TFDS dataset (no download)."""
-  name, split = parse_tfds_corpus(corpus)
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
-          NotImplementedError) as e:  # NotImplementedError: registered builder, not prepared
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} (split {split!r}) is not prepared in data_dir {data_dir!r}: "
-        "nothing is downloaded. Prepare it offline as array_record (`tfds build NAME "
-        "--data_dir DIR --file_format=array_record`), or turn local text files into one with "
-        f"`{BUILD_TFDS_COMMAND}` (then --corpus tfds:text_corpus)") from e
-  n = len(source) if max_documents is None else min(len(source), max_documents)
-  docs = []
-  for lo in range(0, n, 1024):
-    for record in source.__getitems__(list(range(lo, min(n, lo + 1024)))):
-      if text_feature not in record:
-        raise ValueError(f"TFDS dataset {name!r} has no feature {text_feature!r}; it has "
-                         f"{sorted(record)}: pass the text feature's name")
-      text = record[text_feature]
-      docs.append(text.decode("utf-8") if isinstance(text, bytes) else str(text))
-  return docs

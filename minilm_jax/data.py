@@ -1,21 +1,6 @@
 """Pre-training input pipeline: text -> teacher tokens -> packed BERT examples -> grain batches.
 
-MiniLM (Wang et al., 2020, Sec. 4) distils on the teacher's own pre-training data (English
-Wikipedia + BookCorpus for BERT). Here a corpus is one of:
-
-  * "demo": a small *demo corpus* of real English text that every Python install ships, the
-    ~79 documentation topics of `pydoc_data.topics` (one topic = one document, ~465k chars).
-  * local plain-text files: paths, globs or directories, comma-separated in one string or a
-    list; `.txt`, `.gz`, `.xz`. One document per blank-line-separated block (BERT's layout),
-    or per line with `doc_per_line=True`, or per file with `doc_per_file=True` (books and
-    articles whose blocks are paragraphs: paragraph documents leave most of a 512-token
-    example as padding). Project Gutenberg header and licence are dropped.
-  * "tfds:NAME[/CONFIG][:SPLIT]" (split defaults to "train"): a TFDS dataset already prepared
-    as array_record in `data_dir`, read by index with `tfds.data_source` (no TensorFlow). Each
-    record's text feature is one document. `minilm_jax.corpus_tfds` prepares local text files
-    this way.
-
-Documents are tokenized once at start-up with the teacher's Hugging Face `tokenizers` file
+Documents (of a corpus, see `minilm_jax.documents`) are tokenized once at start-up with the teacher's Hugging Face `tokenizers` file
 (batched, multithreaded Rust) and packed as in BERT pre-training: `[CLS] tokens [SEP]` filled
 with consecutive tokens of ONE document; a document's short tail is padded, not dropped.
 Tokens stay in memory as one array (2 bytes per token for vocabularies under 65,536 ids such
@@ -31,13 +16,8 @@ JSON-serialisable iterator state that is the same on every process.
 
 import dataclasses
 import functools
-import glob
-import gzip
 import json
-import lzma
-import os
 import pathlib
-import re
 import time
 from typing import Callable, Sequence
 
@@ -46,111 +26,10 @@ import grain
 import numpy as np
 import tokenizers
 
-from minilm_jax import teachers
+from minilm_jax import documents, teachers
 
-_TEXT_SUFFIXES = (".txt", ".gz", ".xz")
-_GUTENBERG_START = re.compile(
-    r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
-_GUTENBERG_END = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG EBOOK.*$", re.I | re.M)
 # Special tokens tried when the model dir names none: BERT WordPiece, then XLM-R SentencePiece.
 _SPECIAL_CANDIDATES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>")}
-
-
-# ----------------------------------------------------------------------------- documents
-
-
-def demo_documents() -> list[str]:
-  """The demo corpus: Python's documentation topics (`pydoc_data.topics`), one per document."""
-  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
-  return [topics.topics[k].strip() for k in sorted(topics.topics) if topics.topics[k].strip()]
-
-
-def expand_paths(files: str | Sequence[str]) -> list[pathlib.Path]:
-  """Paths, globs and directories (all .txt/.gz/.xz inside, recursively) -> sorted file list."""
-  specs = files.split(",") if isinstance(files, str) else list(files)
-  paths = []
-  for spec in (str(s).strip() for s in specs):
-    if not spec:
-      continue
-    if glob.has_magic(spec):
-      found = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-      if not found:
-        raise FileNotFoundError(f"corpus glob {spec!r} matches no file")
-      paths += [pathlib.Path(p) for p in found if os.path.isfile(p)]
-    elif os.path.isdir(spec):
-      found = sorted(p for p in pathlib.Path(spec).rglob("*") if p.suffix in _TEXT_SUFFIXES)
-      if not found:
-        raise FileNotFoundError(f"corpus directory {spec!r} holds no .txt/.gz/.xz file")
-      paths += found
-    elif os.path.isfile(os.path.expanduser(spec)):
-      paths.append(pathlib.Path(spec).expanduser())
-    else:
-      raise FileNotFoundError(
-          f"corpus file {spec!r} does not exist: pass text files, globs or directories, "
-          "'demo', or 'tfds:NAME[/CONFIG][:SPLIT]' for a prepared TFDS dataset")
-  if not paths:
-    raise FileNotFoundError(f"corpus {files!r} names no file")
-  return paths
-
-
-def read_text(path: str | pathlib.Path) -> str:
-  """Reads one UTF-8 text file (.gz and .xz decompressed) with any Gutenberg boilerplate cut."""
-  path = pathlib.Path(path)
-  opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
-  try:
-    with opener(path, "rt", encoding="utf-8-sig") as f:
-      text = f.read()
-  except FileNotFoundError:
-    raise FileNotFoundError(f"corpus file {str(path)!r} does not exist") from None
-  except (OSError, EOFError, lzma.LZMAError, UnicodeDecodeError) as e:
-    raise ValueError(
-        f"cannot read corpus file {str(path)!r} ({type(e).__name__}: {e}): it must be UTF-8 "
-        "text, gzip (.gz) or xz (.xz); re-download or re-compress it") from e
-  return strip_gutenberg(text)
-
-
-def strip_gutenberg(text: str) -> str:
-  """Keeps only the book between the '*** START/END OF THE PROJECT GUTENBERG EBOOK' lines."""
-  start = _GUTENBERG_START.search(text)
-  if start:
-    text = text[start.end():]
-  end = _GUTENBERG_END.search(text)
-  if end:
-    text = text[:end.start()]
-  return text
-
-
-def split_documents(text: str, doc_per_line: bool = False,
-                    doc_per_file: bool = False) -> list[str]:
-  """Blank-line-separated blocks (lines joined by spaces), lines, or the whole text as documents.
-
-  With doc_per_file the blocks are kept as lines of one document; empty documents are dropped.
-  """
-  if doc_per_line and doc_per_file:
-    raise ValueError("doc_per_line and doc_per_file exclude each other: pass at most one")
-  if doc_per_file:
-    doc = "\n".join(split_documents(text))
-    return [doc] if doc else []
-  if doc_per_line:
-    return [line.strip() for line in text.splitlines() if line.strip()]
-  blocks = re.split(r"\n\s*\n", text)
-  docs = (" ".join(line.strip() for line in block.splitlines() if line.strip()) for block in blocks)
-  return [d for d in docs if d]
-
-
-def load_documents(corpus: str | Sequence[str], *, data_dir: str | None = None,
-                   doc_per_line: bool = False, doc_per_file: bool = False,
-                   text_feature: str = "text", max_documents: int | None = None) -> list[str]:
-  """Documents of 'demo', 'tfds:...' or local text files (see the module docstring)."""
-  if isinstance(corpus, str) and corpus == "demo":
-    docs = demo_documents()
-  elif isinstance(corpus, str) and corpus.startswith("tfds:"):
-    from minilm_jax import corpus_tfds  # pylint: disable=g-import-not-at-top
-    docs = corpus_tfds.tfds_documents(corpus, data_dir, text_feature, max_documents)
-  else:
-    docs = [d for p in expand_paths(corpus)
-            for d in split_documents(read_text(p), doc_per_line, doc_per_file)]
-  return docs[:max_documents]
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -352,7 +231,7 @@ def pretraining_examples(
   if (model_dir / "config.json").is_file():
     check_max_seq_len(max_seq_len, model_dir)
   tok, special = load_tokenizer(model_dir)
-  docs = load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
+  docs = documents.load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
                         doc_per_file=doc_per_file, text_feature=text_feature,
                         max_documents=max_documents)
   start = time.perf_counter()

@@ -17,7 +17,7 @@ import pathlib
 import jax
 import numpy as np
 
-from minilm_jax import convert, data, train
+from minilm_jax import convert, data, documents, train
 
 CONFIG_FILE = "config.json"
 CORPUS_FILE = "corpus.json"
@@ -87,7 +87,7 @@ def corpus_record(cfg: train.DistillConfig, examples: data.PackedExamples) -> di
   """What the run reads: local files with their sizes, and a SHA-256 of the packed examples."""
   files = {}
   if cfg.corpus != "demo" and not cfg.corpus.startswith("tfds:"):
-    files = {str(p): p.stat().st_size for p in data.expand_paths(cfg.corpus)}
+    files = {str(p): p.stat().st_size for p in documents.expand_paths(cfg.corpus)}
   digest = hashlib.sha256()
   for array in (examples.tokens, examples.starts, examples.lengths, examples.a_lengths):
     digest.update(np.ascontiguousarray(array).tobytes())

@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 import transformers
 
-from minilm_jax import corpus_tfds, data
+from minilm_jax import corpus_tfds, data, documents
 
 TEACHER = "all-MiniLM-L6-v2"
 BOOK = """The Project Gutenberg eBook of A Tiny Book
@@ -56,7 +56,7 @@ def text_tokens(example, special):
 
 def test_packing_keeps_every_token_once(demo, teacher_dir):
   examples, stats = demo
-  docs = data.demo_documents()
+  docs = documents.demo_documents()
   reference = transformers.AutoTokenizer.from_pretrained(teacher_dir)
   expected = [reference(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]
               for d in docs]
@@ -179,7 +179,7 @@ def test_tfds_build_and_read_back(tmp_path):
   source = tfds.data_source("text_corpus", data_dir=tmp_path / "tfds", split="train",
                             download=False)
   texts = sorted(source[i]["text"].decode() for i in range(len(source)))
-  assert texts == sorted(data.split_documents(data.read_text(corpus)))
+  assert texts == sorted(documents.split_documents(documents.read_text(corpus)))
   assert len(texts) == 2 and texts[1].startswith("Chapter two")
   from_tfds = data.pretraining_examples("tfds:text_corpus:train", TEACHER,
                                         data_dir=str(tmp_path / "tfds"))[1]
@@ -191,18 +191,18 @@ def test_text_files_gutenberg_xz_globs_and_doc_per_line(tmp_path):
   with lzma.open(tmp_path / "b.xz", "wt", encoding="utf-8") as f:
     f.write(BOOK)
   (tmp_path / "a.txt").write_text("line one\nline two\n\nline three\n")
-  docs = data.load_documents(str(tmp_path / "*.txt") + "," + str(tmp_path / "b.xz"))
+  docs = documents.load_documents(str(tmp_path / "*.txt") + "," + str(tmp_path / "b.xz"))
   assert docs == ["line one line two", "line three",
                   "Chapter one. The quick brown fox jumps over the lazy dog, and then it runs far "
                   "away into the deep dark forest where nobody can find it.",
                   "Chapter two. Ten short words follow here."]
-  assert data.load_documents([tmp_path / "a.txt"], doc_per_line=True) == [
+  assert documents.load_documents([tmp_path / "a.txt"], doc_per_line=True) == [
       "line one", "line two", "line three"]
-  assert len(data.load_documents(str(tmp_path))) == 4  # a directory: every text file in it
-  assert data.load_documents(str(tmp_path), doc_per_file=True) == [
+  assert len(documents.load_documents(str(tmp_path))) == 4  # a directory: every text file in it
+  assert documents.load_documents(str(tmp_path), doc_per_file=True) == [
       "line one line two\nline three", "\n".join(docs[2:])]
   with pytest.raises(ValueError, match="exclude each other"):
-    data.load_documents(str(tmp_path), doc_per_file=True, doc_per_line=True)
+    documents.load_documents(str(tmp_path), doc_per_file=True, doc_per_line=True)
 
 
 def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
@@ -212,17 +212,17 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
     data.pretraining_examples(str(tmp_path / "missing.txt"), TEACHER)
   with pytest.raises(FileNotFoundError, match="matches no file"):
-    data.load_documents(str(tmp_path / "*.nothing"))
+    documents.load_documents(str(tmp_path / "*.nothing"))
   packed = gzip.compress(" ".join(map(str, range(2000))).encode())
   (tmp_path / "corrupt.txt.gz").write_bytes(packed[:len(packed) // 2])  # cut mid-stream
   with pytest.raises(ValueError, match="cannot read corpus file .*corrupt.txt.gz"):
     data.pretraining_examples(str(tmp_path / "corrupt.txt.gz"), TEACHER)
   (tmp_path / "plain.gz").write_text("not gzip at all")
   with pytest.raises(ValueError, match="cannot read corpus file .*plain.gz.*BadGzipFile"):
-    data.load_documents(str(tmp_path / "plain.gz"))
+    documents.load_documents(str(tmp_path / "plain.gz"))
   (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
   with pytest.raises(ValueError, match="must be UTF-8"):
-    data.load_documents(str(tmp_path / "latin1.txt"))
+    documents.load_documents(str(tmp_path / "latin1.txt"))
   with pytest.raises(ValueError, match="beyond the position table .* 512 or less"):
     data.pretraining_examples("demo", TEACHER, max_seq_len=513)
   with pytest.raises(FileNotFoundError, match="not prepared .*--build-tfds"):
@@ -286,14 +286,14 @@ def test_gutenberg_boilerplate_stripped_from_real_books(shared_data):
   book = shared_data / "corpus" / "gutenberg" / "pg1184.txt"
   if not book.is_file():
     pytest.skip(f"{book} is absent")
-  text = data.read_text(book)
+  text = documents.read_text(book)
   raw = book.read_text(encoding="utf-8-sig")
   assert raw.startswith("The Project Gutenberg eBook") and "*** START OF" in raw
   assert text.strip().startswith("THE COUNT OF MONTE CRISTO")
   assert "PROJECT GUTENBERG EBOOK" not in text.upper() and "FULL LICENSE" not in text.upper()
   for other in sorted(book.parent.glob("*.txt")):  # half of the books keep the boilerplate
-    assert "PROJECT GUTENBERG" not in data.read_text(other).upper(), other.name
-  assert len(data.expand_paths(str(shared_data / "corpus" / "wikipedia"))) == 442
+    assert "PROJECT GUTENBERG" not in documents.read_text(other).upper(), other.name
+  assert len(documents.expand_paths(str(shared_data / "corpus" / "wikipedia"))) == 442
 
 
 def test_data_cli_builds_tfds_and_shows_it(tmp_path, capsys):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from minilm_jax import checkpoint, cli, convert, distill, finetune, heads
+from minilm_jax import checkpoint, cli, convert, distill, documents, finetune, heads
 from minilm_jax import data as data_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import read_metrics
@@ -51,7 +51,7 @@ def digest(path: pathlib.Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   out = tmp_path_factory.mktemp("corpus")
-  docs = data_lib.demo_documents()
+  docs = documents.demo_documents()
   (out / "a.txt").write_text("\n\n".join(docs[:len(docs) // 2]) + "\n")
   (out / "b.txt").write_text("\n\n".join(docs[len(docs) // 2:]) + "\n")
   return out
