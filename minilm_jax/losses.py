@@ -6,9 +6,15 @@ split into R heads of size d_r = D / R, the relation is
     Rel(a, b) = softmax(a_r b_r^T / sqrt(d_r))                      [B, R, T, S]
 
 and the loss is the KL divergence from the teacher's relation to the student's,
-averaged over examples, relation heads and real query positions:
+averaged over relation heads and over all the batch's real (unpadded) query tokens:
 
-    L = 1 / (B_real * R) * sum_{b, r, t real} KL(Rel_T[b, r, t] || Rel_S[b, r, t]).
+    L = 1 / (n_real * R) * sum_{b, r, t real} KL(Rel_T[b, r, t] || Rel_S[b, r, t]),
+    n_real = sum_{b, t} mask[b, t].
+
+This is not the papers' mean per example (each sequence's tokens averaged, then the
+examples): here every real token weighs the same, whatever its sequence's length, so a
+batch split into micro-batches whose token-weighted losses are added gives exactly the
+whole batch's loss (`train.make_train_step`), and padding changes nothing.
 
 MiniLM (Wang et al., 2020, Eq. 7-9): attention transfer KL(A_T || A_S) with
 A = Rel(q, k), plus value relation KL(Rel(v_T, v_T) || Rel(v_S, v_S)), R = the number
@@ -54,7 +60,7 @@ def relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
 
 def relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
                   student_b: jax.Array, mask: jax.Array, num_relation_heads: int) -> jax.Array:
-  """KL(teacher relation || student relation), averaged over (example, head, real query).
+  """KL(teacher relation || student relation), averaged over heads and the batch's real queries.
 
   Args:
     teacher_a, teacher_b: [B, T, D_T] teacher tensors, heads concatenated (e.g. q and k).

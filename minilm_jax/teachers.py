@@ -7,7 +7,6 @@ directory is an error that says what to pass instead.
 import importlib.resources
 import pathlib
 
-DEFAULT_TEACHER = "all-MiniLM-L6-v2"
 
 # name -> (importable package, folder inside it holding config.json, weights, tokenizer).
 PACKAGED = {

@@ -56,9 +56,6 @@ def test_registry_has_every_paper_task():
   assert glue.get_task("SST-2").dir_name == "SST-2"
   assert glue.get_task("cola").metric == "matthews"
   assert {glue.get_task(t).metric for t in ("mrpc", "qqp")} == {"accuracy_f1"}
-  for task in glue.TASKS.values():  # TFDS label names map onto ours
-    if task.tfds_labels:
-      assert sorted(task.tfds_labels) == sorted(task.labels)
 
 
 def test_reads_every_task_in_glue_layout(glue_dir):
@@ -125,30 +122,6 @@ def test_encoding_leaves_callers_tokenizer_untouched(teacher_dir):
   before = tokenizer.to_str()
   glue.encode_examples([glue.Example("x", None, 0)], tokenizer, "sst2", max_len=16)
   assert tokenizer.to_str() == before
-
-
-def test_tfds_records_map_labels_by_name(monkeypatch):
-  tfds = pytest.importorskip("tensorflow_datasets")
-  records = [{"premise": b"The cat sat.", "hypothesis": b"A cat sat.", "label": np.int64(0),
-              "idx": 0},
-             {"premise": b"x", "hypothesis": b"y", "label": np.int64(2), "idx": 1}]
-  calls = {}
-
-  def fake_data_source(name, *, split, data_dir, download):
-    calls.update(name=name, split=split, download=download)
-    return records
-
-  monkeypatch.setattr(tfds, "data_source", fake_data_source)
-  examples = glue.load_glue_tfds("mnli", "/nowhere", "dev")
-  assert calls == {"name": "glue/mnli", "split": "validation_matched", "download": False}
-  # TFDS MNLI 0 = entailment, 2 = contradiction; our ids follow the GLUE TSV processor order.
-  assert examples == [glue.Example("The cat sat.", "A cat sat.", 1), glue.Example("x", "y", 0)]
-
-
-def test_tfds_not_prepared_is_a_clear_error(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
-  with pytest.raises(FileNotFoundError, match=r"glue/rte .*not prepared.*tfds build glue/rte"):
-    glue.load_glue_tfds("rte", tmp_path, "dev")
 
 
 @pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data/glue is not present")

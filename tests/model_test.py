@@ -81,10 +81,23 @@ def test_qkv_reproduce_attention_probabilities(teacher, batch):
 
 
 def test_fused_and_explicit_attention_agree(teacher, batch):
+  """The two attention routes on every layer's own q, k, v: `fused_attention`
+  (`jax.nn.dot_product_attention`, what a layer runs without attention dropout) against
+  `explicit_attention` (the probabilities softmax(logits) in memory, what a layer runs
+  with it), dropout 0 in both so that only the route differs; and capturing every layer's
+  internals leaves the output as it is."""
   config, params = teacher
-  fused = run(config, params, batch).last_hidden_state
-  explicit = run(config, params, batch, capture=tuple(range(config.num_layers)), return_logits=True)
-  np.testing.assert_allclose(fused, explicit.last_hidden_state, rtol=0, atol=1e-5)
+  plain = run(config, params, batch).last_hidden_state
+  captured = run(config, params, batch, capture=tuple(range(config.num_layers)), return_logits=True)
+  np.testing.assert_allclose(plain, captured.last_hidden_state, rtol=0, atol=1e-5)
+  mask = jnp.asarray(batch["attention_mask"])
+  heads = lambda x: x.reshape(*x.shape[:2], config.num_heads, config.head_dim)  # [B,T,D] -> [B,T,N,H]
+  for i, x in captured.internals.items():
+    fused = model_lib.fused_attention(heads(x.query), heads(x.key), heads(x.value), mask)
+    explicit = model_lib.explicit_attention(x.logits, heads(x.value), mask)
+    assert np.abs(np.asarray(fused)).max() > 0.1, i  # values of real size, not a vacuous 0 == 0
+    flat = lambda y: real(np.asarray(y).reshape(*y.shape[:2], -1), batch)
+    np.testing.assert_allclose(flat(fused), flat(explicit), rtol=0, atol=1e-5, err_msg=f"layer {i}")
 
 
 def test_dropout_only_in_training(teacher, batch):

@@ -1,4 +1,4 @@
-"""GLUE tasks of the MiniLM papers: registry, TSV / TFDS readers and fixed-length features.
+"""GLUE tasks of the MiniLM papers: registry, the TSV reader and fixed-length features.
 
 The MiniLM tables fine-tune on MNLI (dev_matched), QNLI, QQP, RTE, SST-2, MRPC, CoLA and
 STS-B. `TASKS` records, for each, where the original GLUE download keeps it
@@ -27,8 +27,8 @@ SPLITS = ("train", "dev")
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
-  """Where a GLUE task lives on disk and in TFDS, and how it is scored."""
-  name: str                             # registry key; also the TFDS config (glue/<name>)
+  """Where a GLUE task lives on disk and how it is scored."""
+  name: str                             # registry key
   dir_name: str                         # folder under glue_data/ in the original download
   text_columns: tuple[str, ...]         # one column (single sentence) or two (pair)
   label_column: str                     # column holding the gold label or score
@@ -36,9 +36,6 @@ class GlueTask:
   metric: str                           # metric family of metrics.task_metrics
   dev_file: str = "dev.tsv"             # MNLI: dev_matched.tsv (the MiniLM tables' MNLI-m)
   header: tuple[str, ...] | None = None  # column names of a header-less file (CoLA)
-  tfds_text: tuple[str, ...] = ()       # TFDS feature names of the text columns
-  tfds_labels: tuple[str, ...] | None = None  # our label string of each TFDS label id
-  tfds_dev_split: str = "validation"    # TFDS split that is GLUE's dev set
   skip_short_rows: bool = False         # drop rows missing fields, as run_glue's processor does
 
   @property
@@ -57,24 +54,16 @@ _NLI2 = ("entailment", "not_entailment")
 TASKS = {t.name: t for t in [
     GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
              ("contradiction", "entailment", "neutral"), "accuracy",
-             dev_file="dev_matched.tsv", tfds_text=("premise", "hypothesis"),
-             tfds_labels=("entailment", "neutral", "contradiction"),
-             tfds_dev_split="validation_matched"),
-    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, "accuracy",
-             tfds_text=("question", "sentence"), tfds_labels=_NLI2),
+             dev_file="dev_matched.tsv"),
+    GlueTask("qnli", "QNLI", ("question", "sentence"), "label", _NLI2, "accuracy"),
     GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", _BINARY, "accuracy_f1",
-             tfds_text=("question1", "question2"), tfds_labels=_BINARY, skip_short_rows=True),
-    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", _NLI2, "accuracy",
-             tfds_text=("sentence1", "sentence2"), tfds_labels=_NLI2),
-    GlueTask("sst2", "SST-2", ("sentence",), "label", _BINARY, "accuracy",
-             tfds_text=("sentence",), tfds_labels=_BINARY),
-    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", _BINARY, "accuracy_f1",
-             tfds_text=("sentence1", "sentence2"), tfds_labels=_BINARY),
+             skip_short_rows=True),
+    GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", _NLI2, "accuracy"),
+    GlueTask("sst2", "SST-2", ("sentence",), "label", _BINARY, "accuracy"),
+    GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", _BINARY, "accuracy_f1"),
     GlueTask("cola", "CoLA", ("sentence",), "label", _BINARY, "matthews",
-             header=("source", "label", "original_label", "sentence"),
-             tfds_text=("sentence",), tfds_labels=_BINARY),
-    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None, "pearson_spearman",
-             tfds_text=("sentence1", "sentence2")),
+             header=("source", "label", "original_label", "sentence")),
+    GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None, "pearson_spearman"),
 ]}
 
 
@@ -145,7 +134,7 @@ def load_glue(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) ->
         f"{path} not found: GLUE {task.name} {split} is read from "
         f"<glue_dir>/{task.dir_name}/{'train.tsv' if split == 'train' else task.dev_file} "
         "(the layout of the original GLUE download, download_glue_data.py); pass that "
-        "glue_data folder, or use load_glue_tfds for a prepared TFDS copy")
+        "glue_data folder")
   with path.open(encoding="utf-8", newline="") as f:
     # QUOTE_NONE: one record per physical line, so enumerate() gives file line numbers.
     rows = [(line, row) for line, row in
@@ -174,50 +163,6 @@ def load_glue(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) ->
   if skipped:
     logging.warning("%s: skipped %d rows with missing fields (as run_glue does for %s)",
                     path, skipped, task.name)
-  return examples
-
-
-def _text(value) -> str:
-  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-
-def load_glue_tfds(task: str | GlueTask, data_dir: str | pathlib.Path,
-                   split: str) -> list[Example]:
-  """Reads a task from a prepared TFDS `glue/<task>` (array_record) under `data_dir`.
-
-  Uses `tfds.data_source`, which needs no TensorFlow, so the dataset must already be
-  prepared in array_record format (elsewhere: `tfds build glue/<task>
-  --file_format=array_record --data_dir=<data_dir>`). TFDS label ids are mapped to ours by
-  name (TFDS MNLI orders entailment, neutral, contradiction; GLUE's TSV order differs).
-  """
-  task = get_task(task)
-  if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tfds_split = "train" if split == "train" else task.tfds_dev_split
-  try:
-    source = tfds.data_source(f"glue/{task.name}", split=tfds_split, data_dir=str(data_dir),
-                              download=False)
-  except Exception as e:  # DatasetNotFoundError, AssertionError, FileNotFoundError, ...
-    raise FileNotFoundError(
-        f"TFDS glue/{task.name} split {tfds_split!r} is not prepared in array_record format "
-        f"under {data_dir} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-        f"Prepare it where TensorFlow is installed: tfds build glue/{task.name} "
-        f"--file_format=array_record --data_dir={data_dir}; or read the GLUE TSVs with "
-        "load_glue") from e
-  examples = []
-  for i in range(len(source)):
-    record = source[i]
-    texts = [_text(record[k]) for k in task.tfds_text]
-    raw = record["label"]
-    if task.is_regression:
-      label = float(raw)
-    else:
-      if not 0 <= int(raw) < len(task.tfds_labels):
-        raise ValueError(f"TFDS glue/{task.name} {tfds_split} record {i}: label {int(raw)} "
-                         f"outside 0..{len(task.tfds_labels) - 1} (test splits carry -1)")
-      label = task.labels.index(task.tfds_labels[int(raw)])
-    examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, label))
   return examples
 
 
