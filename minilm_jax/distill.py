@@ -5,7 +5,8 @@
 The workdir holds `config.json` (the run's `DistillConfig`), `checkpoints/` (Orbax:
 student parameters, optimizer state, step, PRNG key and the data iterator's per-process
 state), `metrics.jsonl`, `tensorboard/` and, at the end, `hf/` (the student as a Hugging
-Face directory). Re-running with the same workdir resumes from the latest checkpoint
+Face directory; with `objective="mlm"`, the masked-LM baseline, also `hf-mlm/`, a
+`BertForMaskedLM`). Re-running with the same workdir resumes from the latest checkpoint
 and continues with exactly the batches and dropout masks an uninterrupted run would
 have seen; SIGTERM (pre-emption) on any process makes every process save the same step and
 exit with `PREEMPTED_EXIT_CODE`. On several processes, process 0 alone writes the shared
@@ -32,7 +33,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
 
-from minilm_jax import checkpoint, convert, data, sharding, train, workdir as workdir_lib
+from minilm_jax import checkpoint, convert, data, mlm, sharding, train, workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import MetricWriter, read_metrics
 from minilm_jax.teachers import resolve_model_dir
@@ -197,7 +198,8 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
                                  worker_count=cfg.data_workers)
   optimizer = train.make_optimizer(cfg)
   schedule = train.learning_rate_schedule(cfg)
-  step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps)
+  step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps,
+                                  train.make_loss_fn(cfg, setup, teacher_dir))
   export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
   if resume_from_step is not None:
     _resume_from(workdir, resume_from_step)
@@ -215,7 +217,8 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
     _truncate_metrics(workdir, int(state.step))
   else:
     state = jax.device_put(train.init_state(cfg, setup, optimizer), replicated)
-  teacher_params = jax.device_put(train.truncate_teacher(setup, teacher_params), replicated)
+  teacher_params = ({} if cfg.objective == "mlm" else  # masked LM has no teacher
+                    jax.device_put(train.truncate_teacher(setup, teacher_params), replicated))
 
   writer = MetricWriter(workdir)
   start = int(state.step)
@@ -274,6 +277,11 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
              "last_loss": last_loss, "preempted": preempted, "corpus": dataclasses.asdict(stats)}
   if cfg.export_hf and final_step == cfg.max_steps and jax.process_index() == 0:
     params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
+    if cfg.objective == "mlm":
+      if export_config.model_type == "bert":
+        summary["hf_mlm"] = str(mlm.save_hf(workdir / "hf-mlm", export_config, params, teacher_dir,
+                                            overwrite=True))
+      params = mlm.encoder_params(params)
     summary["hf"] = str(convert.save_hf(workdir / "hf", export_config, params, teacher_dir, overwrite=True))
   return summary
 
@@ -304,12 +312,13 @@ class _FiniteGuard:
       return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(out.internals)]))
 
     self.teacher_finite = lambda batch: bool(jax.jit(teacher_finite)(teacher_params, batch))
+    self.has_teacher = bool(jax.tree.leaves(teacher_params))  # masked LM runs have none
 
   def check(self, step: int, metrics: dict, batch: dict) -> None:
     loss, grad_norm = (float(x) for x in jax.device_get((metrics["loss/total"], metrics["grad_norm"])))
     if np.isfinite(loss) and np.isfinite(grad_norm):
       return
-    if not self.teacher_finite(batch):
+    if self.has_teacher and not self.teacher_finite(batch):
       cause = ("the teacher's outputs are non-finite on this batch (its weights overflow in the "
                "compute dtype): use compute_dtype='float32' or check the teacher's weights")
     else:

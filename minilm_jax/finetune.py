@@ -2,10 +2,11 @@
 
 The task models (`heads.py`) are BERT's: pooled [CLS] -> dropout -> dense for
 classification (cross-entropy) and regression (STS-B, mean squared error), start/end
-logits for extractive QA (the mean of the two cross-entropies, [CLS] = no answer); the
-best epoch exports as a Hugging Face `BertForSequenceClassification` /
-`BertForQuestionAnswering` directory. RoBERTa / XLM-R students get RoBERTa's heads and
-export as `{Roberta,XLMRoberta}For{SequenceClassification,QuestionAnswering}`.
+logits for extractive QA (the mean of the two cross-entropies over the real tokens,
+[CLS] = no answer); the best epoch exports as a Hugging Face
+`BertForSequenceClassification` / `BertForQuestionAnswering` directory. RoBERTa / XLM-R
+students get RoBERTa's heads and export as
+`{Roberta,XLMRoberta}For{SequenceClassification,QuestionAnswering}`.
 
 Padding costs nothing it need not: each batch is cut to its longest row, rounded up
 to a multiple of `length_bucket` tokens (a handful of compiled shapes; exact, since
@@ -150,7 +151,10 @@ def task_loss(module, batch, dropout_rng, regression: bool):
   args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
   ce = optax.softmax_cross_entropy_with_integer_labels
   if isinstance(module, heads.QuestionAnswerer):
-    start, end = module(*args, dropout_rng=dropout_rng)
+    # Padded positions are no candidate answer: left in, they would add to the softmax
+    # denominator, and the loss would change with the batch's padded width.
+    real = batch["attention_mask"].astype(bool)
+    start, end = (jnp.where(real, x, -1e9) for x in module(*args, dropout_rng=dropout_rng))
     return (ce(start, batch["start_positions"]).mean() + ce(end, batch["end_positions"]).mean()) / 2
   logits = module(*args, dropout_rng=dropout_rng)
   if regression:

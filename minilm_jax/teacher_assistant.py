@@ -35,6 +35,8 @@ _ASSISTANT_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads"
 
 def uses_assistant(cfg: train.DistillConfig, teacher: model_lib.ModelConfig) -> bool:
   """Whether the run goes through an assistant: "on", "off", or the paper's rule ("auto")."""
+  if cfg.objective == "mlm":  # pre-training from scratch: no teacher to assist
+    return False
   if cfg.teacher_assistant != "auto":
     return cfg.teacher_assistant == "on"
   return 2 * cfg.student_layers <= teacher.num_layers and 2 * cfg.student_hidden <= teacher.hidden_size

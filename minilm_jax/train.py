@@ -34,10 +34,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minilm_jax import losses, sharding
+from minilm_jax import losses, mlm, sharding
 from minilm_jax import model as model_lib
 
 LOSSES = {"v1": losses.minilm_v1_loss, "v2": losses.minilm_v2_loss}
+OBJECTIVES = ("distill", "mlm")
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class DistillConfig:
   loss_student_layers: tuple[int, ...] = ()  # 1-based student layers internals_loss gets; () = the last
   teacher_assistant: str = "auto"     # MiniLM Sec. 3.3: "auto" (if M <= L/2 and D' <= D/2), "on", "off"
   assistant_steps: int = 0            # optimizer steps of the teacher-assistant stage; 0 = max_steps
+  objective: str = "distill"          # "distill" (MiniLM from the teacher) or "mlm" (BERT masked LM from scratch, the baseline)
   # Student (vocabulary, positions and model type follow the teacher).
   student_layers: int = 3             # L
   student_hidden: int = 384           # D
@@ -118,6 +120,7 @@ def check_config(cfg: DistillConfig) -> None:
   """Field values a run cannot start with, checked before anything is written."""
   check_choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
   check_choice("version", cfg.version, tuple(LOSSES))
+  check_choice("objective", cfg.objective, OBJECTIVES)
   positive = ("student_layers", "student_hidden", "student_heads", "max_seq_len",
               "global_batch_size", "grad_accum_steps", "max_steps", "log_every", "checkpoint_every",
               "keep_checkpoints")
@@ -279,7 +282,8 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
       hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_attention_dropout, use_pooler=True,
       cudnn_dropout=cfg.fused_attention_dropout, dtype=dtype)
   teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
-  loss, heads = _loss_of(cfg, teacher, student)
+  # Masked LM distils nothing: no loss of internals, any head count.
+  loss, heads = (None, student.num_heads) if cfg.objective == "mlm" else _loss_of(cfg, teacher, student)
   for name, c in (("teacher", teacher), ("student", student)):
     if cfg.max_seq_len > c.max_seq_len:
       raise ValueError(f"max_seq_len {cfg.max_seq_len} exceeds the {name}'s position table "
@@ -311,17 +315,49 @@ def decay_mask(params: nnx.State) -> nnx.State:
   return jax.tree_util.tree_map_with_path(lambda path, _: path[-2].key in ("kernel", "embedding"), params)
 
 
+def _keys(path) -> tuple:
+  return tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
+
+
+def untrained_mask(cfg: DistillConfig, params) -> Any:
+  """True for the parameters the objective's loss never reaches (their gradient is 0).
+
+  A distillation loss reads only queries, keys and values (and logits made of them) of
+  the captured student layers (the last one, or `loss_student_layers`), so the topmost
+  captured layer's attention output, feed-forward and LayerNorms, every layer above it,
+  and the pooler get no gradient; masked LM pre-training (`objective="mlm"`) uses every
+  layer but not the pooler. AdamW's decoupled weight decay would still shrink them
+  towards 0 at every step (by lr * weight_decay * w): a student exported after 400k
+  steps would carry those layers decayed to almost nothing instead of at their init.
+  """
+  top = max(cfg.loss_student_layers or (cfg.student_layers,)) - 1  # 0-based
+
+  def untrained(path, _):
+    keys = _keys(path)
+    keys = keys[1:] if keys[0] == "encoder" else keys  # MLM: {"encoder": ..., "head": ...}
+    if keys[0] == "pooler":
+      return True
+    if cfg.objective == "mlm" or keys[0] != "layers":
+      return False
+    return keys[1] > top or (keys[1] == top and keys[2] not in ("query", "key", "value"))
+
+  return jax.tree_util.tree_map_with_path(untrained, params)
+
+
 def make_optimizer(cfg: DistillConfig, learning_rate: optax.ScalarOrSchedule | None = None
                    ) -> optax.GradientTransformation:
-  """AdamW (decay mask, optional clipping); `learning_rate` defaults to the run's schedule."""
+  """Clipping, AdamW (decay mask), then zero updates where `untrained_mask` says no
+  gradient arrives; `learning_rate` defaults to the run's schedule."""
   learning_rate = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
   adamw = optax.adamw(learning_rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw) if cfg.clip_grad_norm else adamw
+  clip = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
+  return optax.chain(*clip, adamw, optax.masked(optax.set_to_zero(), lambda p: untrained_mask(cfg, p)))
 
 
 def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation) -> TrainState:
-  params = model_lib.init_params(setup.student, cfg.seed)
+  init = mlm.init_params if cfg.objective == "mlm" else model_lib.init_params
+  params = init(setup.student, cfg.seed)
   rng = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
@@ -356,9 +392,24 @@ def distill_loss(params, teacher_params, batch, dropout_rng, setup: Setup):
   return terms["total"], terms
 
 
+def make_loss_fn(cfg: DistillConfig, setup: Setup, tokenizer_dir) -> Callable:
+  """The per-micro-batch loss of `cfg.objective`, as `make_train_step` takes it."""
+  if cfg.objective == "mlm":
+    return mlm.make_loss(setup.student, tokenizer_dir)
+  return functools.partial(distill_loss, setup=setup)
+
+
 def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
-                    micro_batches: int = 1) -> Callable:
-  """The jit-compiled step `(state, teacher_params, batch) -> (state, metrics)`."""
+                    micro_batches: int = 1, loss_fn: Callable | None = None) -> Callable:
+  """The jit-compiled step `(state, teacher_params, batch) -> (state, metrics)`.
+
+  `loss_fn(params, teacher_params, batch, dropout_rng) -> (total, terms)` is the loss of
+  one micro-batch (default: `distill_loss`), a mean over some count of its tokens:
+  `terms["tokens"]` when it returns one (masked LM: the predicted tokens), else the
+  real tokens of `attention_mask` (distillation). The step weights each micro-batch by
+  that count, so the accumulated loss and gradient are the whole batch's exact mean.
+  """
+  loss_fn = loss_fn or functools.partial(distill_loss, setup=setup)
 
   def split_micro(x):  # [B, ...] -> [A, B/A, ...]; micro-batch a takes rows a, A+a, ... of every device
     x = x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1)
@@ -368,22 +419,25 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
     key = dropout_key(state.rng, state.step, setup.dropout_prng)
 
     def grads_of(micro, index):  # token-weighted sums, so micro-batches add up exactly
-      tokens = jnp.sum(micro["attention_mask"]).astype(jnp.float32)
-      weighted = lambda p: jax.tree.map(lambda v: v * tokens, distill_loss(
-          p, teacher_params, micro, jax.random.fold_in(key, index), setup))
-      (_, terms), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
-      return grads, terms, tokens
+      def weighted(p):
+        total, terms = loss_fn(p, teacher_params, micro, jax.random.fold_in(key, index))
+        terms = dict(terms)
+        tokens = terms.pop("tokens", jnp.sum(micro["attention_mask"])).astype(jnp.float32)
+        tokens = jax.lax.stop_gradient(tokens)
+        return total * tokens, ({k: v * tokens for k, v in terms.items()}, tokens)
+      (_, (terms, tokens)), grads = jax.value_and_grad(weighted, has_aux=True)(state.params)
+      return grads, terms, tokens, jnp.sum(micro["attention_mask"]).astype(jnp.float32)
 
     if micro_batches == 1:
-      grads, terms, tokens = grads_of(batch, 0)
+      grads, terms, tokens, real_tokens = grads_of(batch, 0)
     else:
       micro = jax.tree.map(split_micro, batch)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), 0))
-      (grads, terms, tokens), _ = jax.lax.scan(
+      (grads, terms, tokens, real_tokens), _ = jax.lax.scan(
           lambda carry, inputs: (jax.tree.map(jnp.add, carry, grads_of(*inputs)), None),
           zeros, (micro, jnp.arange(micro_batches)))
-    real_tokens, tokens = tokens, jnp.maximum(tokens, 1.0)
+    tokens = jnp.maximum(tokens, 1.0)  # the count the loss means are over
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -26,7 +26,7 @@ FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "s
                  "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
                  "global_batch_size", "grad_accum_steps", "clip_grad_norm", "corpus", "data_dir",
                  "text_feature", "doc_per_line", "doc_per_file", "two_segments", "seed", "loss_terms",
-                 "internals_loss", "loss_teacher_layers", "loss_student_layers")
+                 "internals_loss", "loss_teacher_layers", "loss_student_layers", "objective")
 _RUN_KEYS = ("teacher", "student_layers", "max_steps")  # a config.json with these is a run's
 
 

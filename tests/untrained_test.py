@@ -1,0 +1,53 @@
+"""Parameters no loss reaches: `train.untrained_mask` is exactly where the gradient is 0,
+and the optimizer leaves them untouched (AdamW's weight decay used to shrink them)."""
+
+import jax
+import numpy as np
+import pytest
+
+from minilm_jax import sharding, train
+from mlm_test import packed_batch
+
+
+def _cfg(objective, version="v1"):
+  return train.DistillConfig(objective=objective, version=version, student_layers=2, student_hidden=96,
+                             student_heads=12, num_relation_heads=12, student_dropout=0.0,
+                             max_seq_len=40, global_batch_size=4, max_steps=50, warmup_steps=1,
+                             learning_rate=1e-2, weight_decay=0.5)
+
+
+@pytest.mark.parametrize("objective,version", [("distill", "v1"), ("distill", "v2"), ("mlm", "v1")])
+def test_untrained_mask_is_where_the_gradient_is_zero(teacher, teacher_dir, objective, version):
+  cfg = _cfg(objective, version)
+  setup = train.make_setup(cfg, teacher[0])
+  state = train.init_state(cfg, setup, train.make_optimizer(cfg))
+  teacher_params = {} if objective == "mlm" else train.truncate_teacher(setup, teacher[1])
+  loss_fn = train.make_loss_fn(cfg, setup, teacher_dir)
+  batch = jax.tree.map(np.asarray, packed_batch())
+  grads = jax.grad(lambda p: loss_fn(p, teacher_params, batch, jax.random.key(0))[0])(state.params)
+  zero = jax.tree.map(lambda g: bool(np.all(np.asarray(g) == 0)), grads)
+  mask = train.untrained_mask(cfg, state.params)
+  assert jax.tree.leaves(zero) == jax.tree.leaves(mask)
+  assert 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
+
+
+def test_untrained_parameters_are_unchanged_after_steps(teacher):
+  cfg = _cfg("distill")
+  setup = train.make_setup(cfg, teacher[0])
+  mesh = sharding.make_mesh()
+  optimizer = train.make_optimizer(cfg)
+  state = jax.device_put(train.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
+  before = jax.tree.map(np.array, state.params)
+  step = train.make_train_step(setup, optimizer, mesh)
+  teacher_params = jax.device_put(train.truncate_teacher(setup, teacher[1]), sharding.replicated(mesh))
+  for i in range(5):
+    state, _ = step(state, teacher_params, sharding.global_batch(packed_batch(seed=i), mesh))
+  after = jax.tree.map(np.array, state.params)
+  last = before["layers"][1]
+  for name in ("attention_out", "intermediate", "output", "attention_norm", "output_norm"):
+    for leaf in last[name]:
+      np.testing.assert_array_equal(after["layers"][1][name][leaf], last[name][leaf], err_msg=name)
+  np.testing.assert_array_equal(after["pooler"]["kernel"], before["pooler"]["kernel"])
+  # The trained ones moved (the step is not a no-op).
+  assert np.abs(after["layers"][1]["query"]["kernel"] - last["query"]["kernel"]).max() > 1e-3
+  assert np.abs(after["layers"][0]["output"]["kernel"] - before["layers"][0]["output"]["kernel"]).max() > 1e-3
