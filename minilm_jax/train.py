@@ -43,7 +43,21 @@ OBJECTIVES = ("distill", "mlm")
 
 @dataclasses.dataclass
 class DistillConfig:
-  """Everything a distillation run depends on; `experiments/*.py` return one."""
+  """Everything a distillation run depends on; `experiments/*.py` return one.
+
+  Against the papers' recipe (MiniLM / MiniLMv2: AdamW b1 0.9, b2 0.999, eps 1e-6, weight
+  decay 0.01, peak lr 5e-4 .. 6e-4 at batch 256 .. 1024 after 4k warmup steps of 400k,
+  linear decay): the optimizer settings are the papers'; the defaults of the schedule and
+  batch (lr 3e-4, 100 warmup steps, batch 32, 1,000 steps) size a short run on one host,
+  and `paper_config` gives the papers' full recipe. Parameters no loss reaches (the last
+  student layer past its q/k/v, the pooler) are not decayed: see `untrained_mask`.
+
+  Dropout: the student trains with hidden and attention-probability dropout
+  `student_dropout` = 0.1, BERT's value and that of the MiniLM students (the packaged
+  all-MiniLM-L6-v2, itself one, says 0.1 for both in its config.json); the teacher runs in eval mode (no dropout), so its targets are
+  exact, and the student's captured queries, keys and values are taken before any dropout
+  of their own layer: dropout regularises only the layers below, as in BERT pre-training.
+  """
   # Teacher and what is distilled.
   teacher: str = "all-MiniLM-L6-v2"   # local Hugging Face directory or packaged teacher name
   teacher_layer: int = 0              # 1-based teacher layer distilled from; 0 = last layer

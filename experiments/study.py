@@ -1,0 +1,319 @@
+"""The small-scale MiniLM study: do distilled students beat random init and MLM at equal tokens?
+
+    python experiments/study.py --budget cpu                  # the 2-core CPU study, resumable
+    python experiments/study.py --budget cpu --dry-run        # the plan, and what is done
+    python experiments/study.py --budget tiny --out /tmp/s    # the whole chain in minutes
+    python experiments/study.py --budget gpu --prepare study_inputs     # on a CPU host, once
+    python experiments/study.py --budget gpu --inputs study_inputs --stages distill   # on the H200
+
+One command runs every piece, in an order that yields the main comparison first, and
+skips what is finished (a distillation resumes from its last checkpoint; a fine-tuning
+seed with a `summary.json` is done), so it can run in pieces across restarts. Every run
+lives under `--out` (default `runs/study/<budget>`, outside the tracked files); the table
+and plots go to `experiments/results/study-<budget>*`.
+
+What runs, all with students of the same shape, L3-H384 (12 heads, F = 1536):
+  - MiniLM v1 and MiniLMv2 (48 relation heads) from the packaged teacher all-MiniLM-L6-v2
+    (6x384, last layer), distilled on `/work/shared/data/corpus` (Gutenberg books and
+    Wikipedia articles, a document per file) for the same number of steps: the same
+    batches, hence the same tokens;
+  - baselines: random init; the teacher's bottom 3 layers (truncated); BERT masked-LM
+    pre-training from scratch (`objective="mlm"`) on the same corpus for the same tokens;
+  - the teacher itself (6 layers) as a reference;
+  - fine-tuning of each with one recipe (`FINETUNE`: AdamW lr 1e-4, batch 32, 10% warmup
+    then linear decay, weight decay 0.01, dropout 0.1, best dev epoch), on SST-2, RTE,
+    CoLA and the SQuAD 2.0 by-article dev split (see `Budget.tasks` for the subsets);
+  - the curve: checkpoints along each pre-training run, fine-tuned with seed 0.
+
+Distillation recipe (the papers': AdamW 0.9 / 0.999 / 1e-6, weight decay 0.01, peak lr
+5e-4..6e-4 after warmup, linear decay; batch 1024 and 400k steps there, far fewer here),
+student dropout 0.1 (hidden and attention, as BERT and the MiniLM students; the teacher
+runs in eval mode). The `gpu` budget reads everything from `--inputs`, a git-ignored
+folder inside the repo that `--prepare` fills: the teacher as bfloat16 safetensors and the
+corpus as xz-compressed text (the device host sees only the repository).
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import lzma
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from minilm_jax import checkpoint, convert, distill, finetune, mlm, train  # noqa: E402
+from minilm_jax.teachers import resolve_model_dir  # noqa: E402
+import study_report  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+TEACHER = "all-MiniLM-L6-v2"
+METHODS = {"minilm-v1": dict(version="v1"), "minilm-v2": dict(version="v2", num_relation_heads=48),
+           "mlm": dict(objective="mlm")}
+TASKS = ("sst2", "rte", "cola", "squad2")
+# The one fine-tuning recipe, for every model and task (per-task lengths / subsets in Budget.tasks).
+FINETUNE = dict(batch_size=32, learning_rate=1e-4, warmup_ratio=0.1, weight_decay=0.01, dropout=0.1,
+                group_by_length=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """How much of everything a budget runs."""
+  steps: int                      # pre-training optimizer steps, the same for every method
+  batch: int                      # examples per step
+  seq_len: int                    # tokens per example
+  learning_rate: float            # peak pre-training lr (linear warmup, then linear decay to 0)
+  warmup: int                     # warmup steps
+  curve_points: int               # checkpoints fine-tuned along each run (the last is the final model)
+  seeds: tuple[int, ...]          # fine-tuning seeds of the final models
+  tasks: dict                     # task -> FinetuneConfig overrides (lengths, subsets, epochs)
+  student: tuple[int, int, int] = (3, 384, 12)  # layers, hidden, heads
+  max_documents: int = 0          # 0 = the whole corpus
+  teacher_reference: bool = True  # fine-tune the 6-layer teacher too (1 seed)
+
+  @property
+  def tokens(self) -> int:
+    """Token positions per pre-training run (padding of document tails included)."""
+    return self.steps * self.batch * self.seq_len
+
+
+CPU_TASKS = {
+    "sst2": dict(max_seq_len=64, max_train_examples=8000, epochs=2),   # 8,000 of 67,349 rows
+    "rte": dict(max_seq_len=128, epochs=3),                            # all 2,490 rows
+    "cola": dict(max_seq_len=64, epochs=3),                            # all 8,551 rows
+    "squad2": dict(max_seq_len=256, doc_stride=128, max_train_examples=2048,
+                   max_eval_examples=1000, epochs=2),
+}
+BUDGETS = {
+    # 2-core CPU: about 1,800 tokens/s alone -> 1,000 x 32 x 128 = 4.1 M tokens in ~38 min.
+    "cpu": Budget(steps=1000, batch=32, seq_len=128, learning_rate=5e-4, warmup=100, curve_points=3,
+                  seeds=(0, 1), tasks=CPU_TASKS),
+    # One H200: 3 runs of 2,000 x 256 x 128 = 65.5 M tokens (about 9.5 passes over the corpus).
+    "gpu": Budget(steps=2000, batch=256, seq_len=128, learning_rate=6e-4, warmup=200, curve_points=4,
+                  seeds=(0, 1, 2), tasks=CPU_TASKS),
+    # The whole chain on a toy setting, for trying the runner (minutes on 2 cores).
+    "tiny": Budget(steps=6, batch=8, seq_len=32, learning_rate=1e-3, warmup=2, curve_points=2,
+                   seeds=(0,), student=(1, 96, 12), max_documents=20, teacher_reference=False,
+                   tasks={"sst2": dict(max_seq_len=32, max_train_examples=64, max_eval_examples=64, epochs=1),
+                          "rte": dict(max_seq_len=64, max_train_examples=64, max_eval_examples=32, epochs=1),
+                          "cola": dict(max_seq_len=32, max_train_examples=64, max_eval_examples=64, epochs=1),
+                          "squad2": dict(max_seq_len=128, doc_stride=64, max_train_examples=64,
+                                         max_eval_examples=32, epochs=1)}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  """Where a study's inputs are read and its runs written."""
+  out: pathlib.Path        # every run of the study
+  teacher: str             # packaged name or HF directory
+  corpus: str              # the pre-training corpus (a directory of text files)
+  glue: pathlib.Path       # glue_data root (SST-2/, RTE/, CoLA/)
+  squad: pathlib.Path      # SQuAD 2.0 dev-v2.0.json
+
+  @classmethod
+  def make(cls, out: pathlib.Path, inputs: pathlib.Path | None):
+    if inputs is None:
+      return cls(out, TEACHER, str(SHARED / "corpus"), SHARED / "glue", SHARED / "squad2" / "dev-v2.0.json")
+    return cls(out, str(inputs / "teacher"), str(inputs / "corpus"), inputs / "glue",
+               inputs / "squad2" / "dev-v2.0.json")
+
+
+# ------------------------------------------------------------------------- pre-training
+
+
+def distill_config(budget: Budget, paths: Paths, method: str) -> train.DistillConfig:
+  layers, hidden, heads = budget.student
+  every = budget.steps // budget.curve_points
+  return train.DistillConfig(
+      teacher=paths.teacher, student_layers=layers, student_hidden=hidden, student_heads=heads,
+      corpus=paths.corpus, doc_per_file=True, max_seq_len=budget.seq_len,
+      global_batch_size=budget.batch, max_steps=budget.steps, learning_rate=budget.learning_rate,
+      warmup_steps=budget.warmup, log_every=max(1, min(10, budget.steps // 20)),
+      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, **METHODS[method])
+
+
+def curve_steps(budget: Budget) -> list[int]:
+  every = budget.steps // budget.curve_points
+  return [every * (i + 1) for i in range(budget.curve_points - 1)] + [budget.steps]
+
+
+def pretrain(budget: Budget, paths: Paths, method: str) -> None:
+  workdir = paths.out / "pretrain" / method
+  if (workdir / "hf" / "config.json").is_file():
+    return
+  cfg = distill_config(budget, paths, method)
+  if budget.max_documents:  # the tiny budget: a slice of the corpus, read through a file list
+    files = sorted(str(p) for p in pathlib.Path(paths.corpus).rglob("*.txt"))[:budget.max_documents]
+    cfg.corpus = ",".join(files)
+  summary = distill.run(cfg, workdir)
+  if summary.get("preempted"):
+    raise SystemExit(f"{method}: pre-empted at step {summary['steps']}; re-run to resume")
+
+
+def export_curve(budget: Budget, paths: Paths, method: str) -> None:
+  """Each curve checkpoint as an HF encoder directory, `models/<method>-step<N>`."""
+  workdir = paths.out / "pretrain" / method
+  for step in curve_steps(budget)[:-1]:
+    out = paths.out / "models" / f"{method}-step{step}"
+    if (out / "config.json").is_file():
+      continue
+    directory = checkpoint.resolve(workdir)
+    config = checkpoint.read_model_config(directory)
+    abstract = mlm.abstract_params(config) if method == "mlm" else None
+    config, params, tokenizer, _ = checkpoint.restore_params(directory, step, abstract=abstract)
+    params = checkpoint.to_host(mlm.encoder_params(params) if method == "mlm" else params)
+    convert.save_hf(out, config, params, tokenizer, overwrite=True)
+
+
+# ------------------------------------------------------------------------- fine-tuning
+
+
+def model_args(budget: Budget, paths: Paths, label: str) -> dict:
+  """FinetuneConfig fields that pick the encoder a model label names."""
+  layers = budget.student[0]
+  if label == "teacher-L6":
+    return dict(model=paths.teacher)
+  if label == f"truncated-L{layers}":
+    return dict(model=paths.teacher, num_layers=layers)
+  if label == f"random-L{layers}":
+    return dict(model=paths.teacher, num_layers=layers, random_init=True)
+  method, _, step = label.partition("@step")
+  workdir = paths.out / "pretrain" / method
+  return dict(model=str(paths.out / "models" / f"{method}-step{step}" if step else workdir / "hf"))
+
+
+def finetune_dir(paths: Paths, label: str, task: str, seed: int) -> pathlib.Path:
+  kind = "curve" if "@step" in label else "finetune"
+  return paths.out / kind / label / task / f"seed-{seed}"
+
+
+def run_finetune(budget: Budget, paths: Paths, label: str, task: str, seed: int) -> None:
+  workdir = finetune_dir(paths, label, task, seed)
+  if (workdir / "summary.json").is_file():
+    return
+  data = paths.squad if task == "squad2" else paths.glue
+  cfg = finetune.FinetuneConfig(task=task, data=str(data), **FINETUNE, **budget.tasks[task],
+                                **model_args(budget, paths, label))
+  shutil.rmtree(workdir, ignore_errors=True)  # an interrupted seed starts over
+  finetune.run_seeds(cfg, workdir, [seed])
+
+
+# ------------------------------------------------------------------------- the plan
+
+
+def plan(budget: Budget, paths: Paths, stages: set[str]) -> list[tuple[str, callable, callable]]:
+  """(name, done?, run) in the order that gives the headline comparison first."""
+  layers = budget.student[0]
+  baselines = [f"random-L{layers}", f"truncated-L{layers}"]
+  jobs = []
+
+  def pre(method):
+    if "distill" in stages:
+      done = lambda: (paths.out / "pretrain" / method / "hf" / "config.json").is_file()
+      jobs.append((f"pretrain {method}", done, lambda: pretrain(budget, paths, method)))
+
+  def ft(label, seeds, tasks=TASKS):
+    if "finetune" not in stages:
+      return
+    for seed in seeds:
+      for task in tasks:
+        done = lambda l=label, t=task, s=seed: (finetune_dir(paths, l, t, s) / "summary.json").is_file()
+        jobs.append((f"finetune {label} {task} seed {seed}", done,
+                     lambda l=label, t=task, s=seed: run_finetune(budget, paths, l, t, s)))
+
+  first = budget.seeds[:1]
+  pre("minilm-v1")
+  ft("minilm-v1", first)
+  for label in baselines:
+    ft(label, first)
+  pre("minilm-v2")
+  ft("minilm-v2", first)
+  pre("mlm")
+  ft("mlm", first)
+  for label in ["minilm-v1", "minilm-v2", "mlm"] + baselines:
+    ft(label, budget.seeds[1:])
+  for method in METHODS:
+    if "finetune" in stages:
+      jobs.append((f"export {method} curve checkpoints",
+                   lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
+                                        for s in curve_steps(budget)[:-1]),
+                   lambda m=method: export_curve(budget, paths, m)))
+    for step in curve_steps(budget)[:-1]:
+      ft(f"{method}@step{step}", first)
+  if budget.teacher_reference:
+    ft("teacher-L6", first)
+  return jobs
+
+
+def prepare_inputs(paths: Paths, inputs: pathlib.Path) -> None:
+  """Copies what the `gpu` budget reads into `inputs`: bf16 teacher, xz corpus, task data."""
+  teacher_dir = resolve_model_dir(TEACHER)
+  (inputs / "teacher").mkdir(parents=True, exist_ok=True)
+  tensors, _ = convert.read_hf_tensors(teacher_dir)
+  import ml_dtypes
+  import safetensors.numpy
+  safetensors.numpy.save_file({k: v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v
+                               for k, v in tensors.items()}, inputs / "teacher" / "model.safetensors",
+                              metadata={"format": "pt"})
+  for name in ("config.json",) + convert.TOKENIZER_FILES:
+    if (teacher_dir / name).is_file():
+      shutil.copy2(teacher_dir / name, inputs / "teacher" / name)
+  for src in sorted((SHARED / "corpus").rglob("*.txt")):
+    dst = inputs / "corpus" / src.relative_to(SHARED / "corpus")
+    dst = dst.with_name(dst.name + ".xz")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(lzma.compress(src.read_bytes(), preset=9))
+  for task in ("SST-2", "RTE", "CoLA"):
+    shutil.copytree(SHARED / "glue" / task, inputs / "glue" / task, dirs_exist_ok=True)
+  (inputs / "squad2").mkdir(exist_ok=True)
+  shutil.copy2(SHARED / "squad2" / "dev-v2.0.json", inputs / "squad2" / "dev-v2.0.json")
+  size = sum(p.stat().st_size for p in inputs.rglob("*") if p.is_file())
+  print(f"{inputs}: {size / 2**20:.1f} MiB")
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+  p.add_argument("--out", type=pathlib.Path, help="runs folder (default runs/study/<budget>)")
+  p.add_argument("--results", type=pathlib.Path, default=ROOT / "experiments" / "results")
+  p.add_argument("--inputs", type=pathlib.Path, help="a folder --prepare filled (the gpu budget)")
+  p.add_argument("--prepare", type=pathlib.Path, help="fill this folder with the inputs, then stop")
+  p.add_argument("--stages", default="distill,finetune,report",
+                 help="comma-separated subset of distill, finetune, report")
+  p.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  budget = BUDGETS[args.budget]
+  out = (args.out or ROOT / "runs" / "study" / args.budget).absolute()
+  paths = Paths.make(out, args.inputs.absolute() if args.inputs else None)
+  if args.prepare:
+    return prepare_inputs(paths, args.prepare)
+  stages = set(args.stages.split(","))
+  if bad := stages - {"distill", "finetune", "report"}:
+    raise SystemExit(f"unknown stages {sorted(bad)}: use distill, finetune, report")
+  jobs = plan(budget, paths, stages)
+  print(f"study {args.budget}: {budget.tokens / 1e6:.2f} M tokens per pre-training run "
+        f"({budget.steps} steps x {budget.batch} x {budget.seq_len}); runs in {out}")
+  for i, (name, done, run) in enumerate(jobs):
+    if done():
+      print(f"[{i + 1}/{len(jobs)}] done   {name}", flush=True)
+      continue
+    print(f"[{i + 1}/{len(jobs)}] {'todo  ' if args.dry_run else 'start '} {name}", flush=True)
+    if not args.dry_run:
+      began = time.perf_counter()
+      run()
+      print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
+            flush=True)
+  if "report" in stages and not args.dry_run:
+    study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,229 @@
+"""The study's table and plots, from its runs' files only (`experiments/study.py` calls `write`).
+
+Writes `experiments/results/study-<budget>.md` (models x tasks, means over seeds, the
+average of the four dev scores, pre-training tokens and times), `study-<budget>-runs.md`
+(every fine-tuning run, through `report.py`), and three plots: pre-training loss curves,
+dev score against pre-training tokens, and teacher vs student attention on one sentence.
+"""
+
+import json
+import pathlib
+import platform
+
+import numpy as np
+
+import report
+
+TASK_ORDER = ("sst2", "rte", "cola", "squad2")
+SENTENCE = "it 's a charming and often affecting journey ."  # SST-2 dev, first row
+
+
+def _rows(root: pathlib.Path) -> list[dict]:
+  """report.collect's rows with the seeds of one (label, task) merged into one row."""
+  merged = {}
+  for r in report.collect(root) if root.is_dir() else []:
+    key = (r["label"], r["task"])
+    if key in merged:
+      m = merged[key]
+      m["seeds"] += r["seeds"]
+      m["scores"] += r["scores"]
+      m["wall"] += [r["wall_time_s"]]
+    else:
+      merged[key] = r | {"wall": [r["wall_time_s"]]}
+  for r in merged.values():
+    r["mean"] = float(np.mean(r["scores"]))
+    r["std"] = float(np.std(r["scores"], ddof=1)) if len(r["scores"]) > 1 else None
+    r["wall_time_s"] = float(np.mean(r["wall"]))
+  return list(merged.values())
+
+
+def _pretrain_records(workdir: pathlib.Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+
+
+def pretrain_summary(budget, paths, method: str) -> dict:
+  """Steps done, tokens, median tokens/s and step time (compilation excluded) of a run."""
+  records = _pretrain_records(paths.out / "pretrain" / method)
+  if not records:
+    return {"steps": 0}
+  steps = [r["step"] for r in records]
+  gaps = np.diff([0] + steps)
+  tok_s = np.array([r["tokens_per_sec"] for r in records])
+  seconds = float(np.sum(gaps * budget.batch * budget.seq_len / tok_s))
+  return {"steps": steps[-1], "tokens": steps[-1] * budget.batch * budget.seq_len,
+          "tokens_per_sec": float(np.median(tok_s)), "minutes": seconds / 60,
+          "first_loss": records[0]["loss/total"], "last_loss": records[-1]["loss/total"]}
+
+
+def _cell(rows, label, task):
+  r = next((r for r in rows if r["label"] == label and r["task"] == task), None)
+  if r is None:
+    return "—", None
+  std = f" ± {r['std']:.1f}" if r["std"] is not None else ""
+  return f"{r['mean']:.1f}{std} ({len(r['scores'])})", r["mean"]
+
+
+def table(rows: list[dict], labels: list[str], pre: dict) -> str:
+  lines = ["| model | pre-training tokens | SST-2 acc | RTE acc | CoLA mcc | SQuAD 2.0 split F1 | average |",
+           "|---|---|---|---|---|---|---|"]
+  for label in labels:
+    cells, means = zip(*(_cell(rows, label, t) for t in TASK_ORDER))
+    avg = f"{np.mean(means):.1f}" if all(m is not None for m in means) else "—"
+    info = pre.get(label)
+    tokens = f"{info['tokens'] / 1e6:.2f} M" if info and info.get("steps") else (
+        "—" if label in pre else "none (baseline)" if "teacher" not in label else "teacher")
+    lines.append(f"| {label} | {tokens} | " + " | ".join(cells) + f" | {avg} |")
+  return "\n".join(lines)
+
+
+def write(name: str, budget, paths, results: pathlib.Path, study) -> None:
+  """`study` is the study module (its METHODS, FINETUNE and curve_steps)."""
+  results.mkdir(parents=True, exist_ok=True)
+  rows = _rows(paths.out / "finetune")
+  curve = _rows(paths.out / "curve")
+  layers = budget.student[0]
+  pre = {m: pretrain_summary(budget, paths, m) for m in study.METHODS}
+  labels = (["teacher-L6"] if budget.teacher_reference else []) + [
+      f"truncated-L{layers}", f"random-L{layers}", "mlm", "minilm-v1", "minilm-v2"]
+  lines = [f"# MiniLM study, `{name}` budget", "",
+           f"Students L{layers}-H{budget.student[1]} ({budget.student[2]} heads) pre-trained for "
+           f"{budget.steps} steps x {budget.batch} x {budget.seq_len} = {budget.tokens / 1e6:.2f} M token "
+           "positions each (the same batches for every method), then fine-tuned. Cells: mean ± std "
+           "over seeds (the seed count in brackets), best dev epoch, in percent; — = not run yet.",
+           "", table(rows, labels, pre), "", "Pre-training runs:", ""]
+  for method, info in pre.items():
+    if info.get("steps"):
+      lines.append(f"- {method}: {info['steps']} of {budget.steps} steps, loss {info['first_loss']:.3f} -> "
+                   f"{info['last_loss']:.3f}, median {info['tokens_per_sec']:,.0f} tokens/s, "
+                   f"{info['minutes']:.1f} min of steps (compilation excluded)")
+    else:
+      lines.append(f"- {method}: not started")
+  lines += ["", f"Hardware: {platform.machine()} CPU ({_cpus()} cores visible), float32; runs "
+            "written by `experiments/study.py --budget " + name + "`. Fine-tuning recipe (every "
+            f"model and task): {study.FINETUNE}; per task: {budget.tasks}. SQuAD 2.0 trains on the "
+            "first 25 dev articles and scores the other 10 (no train file here). Seeds: "
+            f"{list(budget.seeds)} for the final models, 0 for the curve and the teacher.", ""]
+  for plot, caption in ((_loss_plot, "pre-training loss"), (_curve_plot, "dev score vs tokens"),
+                        (_attention_plot, "attention maps")):
+    path = results / f"study-{name}-{plot.__name__.strip('_').removesuffix('_plot')}.png"
+    if plot(study, budget, paths, rows, curve, path):
+      lines.append(f"![{caption}]({path.name})")
+  if rows:
+    (results / f"study-{name}-runs.md").write_text(report.markdown(
+        report.ordered(report.add_teacher_share(rows, "teacher-L6"), "teacher-L6"),
+        title=f"Study `{name}`: every fine-tuning run"))
+    lines.append(f"\nEvery run: [study-{name}-runs.md](study-{name}-runs.md).")
+  text = "\n".join(lines) + "\n"
+  (results / f"study-{name}.md").write_text(text)
+  print(text)
+
+
+def _cpus() -> int:
+  import os
+  return len(os.sched_getaffinity(0))
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
+  runs = {m: _pretrain_records(paths.out / "pretrain" / m) for m in study.METHODS}
+  if not any(runs.values()):
+    return False
+  plt = _plt()
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  tokens = lambda recs: [r["step"] * budget.batch * budget.seq_len / 1e6 for r in recs]
+  for m in ("minilm-v1", "minilm-v2"):
+    if runs[m]:
+      axes[0].plot(tokens(runs[m]), [r["loss/total"] for r in runs[m]], label=m)
+  axes[0].set_title("distillation loss (KL, sum of terms)")
+  if runs["mlm"]:
+    axes[1].plot(tokens(runs["mlm"]), [r["loss/total"] for r in runs["mlm"]], color="C2", label="mlm")
+  axes[1].set_title("masked LM loss (cross-entropy, nats)")
+  for ax in axes:
+    ax.set_xlabel("pre-training tokens (M)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return True
+
+
+def _average(rows, label, seed=0):
+  scores = []
+  for t in TASK_ORDER:
+    r = next((r for r in rows if r["label"] == label and r["task"] == t), None)
+    if r is None or seed not in r["seeds"]:
+      return None
+    scores.append(r["scores"][r["seeds"].index(seed)])
+  return float(np.mean(scores))
+
+
+def _curve_plot(study, budget, paths, rows, curve, path) -> bool:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  drawn = False
+  for i, m in enumerate(study.METHODS):
+    points = [(s, _average(curve, f"{m}@step{s}")) for s in study.curve_steps(budget)[:-1]]
+    points.append((budget.steps, _average(rows, m)))
+    points = [(s * budget.batch * budget.seq_len / 1e6, v) for s, v in points if v is not None]
+    if points:
+      ax.plot(*zip(*points), "o-", color=f"C{i}", label=m)
+      drawn = True
+  layers = budget.student[0]
+  for label, style in ((f"random-L{layers}", ":"), (f"truncated-L{layers}", "--")):
+    v = _average(rows, label)
+    if v is not None:
+      ax.axhline(v, color="gray", linestyle=style, label=label)
+  if not drawn:
+    plt.close(fig)
+    return False
+  ax.set_xlabel("pre-training tokens (M)")
+  ax.set_ylabel("average dev score, 4 tasks, seed 0 (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return True
+
+
+def _attention(model_dir, sentence):
+  """Last-layer attention probabilities [N, T, T] of `sentence`, and its tokens."""
+  from minilm_jax import convert, data
+  from minilm_jax import model as model_lib
+  config, params = convert.load_hf(model_dir)
+  tok, special = data.load_tokenizer(model_dir)
+  ids = [special.cls] + tok.encode(sentence, add_special_tokens=False).ids + [special.sep]
+  x = np.asarray([ids], np.int32)
+  last = config.num_layers - 1
+  out = model_lib.apply(config, params, x, np.ones_like(x), capture=(last,), return_logits=True)
+  probs = model_lib.attention_probs(out.internals[last].logits, np.ones_like(x))
+  return np.asarray(probs[0]), [tok.id_to_token(i) for i in ids]
+
+
+def _attention_plot(study, budget, paths, rows, curve, path) -> bool:
+  models = {"teacher (layer 6)": paths.teacher}
+  for m in ("minilm-v1", "minilm-v2"):
+    if (paths.out / "pretrain" / m / "hf" / "config.json").is_file():
+      models[f"{m} student (last layer)"] = paths.out / "pretrain" / m / "hf"
+  if len(models) == 1:
+    return False
+  plt = _plt()
+  heads = (0, 1, 2)
+  fig, axes = plt.subplots(len(models), len(heads) + 1, figsize=(3 * (len(heads) + 1), 3 * len(models)))
+  for row, (name, d) in zip(axes, models.items()):
+    probs, tokens = _attention(d, SENTENCE)
+    for ax, h in zip(row, heads + ("mean",)):
+      ax.imshow(probs.mean(0) if h == "mean" else probs[h], cmap="viridis", vmin=0)
+      ax.set_title(f"{name}\nhead {h}" if h != "mean" else f"{name}\nmean of heads", fontsize=7)
+      ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
+      ax.set_yticks(range(len(tokens)), tokens, fontsize=5)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  return True
