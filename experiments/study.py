@@ -48,7 +48,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from minilm_jax import checkpoint, convert, distill, finetune, mlm, train  # noqa: E402
+from minilm_jax import checkpoint, convert, data, distill, finetune, mlm, train  # noqa: E402
 from minilm_jax.teachers import resolve_model_dir  # noqa: E402
 import study_report  # noqa: E402
 
@@ -150,8 +150,7 @@ def pretrain(budget: Budget, paths: Paths, method: str) -> None:
     return
   cfg = distill_config(budget, paths, method)
   if budget.max_documents:  # the tiny budget: a slice of the corpus, read through a file list
-    files = sorted(str(p) for p in pathlib.Path(paths.corpus).rglob("*.txt"))[:budget.max_documents]
-    cfg.corpus = ",".join(files)
+    cfg.corpus = ",".join(str(p) for p in data.expand_paths(paths.corpus)[-budget.max_documents:])
   summary = distill.run(cfg, workdir)
   if summary.get("preempted"):
     raise SystemExit(f"{method}: pre-empted at step {summary['steps']}; re-run to resume")
@@ -269,7 +268,7 @@ def prepare_inputs(paths: Paths, inputs: pathlib.Path) -> None:
     dst = inputs / "corpus" / src.relative_to(SHARED / "corpus")
     dst = dst.with_name(dst.name + ".xz")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(lzma.compress(src.read_bytes(), preset=9))
+    dst.write_bytes(lzma.compress(src.read_bytes()))
   for task in ("SST-2", "RTE", "CoLA"):
     shutil.copytree(SHARED / "glue" / task, inputs / "glue" / task, dirs_exist_ok=True)
   (inputs / "squad2").mkdir(exist_ok=True)

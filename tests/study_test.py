@@ -1,0 +1,66 @@
+"""experiments/study.py: every budget is a valid run, the plan orders and skips work, and the
+table merges per-seed runs (a real end-to-end try is `study.py --budget tiny`, minutes)."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from minilm_jax import train
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+import study  # noqa: E402
+import study_report  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(study.BUDGETS))
+def test_budgets_make_valid_runs_with_equal_tokens(name, teacher, tmp_path):
+  budget = study.BUDGETS[name]
+  paths = study.Paths.make(tmp_path, None)
+  configs = [study.distill_config(budget, paths, m) for m in study.METHODS]
+  for cfg in configs:
+    train.make_setup(cfg, teacher[0])
+    assert (cfg.max_steps, cfg.global_batch_size, cfg.max_seq_len, cfg.seed) == (
+        budget.steps, budget.batch, budget.seq_len, 0)  # same batches, same tokens
+  steps = study.curve_steps(budget)
+  assert len(steps) == budget.curve_points >= 2 and steps[-1] == budget.steps
+  assert all(s % configs[0].checkpoint_every == 0 for s in steps[:-1])  # each one is saved
+  assert configs[0].keep_checkpoints > budget.curve_points
+  assert set(budget.tasks) == set(study.TASKS)
+
+
+def test_plan_puts_the_headline_first_and_skips_finished_runs(tmp_path):
+  budget = study.BUDGETS["cpu"]
+  paths = study.Paths.make(tmp_path, None)
+  names = [name for name, _, _ in study.plan(budget, paths, {"distill", "finetune"})]
+  assert names[0] == "pretrain minilm-v1"
+  assert names.index("finetune random-L3 sst2 seed 0") < names.index("pretrain minilm-v2")
+  assert names.index("finetune mlm squad2 seed 0") < names.index("finetune minilm-v1 sst2 seed 1")
+  assert len(names) == len(set(names))
+  (tmp_path / "pretrain" / "minilm-v1" / "hf").mkdir(parents=True)
+  (tmp_path / "pretrain" / "minilm-v1" / "hf" / "config.json").write_text("{}")
+  done = {name for name, is_done, _ in study.plan(budget, paths, {"distill", "finetune"}) if is_done()}
+  assert done == {"pretrain minilm-v1"}
+
+
+def test_table_merges_seeds_and_averages_four_tasks(tmp_path):
+  for seed, scores in ((0, (0.8, 0.6, 0.2, 0.5)), (1, (0.9, 0.5, 0.3, 0.6))):
+    for task, score in zip(study_report.TASK_ORDER, scores):
+      path = tmp_path / "minilm-v1" / task / f"seed-{seed}" / "summary.json"
+      path.parent.mkdir(parents=True)
+      path.write_text(json.dumps({
+          "task": task, "metric": "accuracy", "model": "m", "layers": 3, "hidden": 384,
+          "params": 1e7, "seeds": [seed], "scores": [score], "wall_time_s": [60.0],
+          "data": {"max_seq_len": 64, "train_examples": 100, "eval_examples": 50},
+          "config": {"epochs": 2, "batch_size": 32, "learning_rate": 1e-4}}))
+  rows = study_report._rows(tmp_path)
+  sst2 = next(r for r in rows if r["task"] == "sst2")
+  assert sst2["seeds"] == [0, 1] and sst2["mean"] == pytest.approx(85.0)
+  assert sst2["std"] == pytest.approx(np.std([80, 90], ddof=1))
+  text = study_report.table(rows, ["minilm-v1", "random-L3"], {"minilm-v1": {"steps": 0}})
+  assert "| minilm-v1 | — | 85.0 ± 7.1 (2) |" in text
+  assert f"| {np.mean([85, 55, 25, 55]):.1f} |" in text   # the four tasks' average
+  assert "| random-L3 | none (baseline) | — |" in text
