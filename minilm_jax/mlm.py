@@ -181,6 +181,14 @@ def encoder_params(params: dict):
   return params["encoder"]
 
 
+# (BertForMaskedLM tensor, our head parameter path, transposed?); the decoder weight is tied.
+_HF_HEAD = (("cls.predictions.transform.dense.weight", ("transform", "kernel"), True),
+            ("cls.predictions.transform.dense.bias", ("transform", "bias"), False),
+            ("cls.predictions.transform.LayerNorm.weight", ("layer_norm", "scale"), False),
+            ("cls.predictions.transform.LayerNorm.bias", ("layer_norm", "bias"), False),
+            ("cls.predictions.bias", ("bias",), False))
+
+
 def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: dict,
             tokenizer_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
   """Writes a `BertForMaskedLM` directory (BERT only; the decoder is tied, so not stored)."""
@@ -188,14 +196,11 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: d
     raise ValueError(f"save_hf writes BertForMaskedLM; {config.model_type!r} has another LM head: "
                      "export the encoder with convert.save_hf(encoder_params(params)) instead")
   head = params["head"]
-  head = dict(convert._flatten(head.to_pure_dict() if isinstance(head, nnx.State) else head))
-  p = "cls.predictions."
-  extra = {p + "transform.dense.weight": np.ascontiguousarray(head[("transform", "kernel")].T),
-           p + "transform.dense.bias": head[("transform", "bias")],
-           p + "transform.LayerNorm.weight": head[("layer_norm", "scale")],
-           p + "transform.LayerNorm.bias": head[("layer_norm", "bias")],
-           p + "bias": head[("bias",)]}
-  extra = {k: np.asarray(v, np.float32) for k, v in extra.items()}
+  flat = dict(convert._flatten(head.to_pure_dict() if isinstance(head, nnx.State) else head))
+  extra = {}
+  for hf, ours, transposed in _HF_HEAD:
+    value = np.asarray(flat[ours], np.float32)
+    extra[hf] = np.ascontiguousarray(value.T if transposed else value)
   return convert.save_hf(out_dir, config.replace(use_pooler=False), params["encoder"], tokenizer_dir,
                          prefix="bert.", extra_tensors=extra,
                          extra_config={"architectures": ["BertForMaskedLM"]}, overwrite=overwrite)
