@@ -216,10 +216,11 @@ def _attention_plot(study, budget, paths, rows, curve, path) -> bool:
   plt = _plt()
   heads = (0, 1, 2)
   fig, axes = plt.subplots(len(models), len(heads) + 1, figsize=(3 * (len(heads) + 1), 3 * len(models)))
-  for row, (name, d) in zip(axes, models.items()):
-    probs, tokens = _attention(d, SENTENCE)
+  maps = {name: _attention(d, SENTENCE) for name, d in models.items()}
+  vmax = max(float(p[list(heads)].max()) for p, _ in maps.values())  # one colour scale for all
+  for row, (name, (probs, tokens)) in zip(axes, maps.items()):
     for ax, h in zip(row, heads + ("mean",)):
-      ax.imshow(probs.mean(0) if h == "mean" else probs[h], cmap="viridis", vmin=0)
+      ax.imshow(probs.mean(0) if h == "mean" else probs[h], cmap="viridis", vmin=0, vmax=vmax)
       ax.set_title(f"{name}\nhead {h}" if h != "mean" else f"{name}\nmean of heads", fontsize=7)
       ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=5)
       ax.set_yticks(range(len(tokens)), tokens, fontsize=5)
