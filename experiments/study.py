@@ -4,7 +4,8 @@
     python experiments/study.py --budget cpu --dry-run        # the plan, and what is done
     python experiments/study.py --budget tiny --out /tmp/s    # the whole chain in minutes
     python experiments/study.py --budget gpu --prepare study_inputs     # on a CPU host, once
-    python experiments/study.py --budget gpu --inputs study_inputs --stages distill   # on the H200
+    python experiments/study.py --budget gpu --inputs study_inputs --out runs/study/gpu \
+        --results "$OUT" --deadline-minutes 8                         # on the H200, study_inputs carried
 
 One command runs every piece, in an order that yields the main comparison first, and
 skips what is finished (a distillation resumes from its last checkpoint; a fine-tuning
@@ -29,8 +30,15 @@ Distillation recipe (the papers': AdamW 0.9 / 0.999 / 1e-6, weight decay 0.01, p
 5e-4..6e-4 after warmup, linear decay; batch 1024 and 400k steps there, far fewer here),
 student dropout 0.1 (hidden and attention, as BERT and the MiniLM students; the teacher
 runs in eval mode). The `gpu` budget reads everything from `--inputs`, a git-ignored
-folder inside the repo that `--prepare` fills: the teacher as bfloat16 safetensors and the
-corpus as xz-compressed text (the device host sees only the repository).
+folder inside the repo that `--prepare` fills: the teacher as bfloat16 safetensors, the
+corpus as xz-compressed text and the task files (60 MiB; the device host sees only the
+repository and at most 64 MiB beside its tracked files, and sends back only a few small
+files, so it fine-tunes there too and returns the table and plots). It needs the
+project's requirements installed there (jax, flax, optax, orbax, grain, tokenizers,
+ml_collections). `--deadline-minutes` stops starting jobs in time for the report; the
+pre-training runs come first, so one 9-minute run yields the loss curves and as many
+fine-tuning runs as fit (the same command continues on the same machine; a fresh
+machine starts bare).
 """
 
 import argparse
@@ -298,6 +306,8 @@ def main(argv=None) -> None:
   p.add_argument("--stages", default="distill,finetune,report",
                  help="comma-separated subset of distill, finetune, report")
   p.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
+  p.add_argument("--deadline-minutes", type=float, default=0,
+                 help="start no job after this many minutes (then write the report); 0 = no limit")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   budget = BUDGETS[args.budget]
@@ -311,7 +321,11 @@ def main(argv=None) -> None:
   jobs = plan(budget, paths, stages)
   print(f"study {args.budget}: {budget.tokens / 1e6:.2f} M tokens per pre-training run "
         f"({budget.steps} steps x {budget.batch} x {budget.seq_len}); runs in {out}")
+  started = time.perf_counter()
   for i, (name, done, run) in enumerate(jobs):
+    if args.deadline_minutes and time.perf_counter() - started > 60 * args.deadline_minutes:
+      print(f"deadline of {args.deadline_minutes} min reached: the rest waits for the next run")
+      break
     if done():
       print(f"[{i + 1}/{len(jobs)}] done   {name}", flush=True)
       continue
