@@ -343,6 +343,8 @@ def untrained_mask(cfg: DistillConfig, params) -> Any:
   layer but not the pooler. AdamW's decoupled weight decay would still shrink them
   towards 0 at every step (by lr * weight_decay * w): a student exported after 400k
   steps would carry those layers decayed to almost nothing instead of at their init.
+  The mask is structural: an `internals_loss` that reads less (TinyBERT's attention MSE
+  reads no values) leaves the rest of its zero-gradient parameters to AdamW as usual.
   """
   top = max(cfg.loss_student_layers or (cfg.student_layers,)) - 1  # 0-based
 

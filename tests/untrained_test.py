@@ -1,12 +1,16 @@
 """Parameters no loss reaches: `train.untrained_mask` is exactly where the gradient is 0,
 and the optimizer leaves them untouched (AdamW's weight decay used to shrink them)."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
 
 from minilm_jax import sharding, train
 from mlm_test import packed_batch
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def _cfg(objective, version="v1"):
@@ -51,3 +55,24 @@ def test_untrained_parameters_are_unchanged_after_steps(teacher):
   # The trained ones moved (the step is not a no-op).
   assert np.abs(after["layers"][1]["query"]["kernel"] - last["query"]["kernel"]).max() > 1e-3
   assert np.abs(after["layers"][0]["output"]["kernel"] - before["layers"][0]["output"]["kernel"]).max() > 1e-3
+
+
+def test_an_internals_loss_of_a_lower_layer_leaves_the_layers_above_untouched(teacher):
+  """TinyBERT's attention MSE on the student's layer 1 of 2 (`loss_student_layers`): the
+  mask covers layer 2 whole and layer 1 past q/k/v, and never a parameter that learns (the
+  loss reads no values, so their zero gradient stays outside the structural mask)."""
+  cfg = train.DistillConfig(
+      student_layers=2, student_hidden=96, student_heads=12, student_dropout=0.0, max_seq_len=40,
+      internals_loss=f"{EXPERIMENTS / 'tinybert_attention.py'}:attention_mse",
+      loss_teacher_layers=(3,), loss_student_layers=(1,))
+  setup = train.make_setup(cfg, teacher[0])
+  state = train.init_state(cfg, setup, train.make_optimizer(cfg))
+  teacher_params = train.truncate_teacher(setup, teacher[1])
+  batch = jax.tree.map(np.asarray, packed_batch())
+  grads = jax.grad(lambda p: train.distill_loss(p, teacher_params, batch, None, setup)[0])(state.params)
+  zero = jax.tree.leaves(jax.tree.map(lambda g: bool(np.all(np.asarray(g) == 0)), grads))
+  mask = train.untrained_mask(cfg, state.params)
+  assert all(z for z, m in zip(zero, jax.tree.leaves(mask)) if m)  # masked => no gradient
+  assert all(jax.tree.leaves(mask["layers"][1]))
+  assert not mask["layers"][0]["query"]["kernel"].get_value()
+  assert mask["layers"][0]["output"]["kernel"].get_value()
