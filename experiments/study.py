@@ -306,6 +306,7 @@ def main(argv=None) -> None:
   p.add_argument("--stages", default="distill,finetune,report",
                  help="comma-separated subset of distill, finetune, report")
   p.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
+  p.add_argument("--note", default="", help="text for the table's notes (e.g. other load on the machine)")
   p.add_argument("--deadline-minutes", type=float, default=0,
                  help="start no job after this many minutes (then write the report); 0 = no limit")
   args = p.parse_args(argv)
@@ -336,7 +337,7 @@ def main(argv=None) -> None:
       print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
             flush=True)
   if "report" in stages and not args.dry_run:
-    study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__])
+    study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__], args.note)
 
 
 if __name__ == "__main__":

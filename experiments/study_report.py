@@ -64,7 +64,7 @@ def _cell(rows, label, task):
   return f"{r['mean']:.1f}{std} ({len(r['scores'])})", r["mean"]
 
 
-def table(rows: list[dict], labels: list[str], pre: dict) -> str:
+def table(rows: list[dict], labels: list[str], pre: dict, steps: int) -> str:
   lines = ["| model | pre-training tokens | SST-2 acc | RTE acc | CoLA mcc | SQuAD 2.0 split F1 | average |",
            "|---|---|---|---|---|---|---|"]
   for label in labels:
@@ -73,12 +73,15 @@ def table(rows: list[dict], labels: list[str], pre: dict) -> str:
     info = pre.get(label)
     tokens = f"{info['tokens'] / 1e6:.2f} M" if info and info.get("steps") else (
         "—" if label in pre else "none (baseline)" if "teacher" not in label else "teacher")
+    if info and 0 < info.get("steps", 0) < steps:
+      tokens += f" (running, step {info['steps']} of {steps})"
     lines.append(f"| {label} | {tokens} | " + " | ".join(cells) + f" | {avg} |")
   return "\n".join(lines)
 
 
-def write(name: str, budget, paths, results: pathlib.Path, study) -> None:
-  """`study` is the study module (its METHODS, FINETUNE and curve_steps)."""
+def write(name: str, budget, paths, results: pathlib.Path, study, note: str = "") -> None:
+  """`study` is the study module (its METHODS, FINETUNE and curve_steps); `note` goes
+  under the table (what the files cannot tell: other load on the machine, say)."""
   results.mkdir(parents=True, exist_ok=True)
   rows = _rows(paths.out / "finetune")
   curve = _rows(paths.out / "curve")
@@ -91,7 +94,7 @@ def write(name: str, budget, paths, results: pathlib.Path, study) -> None:
            f"{budget.steps} steps x {budget.batch} x {budget.seq_len} = {budget.tokens / 1e6:.2f} M token "
            "positions each (the same batches for every method), then fine-tuned. Cells: mean ± std "
            "over seeds (the seed count in brackets), best dev epoch, in percent; — = not run yet.",
-           "", table(rows, labels, pre), "", "Pre-training runs:", ""]
+           "", table(rows, labels, pre, budget.steps), "", "Pre-training runs:", ""]
   for method, info in pre.items():
     if info.get("steps"):
       lines.append(f"- {method}: {info['steps']} of {budget.steps} steps, loss {info['first_loss']:.3f} -> "
@@ -103,7 +106,8 @@ def write(name: str, budget, paths, results: pathlib.Path, study) -> None:
             "written by `experiments/study.py --budget " + name + "`. Fine-tuning recipe (every "
             f"model and task): {study.FINETUNE}; per task: {budget.tasks}. SQuAD 2.0 trains on the "
             "first 25 dev articles and scores the other 10 (no train file here). Seeds: "
-            f"{list(budget.seeds)} for the final models, 0 for the curve and the teacher.", ""]
+            f"{list(budget.seeds)} for the final models, 0 for the curve and the teacher."
+            + (f" {note}" if note else ""), ""]
   for plot, caption in ((_loss_plot, "pre-training loss"), (_curve_plot, "dev score vs tokens"),
                         (_attention_plot, "attention maps")):
     path = results / f"study-{name}-{plot.__name__.strip('_').removesuffix('_plot')}.png"
@@ -148,7 +152,8 @@ def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
   for ax in axes:
     ax.set_xlabel("pre-training tokens (M)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+      ax.legend()
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return True

@@ -60,7 +60,7 @@ def test_table_merges_seeds_and_averages_four_tasks(tmp_path):
   sst2 = next(r for r in rows if r["task"] == "sst2")
   assert sst2["seeds"] == [0, 1] and sst2["mean"] == pytest.approx(85.0)
   assert sst2["std"] == pytest.approx(np.std([80, 90], ddof=1))
-  text = study_report.table(rows, ["minilm-v1", "random-L3"], {"minilm-v1": {"steps": 0}})
+  text = study_report.table(rows, ["minilm-v1", "random-L3"], {"minilm-v1": {"steps": 0}}, 1000)
   assert "| minilm-v1 | — | 85.0 ± 7.1 (2) |" in text
   assert f"| {np.mean([85, 55, 25, 55]):.1f} |" in text   # the four tasks' average
   assert "| random-L3 | none (baseline) | — |" in text
