@@ -54,9 +54,10 @@ class DistillConfig:
 
   Dropout: the student trains with hidden and attention-probability dropout
   `student_dropout` = 0.1, BERT's value and that of the MiniLM students (the packaged
-  all-MiniLM-L6-v2, itself one, says 0.1 for both in its config.json); the teacher runs in eval mode (no dropout), so its targets are
-  exact, and the student's captured queries, keys and values are taken before any dropout
-  of their own layer: dropout regularises only the layers below, as in BERT pre-training.
+  all-MiniLM-L6-v2, itself one, says 0.1 for both in its config.json); the teacher runs
+  in eval mode (no dropout), so its targets are exact, and the student's captured
+  queries, keys and values are taken before any dropout of their own layer: dropout
+  regularises only the layers below, as in BERT pre-training.
   """
   # Teacher and what is distilled.
   teacher: str = "all-MiniLM-L6-v2"   # local Hugging Face directory or packaged teacher name
@@ -69,7 +70,7 @@ class DistillConfig:
   loss_student_layers: tuple[int, ...] = ()  # 1-based student layers internals_loss gets; () = the last
   teacher_assistant: str = "auto"     # MiniLM Sec. 3.3: "auto" (if M <= L/2 and D' <= D/2), "on", "off"
   assistant_steps: int = 0            # optimizer steps of the teacher-assistant stage; 0 = max_steps
-  objective: str = "distill"          # "distill" (MiniLM from the teacher) or "mlm" (BERT masked LM from scratch, the baseline)
+  objective: str = "distill"          # "distill" (MiniLM) or "mlm" (BERT masked LM from scratch: the baseline)
   # Student (vocabulary, positions and model type follow the teacher).
   student_layers: int = 3             # L
   student_hidden: int = 384           # D
