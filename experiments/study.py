@@ -322,7 +322,7 @@ def main(argv=None) -> None:
   jobs = plan(budget, paths, stages)
   print(f"study {args.budget}: {budget.tokens / 1e6:.2f} M tokens per pre-training run "
         f"({budget.steps} steps x {budget.batch} x {budget.seq_len}); runs in {out}")
-  started = time.perf_counter()
+  started, failed = time.perf_counter(), []
   for i, (name, done, run) in enumerate(jobs):
     if args.deadline_minutes and time.perf_counter() - started > 60 * args.deadline_minutes:
       print(f"deadline of {args.deadline_minutes} min reached: the rest waits for the next run")
@@ -333,11 +333,18 @@ def main(argv=None) -> None:
     print(f"[{i + 1}/{len(jobs)}] {'todo  ' if args.dry_run else 'start '} {name}", flush=True)
     if not args.dry_run:
       began = time.perf_counter()
-      run()
+      try:
+        run()
+      except Exception as e:  # one broken run (a NaN, a missing input) must not stop the others
+        logging.exception("%s failed", name)
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+        continue
       print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
             flush=True)
   if "report" in stages and not args.dry_run:
     study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__], args.note)
+  if failed:
+    raise SystemExit("failed runs (fix and re-run; finished runs are skipped):\n  " + "\n  ".join(failed))
 
 
 if __name__ == "__main__":
