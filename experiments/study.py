@@ -56,7 +56,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from minilm_jax import checkpoint, convert, data, distill, finetune, mlm, train  # noqa: E402
+from minilm_jax import checkpoint, convert, data, distill, finetune, train  # noqa: E402
 from minilm_jax.teachers import resolve_model_dir  # noqa: E402
 import study_report  # noqa: E402
 
@@ -173,12 +173,8 @@ def export_curve(budget: Budget, paths: Paths, method: str) -> None:
     out = paths.out / "models" / f"{method}-step{step}"
     if (out / "config.json").is_file():
       continue
-    directory = checkpoint.resolve(workdir)
-    config = checkpoint.read_model_config(directory)
-    abstract = mlm.abstract_params(config) if method == "mlm" else None
-    config, params, tokenizer, _ = checkpoint.restore_params(directory, step, abstract=abstract)
-    params = checkpoint.to_host(mlm.encoder_params(params) if method == "mlm" else params)
-    convert.save_hf(out, config, params, tokenizer, overwrite=True)
+    config, params, tokenizer, _ = checkpoint.restore_params(workdir, step)  # MLM: the encoder
+    convert.save_hf(out, config, checkpoint.to_host(params), tokenizer, overwrite=True)
 
 
 # ------------------------------------------------------------------------- fine-tuning

@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from minilm_jax import mlm
 from minilm_jax import model as model_lib
 from minilm_jax.convert import TOKENIZER_FILES, write_dir_atomically, write_file_atomically
 from minilm_jax.teachers import resolve_model_dir
@@ -101,7 +102,8 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
   """Reads (config, parameters, tokenizer directory, step) of a checkpoint's step.
 
   `step=None` takes the latest. `abstract` overrides the parameter structure (task
-  models carry heads); by default it is the encoder's.
+  models carry heads); by default it is the encoder's, also of a masked-LM run
+  (`objective="mlm"`, saved with its LM head, which is left out).
   """
   directory = resolve(directory)
   config = read_model_config(directory)
@@ -114,8 +116,9 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       step = max(steps)
     elif step not in steps:
       raise FileNotFoundError(f"{directory} has no step {step}; it has steps {sorted(steps)}")
+    with_head = abstract is None and _saved_with_mlm_head(directory / str(step) / "params")
     if abstract is None:
-      abstract = model_lib.abstract_params(config)
+      abstract = mlm.abstract_params(config) if with_head else model_lib.abstract_params(config)
     abstract = on_one_device(abstract)
     try:
       restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
@@ -123,7 +126,17 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       raise ValueError(f"{directory}/{step} could not be restored ({type(e).__name__}: {e}): the "
                        "checkpoint is corrupt or was written for another model; pick another --step "
                        "or re-create it") from e
-  return config, restored["params"], directory / TOKENIZER_DIR, step
+  params = mlm.encoder_params(restored["params"]) if with_head else restored["params"]
+  return config, params, directory / TOKENIZER_DIR, step
+
+
+def _saved_with_mlm_head(params_dir: pathlib.Path) -> bool:
+  """Whether a step holds a masked-LM run's `{"encoder", "head"}` (its encoder is read)."""
+  try:
+    tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+  except Exception:  # no readable metadata: restore as the encoder and report what fails
+    return False
+  return set(tree) == {"encoder", "head"}
 
 
 def on_one_device(abstract: Any) -> Any:

@@ -11,7 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
-from minilm_jax import distill, mlm, sharding, train
+from minilm_jax import checkpoint, convert, distill, mlm, sharding, train
 from minilm_jax import model as model_lib
 
 TINY = model_lib.ModelConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
@@ -173,3 +173,10 @@ def test_tiny_mlm_run_lowers_the_loss_and_exports(tmp_path, teacher_dir):
   assert not any(info.values()), info
   torch_mlm = transformers.BertForMaskedLM.from_pretrained(summary["hf_mlm"])
   assert torch_mlm.config.num_hidden_layers == encoder.config.num_hidden_layers == 1
+  # The run's checkpoints read as the encoder (convert --from-checkpoint, finetune --model).
+  _, params, _, step = checkpoint.restore_params(tmp_path)
+  assert step == 60
+  got = convert.params_to_hf(checkpoint.read_model_config(checkpoint.resolve(tmp_path)),
+                             checkpoint.to_host(params))
+  for name, value in got.items():
+    np.testing.assert_array_equal(value, encoder.state_dict()[name].numpy(), err_msg=name)
