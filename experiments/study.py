@@ -4,8 +4,8 @@
     python experiments/study.py --budget cpu --dry-run        # the plan, and what is done
     python experiments/study.py --budget tiny --out /tmp/s    # the whole chain in minutes
     python experiments/study.py --budget gpu --prepare study_inputs     # on a CPU host, once
-    python experiments/study.py --budget gpu --inputs study_inputs --out runs/study/gpu \
-        --results "$OUT" --deadline-minutes 8                         # on the H200, study_inputs carried
+    python experiments/study.py --budget gpu --inputs study_inputs --out /tmp/study-gpu \
+        --results "$OUT" --deadline-minutes 7       # on the H200 (device run, carry=["study_inputs"])
 
 One command runs every piece, in an order that yields the main comparison first, and
 skips what is finished (a distillation resumes from its last checkpoint; a fine-tuning
@@ -304,7 +304,8 @@ def main(argv=None) -> None:
   p.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
   p.add_argument("--note", default="", help="text for the table's notes (e.g. other load on the machine)")
   p.add_argument("--deadline-minutes", type=float, default=0,
-                 help="start no job after this many minutes (then write the report); 0 = no limit")
+                 help="start no job after this many minutes, and refresh the report after each "
+                      "job (a run its host cuts off keeps one); 0 = no limit")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   budget = BUDGETS[args.budget]
@@ -337,6 +338,8 @@ def main(argv=None) -> None:
         continue
       print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
             flush=True)
+      if args.deadline_minutes and "report" in stages:  # a run cut off by its host keeps a report
+        study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__], args.note)
   if "report" in stages and not args.dry_run:
     study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__], args.note)
   if failed:
