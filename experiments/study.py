@@ -307,7 +307,7 @@ def main(argv=None) -> None:
                  help="start no job after this many minutes, and refresh the report after each "
                       "job (a run its host cuts off keeps one); 0 = no limit")
   args = p.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # orbax set one
   budget = BUDGETS[args.budget]
   out = (args.out or ROOT / "runs" / "study" / args.budget).absolute()
   paths = Paths.make(out, args.inputs.absolute() if args.inputs else None)
