@@ -52,12 +52,12 @@ class DistillConfig:
   and `paper_config` gives the papers' full recipe. Parameters no loss reaches (the last
   student layer past its q/k/v, the pooler) are not decayed: see `untrained_mask`.
 
-  Dropout: the student trains with hidden and attention-probability dropout
-  `student_dropout` = 0.1, BERT's value and that of the MiniLM students (the packaged
-  all-MiniLM-L6-v2, itself one, says 0.1 for both in its config.json); the teacher runs
-  in eval mode (no dropout), so its targets are exact, and the student's captured
-  queries, keys and values are taken before any dropout of their own layer: dropout
-  regularises only the layers below, as in BERT pre-training.
+  Dropout: the student trains with hidden dropout `student_dropout` = 0.1 and attention-
+  probability dropout `student_attention_dropout` = 0.1, BERT's values and those of the
+  MiniLM students (the packaged all-MiniLM-L6-v2, itself one, says 0.1 for both in its
+  config.json); the teacher runs in eval mode (no dropout), so its targets are exact, and
+  the student's captured queries, keys and values are taken before any dropout of their
+  own layer: dropout regularises only the layers below, as in BERT pre-training.
   """
   # Teacher and what is distilled.
   teacher: str = "all-MiniLM-L6-v2"   # local Hugging Face directory or packaged teacher name
