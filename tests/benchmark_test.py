@@ -202,9 +202,12 @@ def test_jax_route_adamw_is_torch_adamw_at_a_constant_rate():
       [{"params": [t for t, d in zip(tensors, decay) if d], "weight_decay": wl.ADAMW["weight_decay"]},
        {"params": [t for t, d in zip(tensors, decay) if not d], "weight_decay": 0.0}],
       lr=wl.ADAMW["lr"], betas=(wl.ADAMW["b1"], wl.ADAMW["b2"]), eps=wl.ADAMW["eps"])
+  # Parameters no loss reaches (train.untrained_mask) get no gradient in either route: JAX
+  # zeroes their updates, torch skips a parameter whose .grad is None (no decay either).
+  untrained = jax.tree.leaves(train.untrained_mask(cfg, params))
   for g in grads:
-    for t, x in zip(tensors, jax.tree.leaves(g)):
-      t.grad = torch.tensor(x)
+    for t, x, u in zip(tensors, jax.tree.leaves(g), untrained):
+      t.grad = None if u else torch.tensor(x)
     torch_opt.step()
   for p0, got, want in zip(leaves, jax.tree.leaves(jax_params), tensors):
     p0 = np.asarray(p0)
