@@ -56,7 +56,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from minilm_jax import checkpoint, convert, data, distill, finetune, train  # noqa: E402
+from minilm_jax import checkpoint, convert, distill, documents, finetune, train  # noqa: E402
 from minilm_jax.teachers import resolve_model_dir  # noqa: E402
 import study_report  # noqa: E402
 
@@ -160,7 +160,7 @@ def pretrain(budget: Budget, paths: Paths, method: str) -> None:
     return
   cfg = distill_config(budget, paths, method)
   if budget.max_documents:  # the tiny budget: a slice of the corpus, read through a file list
-    cfg.corpus = ",".join(str(p) for p in data.expand_paths(paths.corpus)[-budget.max_documents:])
+    cfg.corpus = ",".join(str(p) for p in documents.expand_paths(paths.corpus)[-budget.max_documents:])
   summary = distill.run(cfg, workdir)
   if summary.get("preempted"):
     raise SystemExit(f"{method}: pre-empted at step {summary['steps']}; re-run to resume")
