@@ -112,14 +112,8 @@ _relation_kl_rows.defvjp(_fwd, _bwd)
 
 def blockwise_relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
                             student_b: jax.Array, mask: jax.Array, num_relation_heads: int) -> jax.Array:
-  """`losses.relation_loss` (same arguments, value and student gradients) in blocks.
-
-  Args:
-    teacher_a, teacher_b: [B, T, D_T] teacher tensors, heads concatenated (e.g. q and k).
-    student_a, student_b: [B, T, D_S] the student's counterparts.
-    mask: [B, T], 1 for real tokens, 0 for padding (keys and queries alike).
-    num_relation_heads: R; each model is split into R heads of its own size D / R.
-  """
+  """`losses.relation_loss` in blocks: the same arguments (documented there), value and
+  student gradients, without a [B, R, T, S] tensor in either pass."""
   for x in (teacher_a, student_a):
     if x.shape[-1] % num_relation_heads:
       raise ValueError(f"{num_relation_heads} relation heads do not divide the hidden size "
