@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 from typing import Any
 
 import jax
@@ -73,9 +72,7 @@ def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
   src = resolve_model_dir(tokenizer_dir)
   for name in TOKENIZER_FILES:
     if (src / name).is_file() and src != tok:
-      tmp = tok / f".{name}.tmp-{os.getpid()}"
-      shutil.copy2(src / name, tmp)
-      os.replace(tmp, tok / name)
+      write_file_atomically(tok / name, (src / name).read_bytes())
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,

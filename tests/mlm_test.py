@@ -13,6 +13,7 @@ from flax import nnx
 
 from minilm_jax import checkpoint, convert, distill, mlm, sharding, train
 from minilm_jax import model as model_lib
+from train_test import assert_same_training
 
 TINY = model_lib.ModelConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
                              intermediate_size=64, max_position_embeddings=128, hidden_dropout=0.0,
@@ -156,11 +157,7 @@ def test_micro_batches_weight_by_the_loss_tokens(teacher):
     for _ in range(2):
       state, metrics = step(state, {}, batch)
     results.append((state.params, metrics))
-  (p1, m1), (p4, m4) = results
-  for k in m1:
-    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, err_msg=k)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+  assert_same_training(*results)
 
 
 def test_tiny_mlm_run_lowers_the_loss_and_exports(tmp_path, teacher_dir):
