@@ -23,7 +23,7 @@ import time
 
 import grain
 
-from minilm_jax import corpus_tfds, data, documents
+from minilm_jax import corpus_tfds, data, documents, teachers, tokenization
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "corpus"
@@ -71,7 +71,7 @@ def main():
   start = time.perf_counter()
   docs = documents.load_documents(files)
   read_s = time.perf_counter() - start
-  tok, _ = data.load_tokenizer(args.tokenizer)
+  tok, _ = tokenization.for_pretraining(teachers.resolve_model_dir(args.tokenizer))
   n_tokens = sum(len(d) for d in data.encode_documents(tok, docs))
   tok_s = best_seconds(lambda: data.encode_documents(tok, docs), args.repeats)
   chars = sum(len(d) for d in docs)

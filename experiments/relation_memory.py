@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from minilm_jax.benchmark import harness, jax_routes, workloads
-from minilm_jax import blockwise_relation, losses, sharding, train
+from minilm_jax import blockwise_relation, losses, optimizer as optimizer_lib, sharding, train
 from minilm_jax import model as model_lib
 from minilm_jax.model import AttentionInternals
 
@@ -54,7 +54,7 @@ def step_memory(config: str, relation, batch: int, seq: int, attention_dropout: 
     w = dataclasses.replace(w, attention_dropout=attention_dropout,
                             student=dataclasses.replace(w.student, layers=student_layers))
     cfg, setup, _ = jax_routes.jax_setup(w, batch, seq)
-    optimizer = train.make_optimizer(cfg, cfg.learning_rate)
+    optimizer = optimizer_lib.for_distillation(cfg, cfg.learning_rate)
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     state = abstract(jax.eval_shape(lambda: train.init_state(cfg, setup, optimizer)))
     teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setup.teacher.dtype),

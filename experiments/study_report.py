@@ -199,10 +199,10 @@ def _curve_plot(study, budget, paths, rows, curve, path) -> bool:
 
 def _attention(model_dir, sentence):
   """Last-layer attention probabilities [N, T, T] of `sentence`, and its tokens."""
-  from minilm_jax import convert, data
+  from minilm_jax import convert, tokenization
   from minilm_jax import model as model_lib
   config, params = convert.load_hf(model_dir)
-  tok, special = data.load_tokenizer(model_dir)
+  tok, special = tokenization.for_pretraining(model_dir)
   ids = [special.cls] + tok.encode(sentence, add_special_tokens=False).ids + [special.sep]
   x = np.asarray([ids], np.int32)
   last = config.num_layers - 1

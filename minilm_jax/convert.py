@@ -18,7 +18,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from minilm_jax import model as model_lib
+from minilm_jax import model as model_lib, tokenization
 from minilm_jax.teachers import resolve_model_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -122,16 +122,9 @@ def read_hf_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
 
 def check_tokenizer(config: model_lib.ModelConfig, model_dir: str | os.PathLike) -> pathlib.Path:
   """Checks that `tokenizer.json` exists and fits the embedding table; returns its path."""
-  path = resolve_model_dir(model_dir) / "tokenizer.json"
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"{path} is missing: minilm_jax tokenizes with the fast tokenizer; write it once with "
-        "transformers.AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
-  import tokenizers
-  try:
-    size = tokenizers.Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-  except Exception as e:
-    raise ValueError(f"{path} is not a readable tokenizers file ({e})") from e
+  model_dir = resolve_model_dir(model_dir)
+  size = tokenization.load(model_dir).get_vocab_size(with_added_tokens=True)
+  path = model_dir / "tokenizer.json"
   if size > config.vocab_size:
     raise ValueError(f"{path} has {size} tokens but config.json vocab_size is {config.vocab_size}: "
                      "the tokenizer does not belong to this model; use the model's own tokenizer")

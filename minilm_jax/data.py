@@ -26,57 +26,9 @@ import grain
 import numpy as np
 import tokenizers
 
-from minilm_jax import documents, teachers
+from minilm_jax import documents, teachers, tokenization
 
-# Special tokens tried when the model dir names none: BERT WordPiece, then XLM-R SentencePiece.
-_SPECIAL_CANDIDATES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>")}
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-  """Ids of the teacher's special tokens: [CLS]/[SEP]/[PAD] (BERT) or <s>/</s>/<pad> (XLM-R)."""
-  cls: int  # starts every example
-  sep: int  # ends every segment
-  pad: int  # fills the tail past attention_mask
-
-
-def _named_special(model_dir: pathlib.Path, key: str) -> str | None:
-  for name in ("special_tokens_map.json", "tokenizer_config.json"):
-    path = model_dir / name
-    if path.is_file():
-      value = json.loads(path.read_text()).get(f"{key}_token")
-      if isinstance(value, dict):
-        value = value.get("content")
-      if value:
-        return value
-  return None
-
-
-def load_tokenizer(name_or_path: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, SpecialIds]:
-  """The teacher's `tokenizer.json` (truncation/padding off) and its special token ids."""
-  model_dir = teachers.resolve_model_dir(name_or_path)
-  path = model_dir / "tokenizer.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{str(model_dir)!r} has no tokenizer.json: save the teacher's fast "
-                            "tokenizer there (transformers: tokenizer.save_pretrained(dir))")
-  tok = tokenizers.Tokenizer.from_file(str(path))
-  tok.no_truncation()  # tokenizer.json files often ship truncation/padding to 128 or 512.
-  tok.no_padding()
-  tok.encode_special_tokens = True  # a literal "[SEP]" or "<s>" in the text is plain text
-  ids = {}
-  for key, candidates in _SPECIAL_CANDIDATES.items():
-    named = _named_special(model_dir, key)
-    for token in ((named,) if named else candidates):
-      if tok.token_to_id(token) is not None:
-        ids[key] = tok.token_to_id(token)
-        break
-    else:
-      raise ValueError(f"tokenizer {str(path)!r} has no {key} token ({named or candidates}): "
-                       "name it in special_tokens_map.json")
-  return tok, SpecialIds(**ids)
+# ----------------------------------------------------------------------------- tokens
 
 
 def encode_documents(tok: tokenizers.Tokenizer, docs: Sequence[str],
@@ -138,7 +90,7 @@ class PackedExamples(grain.MapDataset):
   """
 
   def __init__(self, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-               a_lengths: np.ndarray, special: SpecialIds, max_seq_len: int,
+               a_lengths: np.ndarray, special: tokenization.SpecialIds, max_seq_len: int,
                two_segments: bool):
     super().__init__()
     self.tokens = tokens  # uint16 or int32 [total tokens], all documents concatenated
@@ -180,7 +132,7 @@ class PackedExamples(grain.MapDataset):
             "token_type_ids": ((pos >= a + 2) & (pos < used) & self.two_segments).astype(np.int32)}
 
 
-def pack_documents(token_docs: Sequence[np.ndarray], special: SpecialIds, max_seq_len: int,
+def pack_documents(token_docs: Sequence[np.ndarray], special: tokenization.SpecialIds, max_seq_len: int,
                    two_segments: bool = False) -> PackedExamples:
   """Cuts each document into chunks of max_seq_len minus the special tokens; tails stay."""
   capacity = max_seq_len - (3 if two_segments else 2)
@@ -230,7 +182,7 @@ def pretraining_examples(
   model_dir = teachers.resolve_model_dir(tokenizer)
   if (model_dir / "config.json").is_file():
     check_max_seq_len(max_seq_len, model_dir)
-  tok, special = load_tokenizer(model_dir)
+  tok, special = tokenization.for_pretraining(model_dir)
   docs = documents.load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
                         doc_per_file=doc_per_file, text_feature=text_feature,
                         max_documents=max_documents)
@@ -342,7 +294,7 @@ def show_examples(corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *,
       corpus, tokenizer, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
       doc_per_line=doc_per_line, doc_per_file=doc_per_file, text_feature=text_feature,
       max_documents=max_documents)
-  tok, _ = load_tokenizer(tokenizer)
+  tok, _ = tokenization.for_pretraining(teachers.resolve_model_dir(tokenizer))
   for i in range(min(show, len(examples))):
     example = examples[i]
     ids = example["input_ids"][example["attention_mask"] == 1].tolist()

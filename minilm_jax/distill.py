@@ -33,7 +33,8 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
 
-from minilm_jax import checkpoint, convert, data, mlm, sharding, train, workdir as workdir_lib
+from minilm_jax import checkpoint, convert, data, mlm, optimizer as optimizer_lib, sharding, train
+from minilm_jax import workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import MetricWriter, read_metrics
 from minilm_jax.teachers import resolve_model_dir
@@ -196,8 +197,8 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   workdir_lib.check_corpus(workdir, corpus)
   iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
-  optimizer = train.make_optimizer(cfg)
-  schedule = train.learning_rate_schedule(cfg)
+  schedule = optimizer_lib.warmup_linear_decay(cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+  optimizer = optimizer_lib.for_distillation(cfg, schedule)
   step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps,
                                   train.make_loss_fn(cfg, setup, teacher_dir))
   export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)

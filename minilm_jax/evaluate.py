@@ -16,7 +16,7 @@ import pathlib
 import numpy as np
 from flax import nnx
 
-from minilm_jax import convert, finetune, sharding
+from minilm_jax import convert, finetune, sharding, tokenization
 from minilm_jax.eval import glue
 
 RUN_FILE = finetune.RUN_FILE
@@ -98,7 +98,7 @@ def evaluate(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: in
       squad_train_articles=run.get("squad_train_articles",
                                    finetune.FinetuneConfig.squad_train_articles))
   module, tokenizer_dir = load_task_model(model_dir, cfg)
-  tokenizer = glue.load_tokenizer(tokenizer_dir)
+  tokenizer = tokenization.load(tokenizer_dir)
   data_fn = finetune.squad_data if task == finetune.SQUAD else finetune.glue_data
   task_data = data_fn(cfg, tokenizer, with_train=False)
   mesh = sharding.make_mesh()

@@ -41,11 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tokenizers
 import tqdm
 from flax import nnx
 
-from minilm_jax import checkpoint, heads, sharding, train
+from minilm_jax import checkpoint, heads, optimizer as optimizer_lib, sharding, tokenization
 from minilm_jax import model as model_lib
 from minilm_jax.eval import glue, metrics, squad
 from minilm_jax.metric_writer import MetricWriter
@@ -105,11 +104,8 @@ def task_metric(task: str) -> str:
 def _baseline_encoder(cfg: FinetuneConfig, config: model_lib.ModelConfig, pure: dict):
   """The bottom `cfg.num_layers` layers, and/or fresh weights of that shape (`random_init`)."""
   if cfg.num_layers:
-    if not 1 <= cfg.num_layers <= config.num_layers:
-      raise ValueError(f"num_layers={cfg.num_layers} is outside 1..{config.num_layers}, the "
-                       f"layers of {cfg.model}")
+    pure = model_lib.bottom_layers(pure, cfg.num_layers)
     config = config.replace(num_layers=cfg.num_layers)
-    pure["layers"] = {i: pure["layers"][i] for i in range(cfg.num_layers)}
   if cfg.random_init:
     pure = model_lib.init_params(config, seed=cfg.seed).to_pure_dict()
   return config, pure
@@ -130,20 +126,11 @@ def build_model(cfg: FinetuneConfig, num_labels: int | None):
   return module, tokenizer_dir
 
 
-def warmup_linear_decay(peak: float, total_steps: int, warmup_ratio: float) -> optax.Schedule:
-  """0 -> peak over the first `warmup_ratio` of the steps, then linearly down to 0."""
-  warmup = int(round(warmup_ratio * total_steps))
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, max(warmup, 1)),
-       optax.linear_schedule(peak, 0.0, max(total_steps - warmup, 1))], [warmup])
-
-
 def make_optimizer(cfg: FinetuneConfig, total_steps: int) -> optax.GradientTransformation:
-  adamw = optax.adamw(warmup_linear_decay(cfg.learning_rate, total_steps, cfg.warmup_ratio),
-                      b1=0.9, b2=0.999, eps=1e-6, weight_decay=cfg.weight_decay,
-                      mask=train.decay_mask)
-  return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), adamw) \
-      if cfg.clip_grad_norm else adamw
+  """`optimizer.adamw` warming up over the first `warmup_ratio` of `total_steps`."""
+  schedule = optimizer_lib.warmup_linear_decay(cfg.learning_rate, int(round(cfg.warmup_ratio * total_steps)),
+                                           total_steps)
+  return optimizer_lib.adamw(schedule, weight_decay=cfg.weight_decay, clip_grad_norm=cfg.clip_grad_norm)
 
 
 def task_loss(module, batch, dropout_rng, regression: bool):
@@ -249,9 +236,7 @@ def count_truncated(examples: list[glue.Example], tokenizer, max_len: int) -> in
   """How many examples are longer than `max_len` tokens (with [CLS]/[SEP]) and get cut."""
   if not examples:
     return 0
-  full = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-  full.no_truncation()
-  full.no_padding()
+  full = tokenization.plain(tokenizer)
   pairs = examples[0].text_b is not None
   encodings = full.encode_batch([(e.text_a, e.text_b) if pairs else e.text_a for e in examples])
   return sum(len(e.ids) > max_len for e in encodings)
@@ -356,7 +341,7 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   is_squad = cfg.task == SQUAD
   num_labels = None if is_squad else glue.get_task(cfg.task).num_labels
   module, tokenizer_dir = build_model(cfg, num_labels)
-  tokenizer = glue.load_tokenizer(tokenizer_dir)
+  tokenizer = tokenization.load(tokenizer_dir)
   data = squad_data(cfg, tokenizer) if is_squad else glue_data(cfg, tokenizer)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(cfg.batch_size, mesh)

@@ -32,7 +32,7 @@ class SequenceClassifier(nnx.Module):
 
   def __init__(self, config: model_lib.ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
     roberta = config.model_type in model_lib.ROBERTA_FAMILY
-    self.dropout_rate = config.hidden_dropout
+    self.dropout = nnx.Dropout(config.hidden_dropout)
     self.encoder = model_lib.Encoder(config.replace(use_pooler=not roberta), rngs=rngs)
     init = nnx.initializers.normal(0.02)
     self.classifier_dense = (nnx.Linear(config.hidden_size, config.hidden_size, kernel_init=init,
@@ -45,9 +45,9 @@ class SequenceClassifier(nnx.Module):
     if self.classifier_dense is None:
       x = out.pooled_output
     else:
-      x = jnp.tanh(self.classifier_dense(_dropout(out.last_hidden_state[:, 0], self.dropout_rate,
-                                                  rngs[2])))
-    return self.classifier(_dropout(x, self.dropout_rate, rngs[1])).astype(jnp.float32)
+      x = jnp.tanh(self.classifier_dense(model_lib.dropout(self.dropout, out.last_hidden_state[:, 0],
+                                                           rngs[2])))
+    return self.classifier(model_lib.dropout(self.dropout, x, rngs[1])).astype(jnp.float32)
 
 
 class QuestionAnswerer(nnx.Module):
@@ -63,13 +63,6 @@ class QuestionAnswerer(nnx.Module):
                           dropout_rng=dropout_rng).last_hidden_state
     logits = self.qa_outputs(hidden).astype(jnp.float32)
     return logits[..., 0], logits[..., 1]
-
-
-def _dropout(x, rate: float, rng):
-  if rng is None or rate == 0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, Any, pathlib.Path]:

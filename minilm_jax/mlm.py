@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minilm_jax import convert
+from minilm_jax import convert, tokenization
 from minilm_jax import model as model_lib
 
 MASK_RATE = 0.15           # fraction of maskable tokens predicted per row (BERT)
@@ -52,11 +52,7 @@ class MaskingSpec:
 
 def masking_spec(tokenizer_dir: str | os.PathLike, config: model_lib.ModelConfig) -> MaskingSpec:
   """The teacher tokenizer's [MASK] and special ids (`<mask>` for RoBERTa / XLM-R)."""
-  # Imported here: `data` imports grain, which installs a root log handler on import (the
-  # CLI's INFO logging would be lost), and train (which imports this module) must stay
-  # importable without grain, as the GPU benchmark needs.
-  from minilm_jax import data
-  tok, special = data.load_tokenizer(tokenizer_dir)
+  tok, special = tokenization.for_pretraining(tokenizer_dir)
   for token in ("[MASK]", "<mask>"):
     if tok.token_to_id(token) is not None:
       return MaskingSpec(tok.token_to_id(token), (special.cls, special.sep, special.pad),

@@ -310,10 +310,11 @@ class Embeddings(nnx.Module):
 
   def __call__(self, input_ids, token_type_ids, dropout_rng) -> jax.Array:
     x = self.word_embeddings(input_ids) + self.positions(input_ids) + self.token_types(token_type_ids)
-    return _dropout(self.dropout, self.layer_norm(x), dropout_rng)
+    return dropout(self.dropout, self.layer_norm(x), dropout_rng)
 
 
-def _dropout(layer: nnx.Dropout, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+def dropout(layer: nnx.Dropout, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+  """`layer` in training mode with key `rng`; the identity in eval mode (`rng` None) or at rate 0."""
   return x if rng is None or layer.rate == 0 else layer(x, deterministic=False, rngs=rng)
 
 
@@ -349,9 +350,9 @@ class Layer(nnx.Module):
     ctx = fused_attention(q, k, v, attention_mask_BS, dropout_rate=drop_rate, dropout_rng=rngs[0],
                           cudnn_dropout=c.cudnn_dropout, cudnn_seed=self.index)  # XLA merges its logits with those above (CSE)
     h = self.attention_out(ctx.reshape(b, t, -1))
-    h = self.attention_norm(_dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
+    h = self.attention_norm(dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
     y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))
-    y = self.output_norm(_dropout(self.hidden_dropout, y, rngs[2]) + h)
+    y = self.output_norm(dropout(self.hidden_dropout, y, rngs[2]) + h)
     internals = AttentionInternals(q_BTD, k_BTD, v_BTD, logits if return_logits else None)
     return y, (internals if capture else None)
 
@@ -367,7 +368,7 @@ class Encoder(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                dropout_rng: jax.Array | None = None, capture: tuple[int, ...] = (),
-               return_logits: bool = False, num_layers: int | None = None) -> EncoderOutput:
+               return_logits: bool = False) -> EncoderOutput:
     """Runs the encoder.
 
     Args:
@@ -377,15 +378,11 @@ class Encoder(nnx.Module):
       dropout_rng: a PRNG key turns on training-mode dropout; None is eval mode.
       capture: indices (0-based) of the layers whose q, k, v (and logits) to return.
       return_logits: also return the captured layers' attention logits.
-      num_layers: run only the bottom `num_layers` layers (a teacher needs nothing
-        above the layer it is distilled from); the pooler runs only over the full stack.
     """
     c = self.config
-    num_layers = c.num_layers if num_layers is None else num_layers
-    if not 1 <= num_layers <= c.num_layers:
-      raise ValueError(f"num_layers={num_layers} is outside 1..{c.num_layers} (the model's layers)")
+    num_layers = c.num_layers
     if bad := [i for i in capture if not 0 <= i < num_layers]:
-      raise ValueError(f"capture layers {bad} are outside the {num_layers} layers run (0-based)")
+      raise ValueError(f"capture layers {bad} are outside the {num_layers} layers (0-based)")
     if input_ids.shape[1] > c.max_seq_len:
       raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table "
                        f"({c.max_position_embeddings} positions, {c.max_seq_len} usable): "
@@ -403,9 +400,19 @@ class Encoder(nnx.Module):
       if captured is not None:
         internals[i] = captured
     pooled = None
-    if self.pooler is not None and num_layers == c.num_layers:
+    if self.pooler is not None:
       pooled = jnp.tanh(self.pooler(x[:, 0]))
     return EncoderOutput(x, pooled, internals)
+
+
+def bottom_layers(pure: dict, num_layers: int) -> dict:
+  """A model's pure parameter dict with only its bottom `num_layers` layers (embeddings and
+  any pooler kept): the teacher up to the layer it is distilled from, the truncated-teacher
+  baseline. The config to go with it is `config.replace(num_layers=num_layers)`."""
+  total = len(pure["layers"])
+  if not 1 <= num_layers <= total:
+    raise ValueError(f"num_layers={num_layers} is outside 1..{total} (the model's layers)")
+  return {**pure, "layers": {i: pure["layers"][i] for i in range(num_layers)}}
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:

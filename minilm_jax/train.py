@@ -50,7 +50,7 @@ class DistillConfig:
   linear decay): the optimizer settings are the papers'; the defaults of the schedule and
   batch (lr 3e-4, 100 warmup steps, batch 32, 1,000 steps) size a short run on one host,
   and `paper_config` gives the papers' full recipe. Parameters no loss reaches (the last
-  student layer past its q/k/v, the pooler) are not decayed: see `untrained_mask`.
+  student layer past its q/k/v, the pooler) are not decayed: see `optimizer.untrained_mask`.
 
   Dropout: the student trains with hidden dropout `student_dropout` = 0.1 and attention-
   probability dropout `student_attention_dropout` = 0.1, BERT's values and those of the
@@ -309,67 +309,11 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
 
 def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
   """The teacher's parameters up to the distilled layer, cast to the compute dtype."""
-  pure = params.to_pure_dict()
-  pure["layers"] = {i: pure["layers"][i] for i in range(setup.teacher.num_layers)}
+  pure = model_lib.bottom_layers(params.to_pure_dict(), setup.teacher.num_layers)
   pure.pop("pooler", None)
   state = model_lib.abstract_params(setup.teacher)
   nnx.replace_by_pure_dict(state, pure)
   return jax.tree.map(lambda x: jnp.asarray(x, setup.teacher.dtype), state)
-
-
-def learning_rate_schedule(cfg: DistillConfig) -> optax.Schedule:
-  """Linear warmup to the peak, then linear decay to 0 at `max_steps`."""
-  warmup = min(cfg.warmup_steps, cfg.max_steps)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, cfg.learning_rate, warmup),
-       optax.linear_schedule(cfg.learning_rate, 0.0, max(cfg.max_steps - warmup, 1))], [warmup])
-
-
-def decay_mask(params: nnx.State) -> nnx.State:
-  """Weight decay on matrices and embeddings only: not on biases or LayerNorm."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path[-2].key in ("kernel", "embedding"), params)
-
-
-def _keys(path) -> tuple:
-  return tuple(getattr(p, "key", getattr(p, "name", None)) for p in path)
-
-
-def untrained_mask(cfg: DistillConfig, params) -> Any:
-  """True for the parameters the objective's loss never reaches (their gradient is 0).
-
-  A distillation loss reads only queries, keys and values (and logits made of them) of
-  the captured student layers (the last one, or `loss_student_layers`), so the topmost
-  captured layer's attention output, feed-forward and LayerNorms, every layer above it,
-  and the pooler get no gradient; masked LM pre-training (`objective="mlm"`) uses every
-  layer but not the pooler. AdamW's decoupled weight decay would still shrink them
-  towards 0 at every step (by lr * weight_decay * w): a student exported after 400k
-  steps would carry those layers decayed to almost nothing instead of at their init.
-  The mask is structural: an `internals_loss` that reads less (TinyBERT's attention MSE
-  reads no values) leaves the rest of its zero-gradient parameters to AdamW as usual.
-  """
-  top = max(cfg.loss_student_layers or (cfg.student_layers,)) - 1  # 0-based
-
-  def untrained(path, _):
-    keys = _keys(path)
-    keys = keys[1:] if keys[0] == "encoder" else keys  # MLM: {"encoder": ..., "head": ...}
-    if keys[0] == "pooler":
-      return True
-    if cfg.objective == "mlm" or keys[0] != "layers":
-      return False
-    return keys[1] > top or (keys[1] == top and keys[2] not in ("query", "key", "value"))
-
-  return jax.tree_util.tree_map_with_path(untrained, params)
-
-
-def make_optimizer(cfg: DistillConfig, learning_rate: optax.ScalarOrSchedule | None = None
-                   ) -> optax.GradientTransformation:
-  """Clipping, AdamW (decay mask), then zero updates where `untrained_mask` says no
-  gradient arrives; `learning_rate` defaults to the run's schedule."""
-  learning_rate = learning_rate_schedule(cfg) if learning_rate is None else learning_rate
-  adamw = optax.adamw(learning_rate, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
-  clip = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
-  return optax.chain(*clip, adamw, optax.masked(optax.set_to_zero(), lambda p: untrained_mask(cfg, p)))
 
 
 def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation) -> TrainState:

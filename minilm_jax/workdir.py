@@ -11,7 +11,6 @@ Every check reads only; `write` runs after all of them passed, each file written
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 
 import jax

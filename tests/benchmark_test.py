@@ -19,7 +19,7 @@ from torch.utils import flop_counter
 
 from minilm_jax.benchmark import harness, jax_routes, torch_routes, workloads as wl
 from minilm_jax.benchmark import main as bm_main
-from minilm_jax import convert, model as model_lib, train
+from minilm_jax import convert, model as model_lib, optimizer as optimizer_lib, train
 
 STEP_FIELDS = ("device", "mode", "route", "framework", "config", "version", "relation_heads", "teacher",
                "teacher_layer", "student", "batch", "seq", "model_flops", "peak_flops", "step_time_s",
@@ -196,15 +196,15 @@ def test_jax_route_adamw_is_torch_adamw_at_a_constant_rate():
   for g in grads:
     updates, state = optimizer.update(g, state, jax_params)
     jax_params = jax.tree.map(lambda p, u: p + u, jax_params, updates)
-  leaves, decay = jax.tree.leaves(params), jax.tree.leaves(train.decay_mask(params))
+  leaves, decay = jax.tree.leaves(params), jax.tree.leaves(optimizer_lib.decay_mask(params))
   tensors = [torch.tensor(np.asarray(p), requires_grad=True) for p in leaves]
   torch_opt = torch.optim.AdamW(
       [{"params": [t for t, d in zip(tensors, decay) if d], "weight_decay": wl.ADAMW["weight_decay"]},
        {"params": [t for t, d in zip(tensors, decay) if not d], "weight_decay": 0.0}],
       lr=wl.ADAMW["lr"], betas=(wl.ADAMW["b1"], wl.ADAMW["b2"]), eps=wl.ADAMW["eps"])
-  # Parameters no loss reaches (train.untrained_mask) get no gradient in either route: JAX
+  # Parameters no loss reaches (optimizer_lib.untrained_mask) get no gradient in either route: JAX
   # zeroes their updates, torch skips a parameter whose .grad is None (no decay either).
-  untrained = jax.tree.leaves(train.untrained_mask(cfg, params))
+  untrained = jax.tree.leaves(optimizer_lib.untrained_mask(cfg, params))
   for g in grads:
     for t, x, u in zip(tensors, jax.tree.leaves(g), untrained):
       t.grad = None if u else torch.tensor(x)

@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 import transformers
 
-from minilm_jax import corpus_tfds, data, documents
+from minilm_jax import corpus_tfds, data, documents, teachers, tokenization
 
 TEACHER = "all-MiniLM-L6-v2"
 BOOK = """The Project Gutenberg eBook of A Tiny Book
@@ -60,7 +60,7 @@ def test_packing_keeps_every_token_once(demo, teacher_dir):
   reference = transformers.AutoTokenizer.from_pretrained(teacher_dir)
   expected = [reference(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]
               for d in docs]
-  special = data.load_tokenizer(TEACHER)[1]
+  special = tokenization.for_pretraining(teachers.resolve_model_dir(TEACHER))[1]
   assert (special.cls, special.sep, special.pad) == (
       reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
   packed = [t for ex in rows(examples) for t in text_tokens(ex, special)]
@@ -80,7 +80,7 @@ def test_special_token_text_stays_text(tmp_path):
 
 def test_two_segments_layout():
   examples, stats = data.pretraining_examples("demo", TEACHER, max_seq_len=32, two_segments=True)
-  special = data.load_tokenizer(TEACHER)[1]
+  special = tokenization.for_pretraining(teachers.resolve_model_dir(TEACHER))[1]
   packed = [t for ex in rows(examples) for t in text_tokens(ex, special)]
   assert len(packed) == stats.tokens
   full = examples[0]
@@ -266,7 +266,7 @@ def test_sentencepiece_specials(tmp_path):
   (model_dir / "corpus.txt").write_text("the quick fox and the dog.\n\nthe dogs\n")
   examples, stats = data.pretraining_examples(str(model_dir / "corpus.txt"), model_dir,
                                               max_seq_len=8)
-  special = data.load_tokenizer(model_dir)[1]
+  special = tokenization.for_pretraining(model_dir)[1]
   assert (special.cls, special.pad, special.sep) == (0, 1, 2)
   packed = [t for ex in rows(examples) for t in text_tokens(ex, special)]
   own = [tok.encode(d, add_special_tokens=False).ids for d in ("the quick fox and the dog.",

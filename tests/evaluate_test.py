@@ -81,7 +81,7 @@ def test_evaluate_reproduces_score_and_pytorch_logits(finetuned, glue_dir, capsy
   cfg = finetune.FinetuneConfig(model=str(model_dir), task="sst2", data=str(glue_dir),
                                 max_seq_len=48, dropout=0.0)
   module, tokenizer_dir = evaluate.load_task_model(model_dir, cfg)
-  dev = finetune.glue_data(cfg, finetune.glue.load_tokenizer(tokenizer_dir), with_train=False).eval
+  dev = finetune.glue_data(cfg, finetune.tokenization.load(tokenizer_dir), with_train=False).eval
   inputs = {k: dev[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
   hf = transformers.BertForSequenceClassification.from_pretrained(model_dir).eval()
   with torch.no_grad():

@@ -91,7 +91,7 @@ def test_encoder_weights_come_from_hf_dir_or_checkpoint(tiny_dir, tmp_path, teac
 
 
 def test_warmup_then_linear_decay():
-  schedule = finetune.warmup_linear_decay(1.0, 100, 0.1)
+  schedule = finetune.optimizer_lib.warmup_linear_decay(1.0, 10, 100)  # fine-tuning: 10% of 100 steps
   assert [float(schedule(s)) for s in (0, 5, 10, 55, 100)] == pytest.approx(
       [0.0, 0.5, 1.0, 0.5, 0.0])
 

@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from minilm_jax import teachers
+from minilm_jax import teachers, tokenization
 from minilm_jax.eval import glue
 
 SHARED_GLUE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
@@ -92,13 +92,13 @@ def test_clear_errors(glue_dir):
   with pytest.raises(ValueError, match="line 2: 2 tab-separated fields"):
     glue.load_glue("rte", glue_dir, "train")
   with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
-    glue.load_tokenizer(glue_dir)
+    tokenization.load(glue_dir)
 
 
 def test_features_match_transformers_tokenizer(glue_dir, teacher_dir):
   transformers = pytest.importorskip("transformers")
   reference = transformers.AutoTokenizer.from_pretrained(str(teacher_dir))
-  tokenizer = glue.load_tokenizer(teacher_dir)
+  tokenizer = tokenization.load(teacher_dir)
   long_a = "a very long premise about many things . " * 30
   examples = [glue.Example(long_a, "a short hypothesis .", 1),
               glue.Example("short premise", "long hypothesis " * 80, 0),
@@ -118,7 +118,7 @@ def test_features_match_transformers_tokenizer(glue_dir, teacher_dir):
 
 
 def test_encoding_leaves_callers_tokenizer_untouched(teacher_dir):
-  tokenizer = glue.load_tokenizer(teacher_dir)
+  tokenizer = tokenization.load(teacher_dir)
   before = tokenizer.to_str()
   glue.encode_examples([glue.Example("x", None, 0)], tokenizer, "sst2", max_len=16)
   assert tokenizer.to_str() == before
@@ -135,7 +135,7 @@ def test_real_glue_files_match_manifest_counts(teacher_dir):
     labels = {e.label for e in examples}
     assert labels == {0, 1}, (task, split)
   rte = glue.load_glue("rte", SHARED_GLUE, "dev")
-  features = glue.encode_examples(rte, glue.load_tokenizer(teacher_dir), "rte")
+  features = glue.encode_examples(rte, tokenization.load(teacher_dir), "rte")
   assert features["input_ids"].shape == (277, 128)
   assert (features["attention_mask"].sum(1) == 128).any()  # some pairs really are truncated
   transformers = pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from losses_test import internals, mask_of, numpy_relation_loss
-from minilm_jax import distill, losses, sharding, train
+from minilm_jax import distill, losses, optimizer as optimizer_lib, sharding, train
 from minilm_jax.metric_writer import read_metrics
 from train_test import build, random_batch, tiny_cfg
 
@@ -154,7 +154,7 @@ def test_a_loss_without_total_is_refused_by_name(teacher):
   cfg = tiny_cfg(internals_loss=f"{__file__}:broken_loss")
   setup = train.make_setup(cfg, teacher[0])
   batch = random_batch(8)
-  params = train.init_state(cfg, setup, train.make_optimizer(cfg)).params
+  params = train.init_state(cfg, setup, optimizer_lib.for_distillation(cfg)).params
   with pytest.raises(ValueError, match=r"returned dict \['mse'\].*with a 'total'"):
     train.distill_loss(params, train.truncate_teacher(setup, teacher[1]), batch, None, setup)
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
-from minilm_jax import checkpoint, convert, distill, mlm, sharding, train
+from minilm_jax import checkpoint, convert, distill, mlm, optimizer as optimizer_lib, sharding, train
 from minilm_jax import model as model_lib
 from train_test import assert_same_training
 
@@ -151,7 +151,7 @@ def test_micro_batches_weight_by_the_loss_tokens(teacher):
   loss_fn = functools.partial(_fixed_positions_loss, config=setup.student)
   results = []
   for micro in (1, 4):
-    optimizer = train.make_optimizer(cfg)
+    optimizer = optimizer_lib.for_distillation(cfg)
     state = jax.device_put(train.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
     step = train.make_train_step(setup, optimizer, mesh, micro, loss_fn)
     for _ in range(2):

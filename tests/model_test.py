@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from minilm_jax import model as model_lib
 
@@ -58,7 +59,12 @@ def test_teacher_matches_pytorch(teacher, batch, torch_outputs):
 
 def test_truncated_teacher_matches_pytorch_hidden_state(teacher, batch, torch_outputs):
   config, params = teacher
-  out = run(config, params, batch, num_layers=4)
+  pure = model_lib.bottom_layers(params.to_pure_dict(), 4)
+  pure.pop("pooler")
+  config = config.replace(num_layers=4, use_pooler=False)
+  state = model_lib.abstract_params(config)
+  nnx.replace_by_pure_dict(state, pure)
+  out = run(config, state, batch)
   np.testing.assert_allclose(real(out.last_hidden_state, batch), real(torch_outputs.hidden_states[4], batch),
                              rtol=0, atol=1e-5)
   assert out.pooled_output is None
@@ -215,13 +221,13 @@ def test_step_keeps_one_float32_scatter_the_word_table():
   `where`, whose gradients are reductions. A bf16 scatter rounds the sum over repeated ids
   ([PAD], token type 0) to 8 bits, and scatters serialised on such ids on an H200 (286 ms
   of a 315 ms step)."""
-  from minilm_jax import sharding, train
+  from minilm_jax import optimizer as optimizer_lib, sharding, train
   teacher = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                                   intermediate_size=64, max_position_embeddings=16)
   cfg = train.DistillConfig(student_layers=1, student_hidden=32, student_heads=4, max_seq_len=8,
                             global_batch_size=4, compute_dtype="bfloat16", two_segments=True)
   setup = train.make_setup(cfg, teacher)
-  optimizer = train.make_optimizer(cfg)
+  optimizer = optimizer_lib.for_distillation(cfg)
   state = train.init_state(cfg, setup, optimizer)
   teacher_params = train.truncate_teacher(setup, model_lib.init_params(teacher))
   batch = {k: jnp.zeros((4, 8), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}

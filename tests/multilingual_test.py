@@ -17,7 +17,7 @@ import torch
 import transformers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minilm_jax import checkpoint, data, distill, train
+from minilm_jax import checkpoint, distill, tokenization, train
 from minilm_jax import model as model_lib
 from conftest import SHARED_DATA
 
@@ -104,7 +104,7 @@ def test_student_of_a_tiny_teacher_loads_in_pytorch_and_matches_jax(family, tmp_
 
   # The exported tokenizer tokenizes as the distillation did: <s> text </s> from tokenizer.json.
   sentences = ["Die Destillation überträgt das Wissen.", "知识蒸馏把大模型的知识迁移到小模型。 The teacher."]
-  raw, special = data.load_tokenizer(teacher)
+  raw, special = tokenization.for_pretraining(teacher)
   for s in sentences:
     body = raw.encode(s, add_special_tokens=False).ids
     assert tok(s)["input_ids"] == [special.cls, *body, special.sep]

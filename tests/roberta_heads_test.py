@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from minilm_jax import finetune, heads
+from minilm_jax import finetune, heads, tokenization
 from multilingual_test import INLINE, build_teacher
 
 FAMILIES = {"xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
@@ -85,7 +85,7 @@ def test_finetune_run_on_an_xlmr_student_exports_what_it_trained(tmp_path):
   assert np.isfinite(summary["history"][0]["train_loss"])
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["hf"])
   assert type(hf).__name__ == "XLMRobertaForSequenceClassification"
-  tok = glue.load_tokenizer(summary["hf"])
+  tok = tokenization.load(summary["hf"])
   dev = glue.encode_examples(glue.load_glue("rte", tmp_path / "glue", "dev"), tok, "rte", 24)
   assert dev["input_ids"][0, 0] == 0 and (dev["token_type_ids"] == 0).all()  # <s> ..., one segment type
   mine = summary["module"](dev["input_ids"], dev["attention_mask"], dev["token_type_ids"])

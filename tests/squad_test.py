@@ -7,8 +7,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from minilm_jax import teachers
-from minilm_jax.eval import glue, squad
+from minilm_jax import teachers, tokenization
+from minilm_jax.eval import squad
 
 DEV = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "squad2" / \
     "dev-v2.0.json"
@@ -40,7 +40,7 @@ HAND_PREDS = {"q1": "the Broncos", "q2": "Panthers", "q3": "", "q4": "Santa Clar
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  return glue.load_tokenizer(teachers.resolve_model_dir("all-MiniLM-L6-v2"))
+  return tokenization.load(teachers.resolve_model_dir("all-MiniLM-L6-v2"))
 
 
 def test_official_answer_normalisation_exact_and_f1():

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import model as model_lib, sharding, train
+from minilm_jax import model as model_lib, optimizer as optimizer_lib, sharding, train
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
@@ -34,7 +34,7 @@ def random_batch(batch=8, seq=32, seed=0):
 
 def build(cfg, teacher, mesh, micro_batches=1):
   setup = train.make_setup(cfg, teacher[0])
-  optimizer = train.make_optimizer(cfg)
+  optimizer = optimizer_lib.for_distillation(cfg)
   state = jax.device_put(train.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
   teacher_params = jax.device_put(train.truncate_teacher(setup, teacher[1]), sharding.replicated(mesh))
   return train.make_train_step(setup, optimizer, mesh, micro_batches), state, teacher_params
@@ -116,7 +116,7 @@ def test_a_few_hundred_steps_lower_the_loss_clearly(teacher):
 def test_decay_mask_spares_biases_and_layer_norm():
   params = model_lib.init_params(model_lib.ModelConfig(num_layers=1, hidden_size=32, num_heads=4,
                                                        intermediate_size=64, vocab_size=64))
-  mask = train.decay_mask(params)
+  mask = optimizer_lib.decay_mask(params)
   assert mask["layers"][0]["query"]["kernel"].get_value() is True
   assert mask["embeddings"]["word_embeddings"]["embedding"].get_value() is True
   assert mask["layers"][0]["query"]["bias"].get_value() is False
@@ -124,7 +124,7 @@ def test_decay_mask_spares_biases_and_layer_norm():
 
 
 def test_schedule_warms_up_then_decays():
-  schedule = train.learning_rate_schedule(train.DistillConfig(learning_rate=1e-3, warmup_steps=10, max_steps=110))
+  schedule = optimizer_lib.warmup_linear_decay(1e-3, 10, 110)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
                              [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
 
@@ -187,7 +187,7 @@ def _tiny_step_inputs(micro_batches=1, **cfg_changes):
   cfg = train.DistillConfig(student_layers=1, student_hidden=32, student_heads=4, max_seq_len=8,
                             global_batch_size=4, **cfg_changes)
   setup = train.make_setup(cfg, teacher)
-  optimizer = train.make_optimizer(cfg)
+  optimizer = optimizer_lib.for_distillation(cfg)
   step = train.make_train_step(setup, optimizer, sharding.make_mesh(), micro_batches)
   batch = {k: jnp.ones((4, 8), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
   return step, (train.init_state(cfg, setup, optimizer),

@@ -1,4 +1,4 @@
-"""Parameters no loss reaches: `train.untrained_mask` is exactly where the gradient is 0,
+"""Parameters no loss reaches: `optimizer_lib.untrained_mask` is exactly where the gradient is 0,
 and the optimizer leaves them untouched (AdamW's weight decay used to shrink them)."""
 
 import pathlib
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from minilm_jax import sharding, train
+from minilm_jax import optimizer as optimizer_lib, sharding, train
 from mlm_test import packed_batch
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
@@ -24,13 +24,13 @@ def _cfg(objective, version="v1"):
 def test_untrained_mask_is_where_the_gradient_is_zero(teacher, teacher_dir, objective, version):
   cfg = _cfg(objective, version)
   setup = train.make_setup(cfg, teacher[0])
-  state = train.init_state(cfg, setup, train.make_optimizer(cfg))
+  state = train.init_state(cfg, setup, optimizer_lib.for_distillation(cfg))
   teacher_params = {} if objective == "mlm" else train.truncate_teacher(setup, teacher[1])
   loss_fn = train.make_loss_fn(cfg, setup, teacher_dir)
   batch = jax.tree.map(np.asarray, packed_batch())
   grads = jax.grad(lambda p: loss_fn(p, teacher_params, batch, jax.random.key(0))[0])(state.params)
   zero = jax.tree.map(lambda g: bool(np.all(np.asarray(g) == 0)), grads)
-  mask = train.untrained_mask(cfg, state.params)
+  mask = optimizer_lib.untrained_mask(cfg, state.params)
   assert jax.tree.leaves(zero) == jax.tree.leaves(mask)
   assert 0 < sum(jax.tree.leaves(mask)) < len(jax.tree.leaves(mask))
 
@@ -39,7 +39,7 @@ def test_untrained_parameters_are_unchanged_after_steps(teacher):
   cfg = _cfg("distill")
   setup = train.make_setup(cfg, teacher[0])
   mesh = sharding.make_mesh()
-  optimizer = train.make_optimizer(cfg)
+  optimizer = optimizer_lib.for_distillation(cfg)
   state = jax.device_put(train.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
   before = jax.tree.map(np.array, state.params)
   step = train.make_train_step(setup, optimizer, mesh)
@@ -66,12 +66,12 @@ def test_an_internals_loss_of_a_lower_layer_leaves_the_layers_above_untouched(te
       internals_loss=f"{EXPERIMENTS / 'tinybert_attention.py'}:attention_mse",
       loss_teacher_layers=(3,), loss_student_layers=(1,))
   setup = train.make_setup(cfg, teacher[0])
-  state = train.init_state(cfg, setup, train.make_optimizer(cfg))
+  state = train.init_state(cfg, setup, optimizer_lib.for_distillation(cfg))
   teacher_params = train.truncate_teacher(setup, teacher[1])
   batch = jax.tree.map(np.asarray, packed_batch())
   grads = jax.grad(lambda p: train.distill_loss(p, teacher_params, batch, None, setup)[0])(state.params)
   zero = jax.tree.leaves(jax.tree.map(lambda g: bool(np.all(np.asarray(g) == 0)), grads))
-  mask = train.untrained_mask(cfg, state.params)
+  mask = optimizer_lib.untrained_mask(cfg, state.params)
   assert all(z for z, m in zip(zero, jax.tree.leaves(mask)) if m)  # masked => no gradient
   assert all(jax.tree.leaves(mask["layers"][1]))
   assert not mask["layers"][0]["query"]["kernel"].get_value()

@@ -31,10 +31,10 @@ def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
 
 
 def jax_optimizer(cfg):
-  """`train.make_optimizer` at the PyTorch routes' constant learning rate, not the run's
+  """`optimizer.for_distillation` at the PyTorch routes' constant learning rate, not the run's
   warmup + decay schedule (which would decay over `cfg.max_steps`)."""
-  from minilm_jax import train
-  return train.make_optimizer(cfg, ADAMW["lr"])
+  from minilm_jax import optimizer
+  return optimizer.for_distillation(cfg, ADAMW["lr"])
 
 
 def jax_step(w: Workload, batch: int, seq: int):

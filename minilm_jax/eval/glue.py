@@ -22,6 +22,8 @@ import pathlib
 import numpy as np
 import tokenizers
 
+from minilm_jax import tokenization
+
 SPLITS = ("train", "dev")
 
 
@@ -166,16 +168,6 @@ def load_glue(task: str | GlueTask, glue_dir: str | pathlib.Path, split: str) ->
   return examples
 
 
-def load_tokenizer(model_dir: str | pathlib.Path) -> tokenizers.Tokenizer:
-  """The fast tokenizer saved as `model_dir/tokenizer.json` (no download, no slow fallback)."""
-  path = pathlib.Path(model_dir).expanduser() / "tokenizer.json"
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"{path} not found: pass a Hugging Face model directory with a fast tokenizer "
-        "(save one with transformers' AutoTokenizer.from_pretrained(...).save_pretrained(dir))")
-  return tokenizers.Tokenizer.from_file(str(path))
-
-
 def pad_token(tokenizer: tokenizers.Tokenizer) -> tuple[str, int]:
   """(token, id) used for padding: the tokenizer's own setting, else [PAD] or <pad>."""
   if tokenizer.padding:
@@ -190,7 +182,7 @@ def pad_token(tokenizer: tokenizers.Tokenizer) -> tuple[str, int]:
 def fixed_length_tokenizer(tokenizer: tokenizers.Tokenizer, max_len: int,
                            **truncation) -> tokenizers.Tokenizer:
   """A copy of `tokenizer` that truncates and pads every input to exactly `max_len`."""
-  clone = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+  clone = tokenization.plain(tokenizer)
   token, token_id = pad_token(tokenizer)
   clone.enable_truncation(max_len, **truncation)
   clone.enable_padding(length=max_len, pad_id=token_id, pad_token=token)

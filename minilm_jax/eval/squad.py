@@ -31,6 +31,7 @@ import string
 import numpy as np
 import tokenizers
 
+from minilm_jax import tokenization
 from minilm_jax.eval import glue
 
 
@@ -80,9 +81,7 @@ def _cut_questions(tokenizer: tokenizers.Tokenizer, questions: list[str],
                    max_query_len: int) -> tuple[list[str], int]:
   """Questions with leading spaces removed and cut after `max_query_len` tokens, and the
   largest resulting question length in tokens."""
-  plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-  plain.no_truncation()
-  plain.no_padding()
+  plain = tokenization.plain(tokenizer)
   questions = [q.lstrip() for q in questions]
   encodings = plain.encode_batch(questions, add_special_tokens=False)
   cut = [q if len(e.offsets) <= max_query_len else q[: e.offsets[max_query_len - 1][1]]

@@ -1,0 +1,78 @@
+"""The model's own fast tokenizer: reading `tokenizer.json`, a plain copy, the special ids.
+
+Every path that tokenizes (pre-training data, masked LM, GLUE and SQuAD features, the
+export checks) reads the file through `load`, so a missing or unreadable file gets one
+error that names the fix; nothing downloads or falls back to a slow tokenizer.
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import tokenizers
+
+# Special tokens tried when the model dir names none: BERT WordPiece, then XLM-R SentencePiece.
+_SPECIAL_CANDIDATES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>")}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """Ids of the model's special tokens: [CLS]/[SEP]/[PAD] (BERT) or <s>/</s>/<pad> (XLM-R)."""
+  cls: int  # starts every example
+  sep: int  # ends every segment
+  pad: int  # fills the tail past attention_mask
+
+
+def load(model_dir: str | pathlib.Path) -> tokenizers.Tokenizer:
+  """`model_dir/tokenizer.json` as saved (its own truncation / padding settings kept)."""
+  path = pathlib.Path(model_dir).expanduser() / "tokenizer.json"
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{path} not found (tokenizer.json is missing): minilm_jax tokenizes with the model's fast "
+        "tokenizer; write it once with transformers.AutoTokenizer.from_pretrained(DIR)"
+        ".save_pretrained(DIR)")
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:
+    raise ValueError(f"{path} is not a readable tokenizers file ({e})") from e
+
+
+def plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+  """A copy with truncation and padding off (tokenizer.json files often ship them at 128 or
+  512), for counting and cutting by true lengths."""
+  copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+  copy.no_truncation()
+  copy.no_padding()
+  return copy
+
+
+def _named_special(model_dir: pathlib.Path, key: str) -> str | None:
+  for name in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = model_dir / name
+    if path.is_file():
+      value = json.loads(path.read_text()).get(f"{key}_token")
+      if isinstance(value, dict):
+        value = value.get("content")
+      if value:
+        return value
+  return None
+
+
+def for_pretraining(model_dir: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, SpecialIds]:
+  """The `plain` tokenizer of a model directory, reading a literal "[SEP]" or "<s>" in the
+  text as text, and its special token ids (named in the dir's special_tokens_map.json or
+  tokenizer_config.json, else BERT's, else XLM-R's)."""
+  model_dir = pathlib.Path(model_dir).expanduser()
+  tok = plain(load(model_dir))
+  tok.encode_special_tokens = True
+  ids = {}
+  for key, candidates in _SPECIAL_CANDIDATES.items():
+    named = _named_special(model_dir, key)
+    for token in ((named,) if named else candidates):
+      if tok.token_to_id(token) is not None:
+        ids[key] = tok.token_to_id(token)
+        break
+    else:
+      raise ValueError(f"tokenizer {str(model_dir / 'tokenizer.json')!r} has no {key} token "
+                       f"({named or candidates}): name it in special_tokens_map.json")
+  return tok, SpecialIds(**ids)
