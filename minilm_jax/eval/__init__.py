@@ -1,1 +1,0 @@
-"""Downstream evaluation: GLUE and SQuAD 2.0 fine-tuning and their official metrics."""
