@@ -210,9 +210,9 @@ def distill(argv: list[str]) -> None:
 
 def _default_data(task: str) -> str:
   """The shared GLUE folder or SQuAD dev file beside the checkout, if it is there."""
-  from minilm_jax import finetune as finetune_lib
+  from minilm_jax.finetune import tasks
   repo = pathlib.Path(__file__).resolve().parents[1]
-  is_squad = task == finetune_lib.SQUAD
+  is_squad = task == tasks.SQUAD
   for root in (repo.parent / "shared" / "data", repo / "shared" / "data"):
     path = root / ("squad2/dev-v2.0.json" if is_squad else "glue")
     if path.exists():
@@ -226,6 +226,7 @@ def finetune(argv: list[str]) -> None:
   from absl import flags
   from ml_collections import config_flags
   from minilm_jax import finetune as finetune_lib
+  from minilm_jax.finetune import tasks
   usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
            "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
   fv, argv = flags.FlagValues(), ["minilm_jax finetune", *argv]
@@ -246,7 +247,7 @@ def finetune(argv: list[str]) -> None:
   _parse_flags(fv, argv, usage)
   if fv.task is None or fv.model is None or fv.workdir is None:
     sys.exit(f"error: --task, --model and --workdir are required\n{usage}")
-  task = finetune_lib.resolve_task(fv.task)
+  task = tasks.resolve_task(fv.task)
   try:
     seeds = [int(s) for s in fv.seeds] if fv.seeds else [fv.config.seed]
   except ValueError:
@@ -269,15 +270,14 @@ def evaluate(argv: list[str]) -> None:
   p.add_argument("--max-seq-len", type=int, help="default: the run's max_seq_len")
   p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
   args = p.parse_args(argv)
-  from minilm_jax import evaluate as evaluate_lib
-  model_dir, run_info = evaluate_lib.resolve_model(args.model)
+  from minilm_jax.finetune import score, tasks
+  model_dir, run_info = score.resolve_model(args.model)
   task = args.task or run_info.get("task")
   if task is None:
-    p.error(f"{model_dir} has no {evaluate_lib.RUN_FILE}: pass --task")
-  from minilm_jax import finetune as finetune_lib
-  task = finetune_lib.resolve_task(task)
-  result = evaluate_lib.evaluate(model_dir, task, args.data or _default_data(task),
-                                 max_seq_len=args.max_seq_len, batch_size=args.batch_size)
+    p.error(f"{model_dir} has no {score.RUN_FILE}: pass --task")
+  task = tasks.resolve_task(task)
+  result = score.score_model(model_dir, task, args.data or _default_data(task),
+                             max_seq_len=args.max_seq_len, batch_size=args.batch_size)
   print(json.dumps(result, indent=2))
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score
 
-from minilm_jax import cli, convert, evaluate, finetune
+from minilm_jax import cli, convert, tokenization
 from minilm_jax import model as model_lib
+from minilm_jax.finetune import score, tasks
 
 TINY = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                              max_position_embeddings=128)
@@ -63,7 +64,7 @@ def test_finetune_cli_writes_seeds_and_summary(finetuned):
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(r["examples_per_sec"] > 0 for r in records)
     assert run["best_score"] == max(r["score"] for r in records)
-    assert (finetuned / f"seed-{seed}/best/{finetune.RUN_FILE}").is_file()
+    assert (finetuned / f"seed-{seed}/best/{score.RUN_FILE}").is_file()
 
 
 def test_evaluate_reproduces_score_and_pytorch_logits(finetuned, glue_dir, capsys):
@@ -78,10 +79,9 @@ def test_evaluate_reproduces_score_and_pytorch_logits(finetuned, glue_dir, capsy
   assert result["score"] == summary["runs"][0]["best_score"]
 
   model_dir = finetuned / "seed-0" / "best"
-  cfg = finetune.FinetuneConfig(model=str(model_dir), task="sst2", data=str(glue_dir),
-                                max_seq_len=48, dropout=0.0)
-  module, tokenizer_dir = evaluate.load_task_model(model_dir, cfg)
-  dev = finetune.glue_data(cfg, finetune.tokenization.load(tokenizer_dir), with_train=False).eval
+  module, tokenizer_dir = score.load_task_model(model_dir, "sst2")
+  dev = tasks.load("sst2", glue_dir, tokenization.load(tokenizer_dir), max_seq_len=48,
+                   with_train=False).eval
   inputs = {k: dev[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
   hf = transformers.BertForSequenceClassification.from_pretrained(model_dir).eval()
   with torch.no_grad():
@@ -135,4 +135,4 @@ def test_evaluate_rejects_mismatched_model_or_task(finetuned, tiny_dir, glue_dir
                                             ("glue/cola", "cola"), ("squad2", "squad2"),
                                             ("squad/v2.0", "squad2")])
 def test_task_names(name, canonical):
-  assert finetune.resolve_task(name) == canonical
+  assert tasks.resolve_task(name) == canonical

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from minilm_jax import checkpoint, cli, convert, distill, documents, finetune, heads
+from minilm_jax import checkpoint, cli, convert, distill, documents
 from minilm_jax import data as data_lib
 from minilm_jax import model as model_lib
+from minilm_jax.finetune import heads, train
 from minilm_jax.metric_writer import read_metrics
 from minilm_jax.teachers import resolve_model_dir
 
@@ -170,7 +171,7 @@ def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("tiny")
   encoder = convert.save_hf(root / "hf", TINY, model_lib.init_params(TINY, seed=3),
                             resolve_model_dir("all-MiniLM-L6-v2"))
-  module, tok = finetune.build_model(finetune.FinetuneConfig(model=str(encoder), task="glue/rte"), 2)
+  module, tok = train.build_model(train.FinetuneConfig(model=str(encoder), task="glue/rte"), 2)
   cls = heads.export_hf(root / "cls", module, tok, labels=("entailment", "not_entailment"))
   _write_rte(root / "glue", "train", 16)
   _write_rte(root / "glue", "dev", 8)
@@ -181,10 +182,10 @@ def test_finetune_keeps_old_metrics_until_a_new_record_replaces_them(tiny, tmp_p
   encoder, _, glue_dir = tiny
   old = tmp_path / "metrics.jsonl"
   old.write_text('{"step": 2, "epoch": 1, "score": 0.5}\n')
-  cfg = finetune.FinetuneConfig(model=str(encoder), task="rte", data=str(glue_dir), max_seq_len=16,
+  cfg = train.FinetuneConfig(model=str(encoder), task="rte", data=str(glue_dir), max_seq_len=16,
                                 batch_size=8, eval_batch_size=8, epochs=1, learning_rate=1e30)
   with pytest.raises(FloatingPointError, match="training loss is nan in epoch 1"):
-    finetune.run(cfg, tmp_path)
+    train.run(cfg, tmp_path)
   assert old.read_text() == '{"step": 2, "epoch": 1, "score": 0.5}\n'
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minilm_jax import finetune
+from minilm_jax.finetune import score, train
 from finetune_test import _ragged_features, tiny_dir  # noqa: F401 (fixture)
 
 
@@ -13,7 +13,7 @@ def _losses_at_widths(module, batch, widths):
   out = []
   for w in widths:
     cut = {k: jnp.asarray(v[:, :w] if v.ndim == 2 else v) for k, v in batch.items()}
-    out.append(float(finetune.task_loss(module, cut, None, regression=False)))
+    out.append(float(train.task_loss(module, cut, None, regression=False)))
   return out
 
 
@@ -21,7 +21,7 @@ def test_qa_loss_ignores_padded_positions(tiny_dir):
   """The start/end cross-entropy is over real tokens: padding a batch to 64 or cutting it
   to its longest row (48) gives the same loss (it did not while padded positions took
   part in the softmax)."""
-  module, _ = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir), dropout=0.0), None)
+  module, _ = train.build_model(train.FinetuneConfig(model=str(tiny_dir), dropout=0.0), None)
   features = _ragged_features(n=8)
   rng = np.random.default_rng(1)
   lengths = features["attention_mask"].sum(1)
@@ -29,7 +29,7 @@ def test_qa_loss_ignores_padded_positions(tiny_dir):
   batch["start_positions"] = (rng.integers(0, 1000, 8) % lengths).astype(np.int32)
   batch["end_positions"] = np.minimum(batch["start_positions"] + 2, lengths - 1).astype(np.int32)
   batch["start_positions"][0] = batch["end_positions"][0] = 0  # an unanswerable one: [CLS]
-  width = finetune.trimmed_width(features["attention_mask"], 16)
+  width = score.trimmed_width(features["attention_mask"], 16)
   assert width < 64
   full, trimmed = _losses_at_widths(module, batch, (64, width))
   np.testing.assert_allclose(trimmed, full, rtol=1e-6)
@@ -44,8 +44,8 @@ def test_qa_loss_ignores_padded_positions(tiny_dir):
 
 
 def test_classification_loss_is_exact_under_trimming(tiny_dir):
-  module, _ = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir), dropout=0.0), 2)
+  module, _ = train.build_model(train.FinetuneConfig(model=str(tiny_dir), dropout=0.0), 2)
   batch = _ragged_features(n=8)
-  width = finetune.trimmed_width(batch["attention_mask"], 16)
+  width = score.trimmed_width(batch["attention_mask"], 16)
   full, trimmed = _losses_at_widths(module, batch, (64, width))
   np.testing.assert_allclose(trimmed, full, rtol=1e-6)

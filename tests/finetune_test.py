@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minilm_jax import checkpoint, convert, finetune, heads
+from minilm_jax import checkpoint, convert, optimizer as optimizer_lib, sharding
+from minilm_jax.finetune import heads, score, train
 from minilm_jax import model as model_lib
 
 TINY = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -43,7 +44,7 @@ def _randomize_head(module, name):
 def test_classifier_export_matches_transformers(tiny_dir, tmp_path, num_labels, regression):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
-  module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir)),
+  module, tokenizer_dir = train.build_model(train.FinetuneConfig(model=str(tiny_dir)),
                                                num_labels)
   _randomize_head(module, "classifier")
   labels = None if regression else ("a", "b", "c")
@@ -65,7 +66,7 @@ def test_classifier_export_matches_transformers(tiny_dir, tmp_path, num_labels, 
 def test_qa_export_matches_transformers(tiny_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
   torch = pytest.importorskip("torch")
-  module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(tiny_dir)), None)
+  module, tokenizer_dir = train.build_model(train.FinetuneConfig(model=str(tiny_dir)), None)
   assert module.encoder.pooler is None
   _randomize_head(module, "qa_outputs")
   out = heads.export_hf(tmp_path / "qa", module, tokenizer_dir)
@@ -85,13 +86,13 @@ def test_encoder_weights_come_from_hf_dir_or_checkpoint(tiny_dir, tmp_path, teac
   params = model_lib.init_params(TINY, seed=3)
   ckpt = checkpoint.save_model(tmp_path / "ckpt", TINY, params, teacher_dir)
   for source in (tiny_dir, ckpt):
-    module, _ = finetune.build_model(finetune.FinetuneConfig(model=str(source)), 2)
+    module, _ = train.build_model(train.FinetuneConfig(model=str(source)), 2)
     got = nnx.state(module.encoder, nnx.Param).to_pure_dict()
     jax.tree.map(np.testing.assert_array_equal, got, params.to_pure_dict())
 
 
 def test_warmup_then_linear_decay():
-  schedule = finetune.optimizer_lib.warmup_linear_decay(1.0, 10, 100)  # fine-tuning: 10% of 100 steps
+  schedule = optimizer_lib.warmup_linear_decay(1.0, 10, 100)  # fine-tuning: 10% of 100 steps
   assert [float(schedule(s)) for s in (0, 5, 10, 55, 100)] == pytest.approx(
       [0.0, 0.5, 1.0, 0.5, 0.0])
 
@@ -112,10 +113,10 @@ def test_tiny_glue_run_keeps_best_epoch_and_exports(tiny_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
   _write_rte(tmp_path / "glue", "train", 32, 0)
   _write_rte(tmp_path / "glue", "dev", 12, 1)
-  cfg = finetune.FinetuneConfig(model=str(tiny_dir), task="rte", data=str(tmp_path / "glue"),
+  cfg = train.FinetuneConfig(model=str(tiny_dir), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=3,
                                 learning_rate=1e-3)
-  summary = finetune.run(cfg, tmp_path / "run")
+  summary = train.run(cfg, tmp_path / "run")
   scores = [r["score"] for r in summary["history"]]
   assert len(scores) == 3 and summary["best_score"] == max(scores)
   assert summary["best_epoch"] == scores.index(max(scores)) + 1
@@ -135,10 +136,10 @@ def test_tiny_squad_run(tiny_dir, tmp_path):
         {"id": f"{title}-2", "question": "Who sang?", "answers": []}]}]}
   path = tmp_path / "squad.json"
   path.write_text(json.dumps({"version": "v2.0", "data": [article(f"a{i}") for i in range(5)]}))
-  cfg = finetune.FinetuneConfig(model=str(tiny_dir), task="squad2", data=str(path),
+  cfg = train.FinetuneConfig(model=str(tiny_dir), task="squad2", data=str(path),
                                 squad_train_articles=4, max_seq_len=48, doc_stride=8,
                                 batch_size=4, eval_batch_size=4, epochs=1, learning_rate=1e-3)
-  summary = finetune.run(cfg)
+  summary = train.run(cfg)
   record = summary["history"][0]
   assert record["total"] == 2 and 0 <= record["f1"] <= 100
   assert record["score"] == record["f1"] / 100 and "best_f1" in record
@@ -146,19 +147,19 @@ def test_tiny_squad_run(tiny_dir, tmp_path):
 
 def test_truncated_and_random_baselines(tiny_dir):
   pretrained = model_lib.init_params(TINY, seed=3).to_pure_dict()
-  cfg = finetune.FinetuneConfig(model=str(tiny_dir), num_layers=1)
-  module, _ = finetune.build_model(cfg, 2)
+  cfg = train.FinetuneConfig(model=str(tiny_dir), num_layers=1)
+  module, _ = train.build_model(cfg, 2)
   got = nnx.state(module.encoder, nnx.Param).to_pure_dict()
   assert module.encoder.config.num_layers == 1 and list(got["layers"]) == [0]
   jax.tree.map(np.testing.assert_array_equal, got["layers"][0], pretrained["layers"][0])
   jax.tree.map(np.testing.assert_array_equal, got["embeddings"], pretrained["embeddings"])
-  module, _ = finetune.build_model(dataclasses.replace(cfg, random_init=True), 2)
+  module, _ = train.build_model(dataclasses.replace(cfg, random_init=True), 2)
   fresh = nnx.state(module.encoder, nnx.Param).to_pure_dict()
   assert module.encoder.config.num_layers == 1
   assert not np.allclose(fresh["embeddings"]["word_embeddings"]["embedding"],
                          pretrained["embeddings"]["word_embeddings"]["embedding"])
   with pytest.raises(ValueError, match="num_layers=5 is outside 1..2"):
-    finetune.build_model(dataclasses.replace(cfg, num_layers=5), 2)
+    train.build_model(dataclasses.replace(cfg, num_layers=5), 2)
 
 
 def _ragged_features(n=20, width=64, seed=0):
@@ -174,19 +175,19 @@ def _ragged_features(n=20, width=64, seed=0):
 
 def test_trimming_padding_changes_no_number(tiny_dir):
   """Cutting a batch to its longest row (rounded up) gives the same logits, loss and update."""
-  cfg = finetune.FinetuneConfig(model=str(tiny_dir), dropout=0.0)
-  module, _ = finetune.build_model(cfg, 2)
+  cfg = train.FinetuneConfig(model=str(tiny_dir), dropout=0.0)
+  module, _ = train.build_model(cfg, 2)
   graphdef, params = nnx.split(module, nnx.Param)
-  mesh = finetune.sharding.make_mesh()
-  optimizer = finetune.make_optimizer(cfg, total_steps=10)
-  train_step, predict = finetune.make_steps(graphdef, optimizer, mesh, regression=False)
+  mesh = sharding.make_mesh()
+  optimizer = train.make_optimizer(cfg, total_steps=10)
+  train_step, predict = train.make_steps(graphdef, optimizer, mesh, regression=False)
   features = _ragged_features()
-  full = finetune.predict_all(predict, params, features, 8, mesh)
-  trimmed = finetune.predict_all(predict, params, features, 8, mesh, length_bucket=16)
+  full = score.predict_all(predict, params, features, 8, mesh)
+  trimmed = score.predict_all(predict, params, features, 8, mesh, length_bucket=16)
   np.testing.assert_allclose(trimmed, full, rtol=0, atol=1e-5)  # float32, rows back in order
 
   rows = np.arange(8)
-  width = finetune.trimmed_width(features["attention_mask"][rows], 16)
+  width = score.trimmed_width(features["attention_mask"][rows], 16)
   assert width == -(-features["attention_mask"][rows].sum(1).max() // 16) * 16 < 64
   results = []
   for w in (64, width):
@@ -201,9 +202,9 @@ def test_trimming_padding_changes_no_number(tiny_dir):
 def test_epoch_batches_group_by_length():
   lengths = np.random.default_rng(0).integers(3, 64, 1000)
   rng = lambda: np.random.default_rng(7)
-  plain = finetune.epoch_batches(lengths, 32, rng())
-  grouped = finetune.epoch_batches(lengths, 32, rng(), group_by_length=True, group_batches=10)
-  again = finetune.epoch_batches(lengths, 32, rng(), group_by_length=True, group_batches=10)
+  plain = train.epoch_batches(lengths, 32, rng())
+  grouped = train.epoch_batches(lengths, 32, rng(), group_by_length=True, group_batches=10)
+  again = train.epoch_batches(lengths, 32, rng(), group_by_length=True, group_batches=10)
   assert all(len(b) == 32 for b in plain + grouped) and len(plain) == len(grouped) == 31
   np.testing.assert_array_equal(np.concatenate(plain), rng().permutation(1000)[:992])
   for batches in (plain, grouped):  # each row at most once; only the ragged tail is left out

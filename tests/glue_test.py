@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minilm_jax import teachers, tokenization
-from minilm_jax.eval import glue
+from minilm_jax.finetune import glue
 
 SHARED_GLUE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 PAPER_TASKS = {"mnli", "qnli", "qqp", "rte", "sst2", "mrpc", "cola", "stsb"}

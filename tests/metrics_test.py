@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import sklearn.metrics
 
-from minilm_jax.eval import metrics
+from minilm_jax.finetune import metrics
 
 TOL = 1e-12
 

@@ -26,8 +26,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from minilm_jax import checkpoint, cli, convert, distill, finetune, train
+from minilm_jax import checkpoint, cli, convert, distill, train
 from minilm_jax import workdir as workdir_lib
+from minilm_jax.finetune import train as finetune_train
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -216,15 +217,15 @@ def test_two_process_checkpoint_converts_and_finetunes_on_one_device(two_process
   cli.main(["convert", "--from-checkpoint", str(two_processes), "--to-hf", str(tmp_path / "hf")])
   exported = _tensors(tmp_path / "hf")
   _assert_tensors(exported, _tensors(two_processes / "hf"), atol=0)  # the run's own export
-  module, _ = finetune.build_model(finetune.FinetuneConfig(model=str(two_processes)), 2)
+  module, _ = finetune_train.build_model(finetune_train.FinetuneConfig(model=str(two_processes)), 2)
   _, params = convert.load_hf(tmp_path / "hf")
   encoder = jax.tree.map(np.asarray, nnx.state(module.encoder, nnx.Param).to_pure_dict())
   jax.tree.map(np.testing.assert_array_equal, encoder["layers"], params.to_pure_dict()["layers"])
   _write_rte(tmp_path / "glue", "train", 16)
   _write_rte(tmp_path / "glue", "dev", 8)
-  cfg = finetune.FinetuneConfig(model=str(tmp_path / "hf"), task="rte", data=str(tmp_path / "glue"),
+  cfg = finetune_train.FinetuneConfig(model=str(tmp_path / "hf"), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=16, batch_size=8, eval_batch_size=8, epochs=1)
-  summary = finetune.run(cfg, tmp_path / "ft")
+  summary = finetune_train.run(cfg, tmp_path / "ft")
   assert np.isfinite(summary["history"][0]["train_loss"]) and (tmp_path / "ft" / "best").is_dir()
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from minilm_jax import finetune, heads, tokenization
+from minilm_jax import tokenization
+from minilm_jax.finetune import heads, train
 from multilingual_test import INLINE, build_teacher
 
 FAMILIES = {"xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
@@ -41,7 +42,7 @@ def _torch(hf, ids, mask):
 
 def test_classifier_export_matches_transformers(tiny_dir, tmp_path):
   family, model_dir = tiny_dir
-  module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(model_dir)), 3)
+  module, tokenizer_dir = train.build_model(train.FinetuneConfig(model=str(model_dir)), 3)
   assert module.encoder.pooler is None  # RoBERTa's head reads <s>, not a pooler
   _randomize(module.classifier_dense, 1)
   _randomize(module.classifier, 2)
@@ -58,7 +59,7 @@ def test_classifier_export_matches_transformers(tiny_dir, tmp_path):
 
 def test_qa_export_matches_transformers(tiny_dir, tmp_path):
   family, model_dir = tiny_dir
-  module, tokenizer_dir = finetune.build_model(finetune.FinetuneConfig(model=str(model_dir)), None)
+  module, tokenizer_dir = train.build_model(train.FinetuneConfig(model=str(model_dir)), None)
   _randomize(module.qa_outputs, 3)
   out = heads.export_hf(tmp_path / "qa", module, tokenizer_dir)
   hf, info = transformers.AutoModelForQuestionAnswering.from_pretrained(out, output_loading_info=True)
@@ -74,14 +75,14 @@ def test_qa_export_matches_transformers(tiny_dir, tmp_path):
 def test_finetune_run_on_an_xlmr_student_exports_what_it_trained(tmp_path):
   """`finetune` end to end on a tiny XLM-R: the exported best epoch predicts as the run did."""
   from finetune_test import _write_rte
-  from minilm_jax.eval import glue
+  from minilm_jax.finetune import glue
   model_dir = build_teacher("xlm-roberta", tmp_path / "xlmr", INLINE * 3)
   _write_rte(tmp_path / "glue", "train", 16, 0)
   _write_rte(tmp_path / "glue", "dev", 8, 1)
-  cfg = finetune.FinetuneConfig(model=str(model_dir), task="rte", data=str(tmp_path / "glue"),
+  cfg = train.FinetuneConfig(model=str(model_dir), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=1,
                                 learning_rate=1e-3)
-  summary = finetune.run(cfg, tmp_path / "run")
+  summary = train.run(cfg, tmp_path / "run")
   assert np.isfinite(summary["history"][0]["train_loss"])
   hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["hf"])
   assert type(hf).__name__ == "XLMRobertaForSequenceClassification"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minilm_jax import teachers, tokenization
-from minilm_jax.eval import squad
+from minilm_jax.finetune import metrics, squad
 
 DEV = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "squad2" / \
     "dev-v2.0.json"
@@ -44,17 +44,17 @@ def tokenizer():
 
 
 def test_official_answer_normalisation_exact_and_f1():
-  assert squad.normalize_answer("The  Cat, sat!") == "cat sat"
-  assert squad.normalize_answer("an apple a day") == "apple day"
-  assert squad.compute_exact("Denver Broncos", "the denver broncos.") == 1
-  assert squad.compute_f1("the cat sat", "cat sat on mat") == pytest.approx(2 / 3)
-  assert squad.compute_f1("", "") == 1.0 and squad.compute_f1("", "x") == 0.0
-  assert squad.compute_f1("x", "") == 0.0 and squad.compute_f1("a b", "c") == 0.0
+  assert metrics.normalize_answer("The  Cat, sat!") == "cat sat"
+  assert metrics.normalize_answer("an apple a day") == "apple day"
+  assert metrics.compute_exact("Denver Broncos", "the denver broncos.") == 1
+  assert metrics.compute_f1("the cat sat", "cat sat on mat") == pytest.approx(2 / 3)
+  assert metrics.compute_f1("", "") == 1.0 and metrics.compute_f1("", "x") == 0.0
+  assert metrics.compute_f1("x", "") == 0.0 and metrics.compute_f1("a b", "c") == 0.0
 
 
 def test_official_evaluation_on_hand_scored_cases():
   # q1 exact (best of two golds), q2 F1 2/3, q3 no-answer right, q4 no-answer wrong.
-  out = squad.evaluate(HAND_ARTICLES, HAND_PREDS)
+  out = metrics.squad_metrics(HAND_ARTICLES, HAND_PREDS)
   assert out["exact"] == pytest.approx(50.0) and out["f1"] == pytest.approx(100 * (8 / 3) / 4)
   assert out["HasAns_exact"] == pytest.approx(50.0)
   assert out["HasAns_f1"] == pytest.approx(100 * (5 / 3) / 2)
@@ -64,19 +64,19 @@ def test_official_evaluation_on_hand_scored_cases():
 
 def test_no_answer_threshold_and_best_threshold_search():
   na_probs = {"q1": -3.0, "q2": 0.5, "q3": 2.0, "q4": 1.0}
-  out = squad.evaluate(HAND_ARTICLES, HAND_PREDS, na_probs)  # thresh 1.0: only q3 (> 1) null
+  out = metrics.squad_metrics(HAND_ARTICLES, HAND_PREDS, na_probs)  # thresh 1.0: only q3 (> 1) null
   assert out["exact"] == pytest.approx(50.0) and out["f1"] == pytest.approx(100 * (8 / 3) / 4)
   # Sweep, in na_prob order q1, q2, q4, q3 from "answer nothing" (2 of 4 right):
   # exact 3, 3, 2, 2 -> 75 at -3; F1 3, 3 2/3, 2 2/3, 2 2/3 -> 91.67 at 0.5.
   assert out["best_exact"] == pytest.approx(75.0) and out["best_exact_thresh"] == -3.0
   assert out["best_f1"] == pytest.approx(100 * (11 / 3) / 4) and out["best_f1_thresh"] == 0.5
-  zero = squad.evaluate(HAND_ARTICLES, HAND_PREDS, na_probs, na_prob_thresh=0.0)
+  zero = metrics.squad_metrics(HAND_ARTICLES, HAND_PREDS, na_probs, na_prob_thresh=0.0)
   assert zero["exact"] == pytest.approx(75.0) and zero["f1"] == pytest.approx(75.0)
 
 
 def test_evaluation_errors():
   with pytest.raises(KeyError, match="1 question.*q4.*'' for no answer"):
-    squad.evaluate(HAND_ARTICLES, {k: v for k, v in HAND_PREDS.items() if k != "q4"})
+    metrics.squad_metrics(HAND_ARTICLES, {k: v for k, v in HAND_PREDS.items() if k != "q4"})
 
 
 def test_reader_split_and_errors(tmp_path):
@@ -160,7 +160,7 @@ def test_perfect_predictions_score_100(tokenizer):
   result = squad.postprocess(examples, features, *_gold_logits(features))
   assert result.predictions == {"q1": "Denver Broncos", "q2": "Carolina Panthers", "q3": "",
                                 "q4": "", "q5": "February 7, 2016", "q6": "California"}
-  out = squad.score(ARTICLES, result)
+  out = squad.answer_metrics(ARTICLES, result)
   for key in ("exact", "f1", "HasAns_exact", "NoAns_f1", "best_exact", "best_f1"):
     assert out[key] == pytest.approx(100.0), key
 
@@ -211,5 +211,5 @@ def test_real_dev_counts_and_offsets_round_trip(tokenizer):
   assert success > 0.99, success
   # Decoding gold logits over the real windows gives (almost) perfect official scores.
   result = squad.postprocess(examples, features, *_gold_logits(features))
-  out = squad.score(articles, result)
+  out = squad.answer_metrics(articles, result)
   assert out["NoAns_exact"] == 100.0 and out["HasAns_exact"] > 99.0

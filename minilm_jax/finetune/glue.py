@@ -1,4 +1,5 @@
-"""GLUE tasks of the MiniLM papers: registry, the TSV reader and fixed-length features.
+"""GLUE tasks of the MiniLM papers: registry, the TSV reader, fixed-length features, and
+`task_data`, what `tasks.load` reads for a GLUE task.
 
 The MiniLM tables fine-tune on MNLI (dev_matched), QNLI, QQP, RTE, SST-2, MRPC, CoLA and
 STS-B. `TASKS` records, for each, where the original GLUE download keeps it
@@ -23,6 +24,7 @@ import numpy as np
 import tokenizers
 
 from minilm_jax import tokenization
+from minilm_jax.finetune import metrics
 
 SPLITS = ("train", "dev")
 
@@ -212,3 +214,37 @@ def encode_examples(examples: list[Example], tokenizer: tokenizers.Tokenizer,
       "labels": np.asarray([e.label for e in examples],
                            np.float32 if task.is_regression else np.int32),
   }
+
+
+def count_truncated(examples: list[Example], tokenizer: tokenizers.Tokenizer, max_len: int) -> int:
+  """How many examples are longer than `max_len` tokens (with [CLS]/[SEP]) and get cut."""
+  if not examples:
+    return 0
+  full = tokenization.plain(tokenizer)
+  pairs = examples[0].text_b is not None
+  encodings = full.encode_batch([(e.text_a, e.text_b) if pairs else e.text_a for e in examples])
+  return sum(len(e.ids) > max_len for e in encodings)
+
+
+def task_data(task: str | GlueTask, glue_dir: str | pathlib.Path, tokenizer: tokenizers.Tokenizer,
+              max_len: int, *, max_train_examples: int = 0, max_eval_examples: int = 0,
+              with_train: bool = True):
+  """(train features, dev features, dev metrics, stats) of a task, for `tasks.load`.
+
+  The train side is empty unless `with_train`; `max_*_examples` keep the first N (0 = all).
+  The dev metrics map logits [N, num_labels] to `metrics.task_metrics` of the dev labels.
+  """
+  task = get_task(task)
+  train_ex = load_glue(task, glue_dir, "train")[:max_train_examples or None] if with_train else []
+  eval_ex = load_glue(task, glue_dir, "dev")[:max_eval_examples or None]
+  train_f = encode_examples(train_ex, tokenizer, task, max_len) if train_ex else {}
+  eval_f = encode_examples(eval_ex, tokenizer, task, max_len)
+  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+           "train_truncated": count_truncated(train_ex, tokenizer, max_len),
+           "eval_truncated": count_truncated(eval_ex, tokenizer, max_len)}
+
+  def dev_metrics(logits):
+    predictions = logits[:, 0] if task.is_regression else np.argmax(logits, axis=-1)
+    return metrics.task_metrics(task.metric, predictions, eval_f["labels"])
+
+  return train_f, eval_f, dev_metrics, stats

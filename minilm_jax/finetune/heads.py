@@ -5,9 +5,9 @@ dropout -> dense), its RoBERTa / XLM-R counterpart `RobertaForSequenceClassifica
 (no pooler: the <s> hidden state -> dropout -> dense -> tanh -> dropout -> dense) and
 `*ForQuestionAnswering` (last hidden states -> dense(2) = start and end logits), so
 `export_hf` writes a directory that transformers loads with no missing or unexpected
-weights. `load_encoder` reads the pre-trained encoder from a
-Hugging Face directory, a packaged teacher name or a minilm_jax checkpoint / distill
-workdir.
+weights. `load_encoder` reads the pre-trained encoder from a Hugging Face directory, a
+packaged teacher name or a minilm_jax checkpoint / distill workdir, and `task_model`
+puts it under a fresh head.
 """
 
 import logging
@@ -92,6 +92,19 @@ def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, A
   if not use_pooler:
     pure.pop("pooler", None)
   return config, pure, pathlib.Path(tokenizer_dir)
+
+
+def task_model(config: model_lib.ModelConfig, encoder_params: dict, num_labels: int | None,
+               seed: int = 0) -> nnx.Module:
+  """A `SequenceClassifier` (`num_labels` wide) or, for None, a `QuestionAnswerer`, holding
+  the encoder parameters of `load_encoder` and a head initialised from `seed`."""
+  rngs = nnx.Rngs(seed)
+  module = (QuestionAnswerer(config, rngs=rngs) if num_labels is None
+            else SequenceClassifier(config, num_labels, rngs=rngs))
+  encoder_state = nnx.state(module.encoder, nnx.Param)
+  nnx.replace_by_pure_dict(encoder_state, jax.tree.map(jnp.asarray, encoder_params))
+  nnx.update(module.encoder, encoder_state)
+  return module
 
 
 def _linear_tensors(name: str, layer: dict) -> dict[str, np.ndarray]:

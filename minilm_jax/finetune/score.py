@@ -1,30 +1,87 @@
-"""The `evaluate` job: a saved, fine-tuned model scored on a task's dev set.
+"""Scoring a model on a task's dev set: during fine-tuning, and a saved model for `evaluate`.
 
     python -m minilm_jax evaluate --model runs/ft/sst2/seed-0 --task glue/sst2
 
-The model is the Hugging Face `BertForSequenceClassification` / `BertForQuestionAnswering`
-directory that `finetune.run` exports (or one that transformers wrote): its encoder and
-task head are loaded into the same JAX modules that fine-tuning trains, so the score is
-computed by the same featurisation and official metrics as the run's per-epoch dev
-evaluation. The `finetune.json` a run writes beside its export supplies the defaults
-that must match the run for the scores to agree (task, max_seq_len, SQuAD split).
+`score_dev` runs a model over the featurised dev set and applies the task's official
+metrics (`tasks.TaskData.metrics`); `train.run` calls it after every epoch. `score_model`
+does the same for a saved model: the Hugging Face `BertForSequenceClassification` /
+`BertForQuestionAnswering` directory that `train.run` exports (or one that transformers
+wrote), loaded into the same JAX modules that fine-tuning trains, so its score comes from
+the same featurisation and metrics as the run's per-epoch one. The `RUN_FILE` a run
+writes beside its export supplies the settings that must match the run for the scores to
+agree (task, max_seq_len, SQuAD split).
 """
 
 import json
 import pathlib
+from typing import Callable
 
+import jax
 import numpy as np
 from flax import nnx
 
-from minilm_jax import convert, finetune, sharding, tokenization
-from minilm_jax.eval import glue
+from minilm_jax import convert, sharding, tokenization
+from minilm_jax.finetune import glue, heads, tasks
 
-RUN_FILE = finetune.RUN_FILE
+RUN_FILE = "finetune.json"  # written next to an exported model: task, lengths, dev score
+LENGTH_BUCKET = 16          # a batch's width: its longest row rounded up to a multiple of this
 _HEADS = {"BertForSequenceClassification": "classifier", "BertForQuestionAnswering": "qa_outputs"}
 
 
+def make_predict(graphdef, mesh) -> Callable:
+  """Jitted `predict(params, batch) -> logits` (a (start, end) pair for QA), rows sharded."""
+
+  def predict(params, batch):
+    return nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
+                                       batch["token_type_ids"])
+
+  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh))
+
+
+def trimmed_width(attention_mask: np.ndarray, length_bucket: int) -> int:
+  """The longest row of a batch rounded up to a multiple of `length_bucket` (0: no cut)."""
+  width = attention_mask.shape[1]
+  if not length_bucket:
+    return width
+  longest = int(attention_mask.sum(axis=1).max(initial=1))
+  return min(width, -(-longest // length_bucket) * length_bucket)
+
+
+def predict_all(predict, params, features: dict[str, np.ndarray], batch_size: int, mesh,
+                length_bucket: int = 0):
+  """Runs `predict` over every row in fixed-size batches (the last one padded).
+
+  With `length_bucket`, rows go in order of length and each batch is cut to its
+  `trimmed_width`; outputs come back in the rows' order. Only for per-example outputs
+  (classification logits): QA's per-position logits need the full width.
+  """
+  keys = ("input_ids", "attention_mask", "token_type_ids")
+  n = len(features["input_ids"])
+  order = (np.argsort(features["attention_mask"].sum(axis=1), kind="stable") if length_bucket
+           else np.arange(n))
+  outputs = []
+  for begin in range(0, n, batch_size):
+    rows = order[begin:begin + batch_size]
+    width = trimmed_width(features["attention_mask"][rows], length_bucket)
+    batch = {k: np.pad(features[k][rows, :width], [(0, batch_size - len(rows)), (0, 0)])
+             for k in keys}
+    out = jax.device_get(predict(params, jax.device_put(batch, sharding.batch_sharded(mesh))))
+    outputs.append(jax.tree.map(lambda x: np.asarray(x[:len(rows)]), out))
+  ordered = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+  return jax.tree.map(lambda x: x[np.argsort(order)], ordered)
+
+
+def score_dev(predict, params, data: tasks.TaskData, batch_size: int, length_bucket: int,
+              mesh) -> dict[str, float]:
+  """The official dev metrics of `params`, with `score` the number the papers report, in
+  batches of `batch_size` (length-trimmed by `length_bucket` unless QA)."""
+  bucket = 0 if data.num_labels is None else length_bucket
+  return data.metrics(predict_all(predict, params, data.eval, batch_size, mesh, bucket))
+
+
 def resolve_model(model: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
-  """(HF directory, the run's finetune.json or {}) of an export, or of a run's seed dir."""
+  """(HF directory, the run's RUN_FILE or {}) of an export, or of a run's seed dir."""
   path = pathlib.Path(model).expanduser()
   if (path / "best" / "config.json").is_file():
     path = path / "best"
@@ -42,11 +99,11 @@ def resolve_model(model: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
 def _check_head(model_dir: pathlib.Path, hf: dict, task: str) -> int | None:
   """The head width the task needs, after checking the saved head is that task's."""
   arch = (hf.get("architectures") or [""])[0]
-  wanted = "BertForQuestionAnswering" if task == finetune.SQUAD else "BertForSequenceClassification"
+  wanted = "BertForQuestionAnswering" if task == tasks.SQUAD else "BertForSequenceClassification"
   if arch != wanted:
     raise ValueError(f"{model_dir} is a {arch or 'headless'} model, but {task} needs a fine-tuned "
                      f"{wanted}: fine-tune it first (python -m minilm_jax finetune --task ...)")
-  if task == finetune.SQUAD:
+  if task == tasks.SQUAD:
     return None
   spec = glue.get_task(task)
   names = [hf.get("id2label", {}).get(str(i)) for i in range(len(hf.get("id2label", {})))]
@@ -56,11 +113,14 @@ def _check_head(model_dir: pathlib.Path, hf: dict, task: str) -> int | None:
   return spec.num_labels
 
 
-def load_task_model(model_dir: pathlib.Path, cfg: finetune.FinetuneConfig):
+def load_task_model(model_dir: pathlib.Path, task: str):
   """The exported task model (encoder and head) as a JAX module; (module, tokenizer dir)."""
   _, hf = convert.read_hf_config(model_dir)
-  num_labels = _check_head(model_dir, hf, cfg.task)
-  module, tokenizer_dir = finetune.build_model(cfg, num_labels)
+  num_labels = _check_head(model_dir, hf, task)
+  config, pure, tokenizer_dir = heads.load_encoder(str(model_dir),
+                                                   use_pooler=num_labels is not None)
+  config = config.replace(hidden_dropout=0.0, attention_dropout=0.0, dtype="float32")
+  module = heads.task_model(config, pure, num_labels)
   tensors, path = convert.read_hf_tensors(model_dir)
   name = _HEADS[hf["architectures"][0]]
   missing = [t for t in (f"{name}.weight", f"{name}.bias") if t not in tensors]
@@ -71,40 +131,36 @@ def load_task_model(model_dir: pathlib.Path, cfg: finetune.FinetuneConfig):
   kernel, bias = tensors[f"{name}.weight"].T, tensors[f"{name}.bias"]
   if kernel.shape != head.kernel.value.shape:
     raise ValueError(f"{model_dir}: {name}.weight has shape {kernel.shape[::-1]}, expected "
-                     f"{head.kernel.value.shape[::-1]} for {cfg.task}")
+                     f"{head.kernel.value.shape[::-1]} for {task}")
   head.kernel.value, head.bias.value = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
   return module, tokenizer_dir
 
 
-def evaluate(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: int | None = None,
-             batch_size: int = 128) -> dict:
+def score_model(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: int | None = None,
+                batch_size: int = 128) -> dict:
   """Dev metrics of a fine-tuned model, with `score` the number the papers report.
 
   Args:
     model: exported BertFor* directory (or the finetune run directory holding `best/`).
     task: "glue/sst2", "sst2", "squad2", ... .
     data: the GLUE folder, or the SQuAD dev JSON (scored on the run's held-out articles).
-    max_seq_len: default the run's (from finetune.json), else 128 (GLUE) / 384 (SQuAD).
+    max_seq_len: default the run's (from RUN_FILE), else 128 (GLUE) / 384 (SQuAD).
     batch_size: examples per forward pass (a multiple of the devices).
   """
   if batch_size < 1:
     raise ValueError(f"--batch-size {batch_size} must be at least 1 (default 128)")
   model_dir, run = resolve_model(model)
-  task = finetune.resolve_task(task)
-  cfg = finetune.FinetuneConfig(
-      model=str(model_dir), task=task, data=str(data), dropout=0.0, eval_batch_size=batch_size,
-      max_seq_len=max_seq_len or run.get("max_seq_len", 0),
-      doc_stride=run.get("doc_stride", finetune.FinetuneConfig.doc_stride),
-      squad_train_articles=run.get("squad_train_articles",
-                                   finetune.FinetuneConfig.squad_train_articles))
-  module, tokenizer_dir = load_task_model(model_dir, cfg)
-  tokenizer = tokenization.load(tokenizer_dir)
-  data_fn = finetune.squad_data if task == finetune.SQUAD else finetune.glue_data
-  task_data = data_fn(cfg, tokenizer, with_train=False)
+  task = tasks.resolve_task(task)
+  module, tokenizer_dir = load_task_model(model_dir, task)
+  task_data = tasks.load(task, data, tokenization.load(tokenizer_dir),
+                         max_seq_len=max_seq_len or run.get("max_seq_len", 0),
+                         doc_stride=run.get("doc_stride", tasks.DOC_STRIDE),
+                         squad_train_articles=run.get("squad_train_articles",
+                                                      tasks.SQUAD_TRAIN_ARTICLES),
+                         with_train=False)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)
   graphdef, params = nnx.split(module, nnx.Param)
-  predict = finetune.make_predict(graphdef, mesh)
-  scores = finetune.evaluate_dev(predict, sharding.put_replicated(params, mesh), task_data, cfg, mesh)
-  return {"model": str(model_dir), "task": task, **scores,
-          "data": task_data.stats}
+  scores = score_dev(make_predict(graphdef, mesh), sharding.put_replicated(params, mesh),
+                     task_data, batch_size, LENGTH_BUCKET, mesh)
+  return {"model": str(model_dir), "task": task, **scores, "data": task_data.stats}

@@ -1,5 +1,6 @@
-"""SQuAD 2.0: reader, by-article dev split, sliding-window features, n-best decoding and
-the official evaluation (a port of evaluate-v2.0.py).
+"""SQuAD 2.0: reader, by-article dev split, sliding-window features, n-best decoding, and
+`task_data`, what `tasks.load` reads for SQuAD; the official metrics (a port of
+evaluate-v2.0.py) are `metrics.squad_metrics`.
 
 Features follow Hugging Face `run_qa.py`: the question (leading spaces stripped, cut to
 `max_query_len` tokens as BERT does) comes first, the context is cut into windows of
@@ -25,14 +26,12 @@ import collections
 import dataclasses
 import json
 import pathlib
-import re
-import string
 
 import numpy as np
 import tokenizers
 
 from minilm_jax import tokenization
-from minilm_jax.eval import glue
+from minilm_jax.finetune import glue, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,122 +201,43 @@ def postprocess(examples: list[SquadExample], features: dict[str, np.ndarray],
   return out
 
 
-# ---- Official SQuAD 2.0 evaluation (evaluate-v2.0.py), same logic, same numbers. ----
-
-_PUNCTUATION = frozenset(string.punctuation)
-
-
-def normalize_answer(s: str) -> str:
-  """Lower text and remove punctuation, articles and extra whitespace."""
-  s = s.lower()
-  s = "".join(ch for ch in s if ch not in _PUNCTUATION)
-  s = re.sub(re.compile(r"\b(a|an|the)\b", re.UNICODE), " ", s)
-  return " ".join(s.split())
-
-
-def get_tokens(s: str) -> list[str]:
-  return normalize_answer(s).split() if s else []
-
-
-def compute_exact(a_gold: str, a_pred: str) -> int:
-  return int(normalize_answer(a_gold) == normalize_answer(a_pred))
-
-
-def compute_f1(a_gold: str, a_pred: str) -> float:
-  gold_toks, pred_toks = get_tokens(a_gold), get_tokens(a_pred)
-  if not gold_toks or not pred_toks:  # a no-answer side: 1 if both are no-answer, else 0
-    return float(gold_toks == pred_toks)
-  num_same = sum((collections.Counter(gold_toks) & collections.Counter(pred_toks)).values())
-  if num_same == 0:
-    return 0.0
-  precision, recall = num_same / len(pred_toks), num_same / len(gold_toks)
-  return 2 * precision * recall / (precision + recall)
-
-
-def _qas(articles):
-  return [qa for article in articles for p in article["paragraphs"] for qa in p["qas"]]
-
-
-def get_raw_scores(articles, preds) -> tuple[dict[str, int], dict[str, float]]:
-  """Best exact / F1 over the gold answers; an unanswerable question's only gold is ""."""
-  exact_scores, f1_scores = {}, {}
-  for qa in _qas(articles):
-    gold = [a["text"] for a in qa["answers"] if normalize_answer(a["text"])] or [""]
-    pred = preds[qa["id"]]
-    exact_scores[qa["id"]] = max(compute_exact(a, pred) for a in gold)
-    f1_scores[qa["id"]] = max(compute_f1(a, pred) for a in gold)
-  return exact_scores, f1_scores
-
-
-def apply_no_ans_threshold(scores, na_probs, qid_to_has_ans, na_prob_thresh):
-  return {qid: float(not qid_to_has_ans[qid]) if na_probs[qid] > na_prob_thresh else s
-          for qid, s in scores.items()}
-
-
-def make_eval_dict(exact_scores, f1_scores, qid_list=None) -> dict[str, float]:
-  qid_list = list(exact_scores) if not qid_list else qid_list
-  total = len(qid_list)
-  return {"exact": 100.0 * sum(exact_scores[k] for k in qid_list) / total,
-          "f1": 100.0 * sum(f1_scores[k] for k in qid_list) / total, "total": total}
-
-
-def find_best_thresh(preds, scores, na_probs, qid_to_has_ans) -> tuple[float, float]:
-  """Best score (%) over no-answer thresholds, and that threshold on `na_probs`.
-
-  Starts from answering nothing (every no-answer question right), then switches questions
-  to "answered" in increasing na_prob order and keeps the best running total.
-  """
-  cur_score = best_score = sum(1 for k in qid_to_has_ans if not qid_to_has_ans[k])
-  best_thresh = 0.0
-  for qid in sorted(na_probs, key=lambda k: na_probs[k]):
-    if qid not in scores:
-      continue
-    if qid_to_has_ans[qid]:
-      diff = scores[qid]
-    else:
-      diff = -1 if preds[qid] else 0
-    cur_score += diff
-    if cur_score > best_score:
-      best_score, best_thresh = cur_score, na_probs[qid]
-  return 100.0 * best_score / len(scores), best_thresh
-
-
-def evaluate(articles: list[dict], preds: dict[str, str], na_probs: dict[str, float] | None = None,
-             na_prob_thresh: float = 1.0) -> dict[str, float]:
-  """The official SQuAD 2.0 metrics of `preds` (question id -> answer text, "" = none).
-
-  Returns exact, f1, total, HasAns_*/NoAns_* and, when `na_probs` is given, best_exact,
-  best_exact_thresh, best_f1, best_f1_thresh, all as evaluate-v2.0.py prints them.
-  """
-  qid_to_has_ans = {qa["id"]: bool(qa["answers"]) for qa in _qas(articles)}
-  missing = [qid for qid in qid_to_has_ans if qid not in preds]
-  if missing:
-    raise KeyError(f"{len(missing)} question(s) have no prediction (first: {missing[0]}): "
-                   "predict every question of the evaluated articles ('' for no answer)")
-  sweep_thresholds = na_probs is not None  # the official script: only with --na-prob-file
-  if na_probs is None:
-    na_probs = {k: 0.0 for k in preds}
-  exact_raw, f1_raw = get_raw_scores(articles, preds)
-  exact = apply_no_ans_threshold(exact_raw, na_probs, qid_to_has_ans, na_prob_thresh)
-  f1 = apply_no_ans_threshold(f1_raw, na_probs, qid_to_has_ans, na_prob_thresh)
-  out = make_eval_dict(exact, f1)
-  for prefix, has_ans in (("HasAns", True), ("NoAns", False)):
-    qids = [k for k, v in qid_to_has_ans.items() if v == has_ans]
-    if qids:
-      out.update({f"{prefix}_{k}": v for k, v in make_eval_dict(exact, f1, qids).items()})
-  if sweep_thresholds:
-    out["best_exact"], out["best_exact_thresh"] = find_best_thresh(
-        preds, exact_raw, na_probs, qid_to_has_ans)
-    out["best_f1"], out["best_f1_thresh"] = find_best_thresh(
-        preds, f1_raw, na_probs, qid_to_has_ans)
-  return out
-
-
-def score(articles: list[dict], result: QAPredictions) -> dict[str, float]:
+def answer_metrics(articles: list[dict], result: QAPredictions) -> dict[str, float]:
   """exact/f1 (HasAns/NoAns) of the thresholded predictions, and best_exact/best_f1 with
   their thresholds swept over the null-score differences of the best non-null spans."""
-  out = evaluate(articles, result.predictions)
-  best = evaluate(articles, result.best_non_null, result.na_probs)
+  out = metrics.squad_metrics(articles, result.predictions)
+  best = metrics.squad_metrics(articles, result.best_non_null, result.na_probs)
   out.update({k: best[k] for k in ("best_exact", "best_exact_thresh", "best_f1",
                                    "best_f1_thresh")})
   return out
+
+
+def task_data(path: str | pathlib.Path, tokenizer: tokenizers.Tokenizer, max_len: int,
+              doc_stride: int, squad_train_articles: int, *, max_train_examples: int = 0,
+              max_eval_examples: int = 0, with_train: bool = True):
+  """(train features, dev features, dev metrics, stats) of the by-article dev split, for
+  `tasks.load`.
+
+  The train side is empty unless `with_train`; `max_*_examples` keep the first N questions
+  (0 = all), and the scored articles keep only the kept questions. The dev metrics map
+  (start, end) logits to `answer_metrics`, with `score` the F1 as a fraction.
+  """
+  train_articles, eval_articles = dev_split(load_squad(path), squad_train_articles)
+  train_ex = (examples_from_articles(train_articles)[:max_train_examples or None] if with_train
+              else [])
+  eval_ex = examples_from_articles(eval_articles)[:max_eval_examples or None]
+  kept = {e.qid for e in eval_ex}
+  eval_articles = [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in kept]}
+                                        for p in a["paragraphs"]]} for a in eval_articles]
+  train_f = make_features(train_ex, tokenizer, max_len, doc_stride) if train_ex else {}
+  eval_f = make_features(eval_ex, tokenizer, max_len, doc_stride)
+  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+           "train_features": len(train_f.get("input_ids", ())),
+           "eval_features": len(eval_f["input_ids"]),
+           "split": f"SQuAD 2.0 dev by article: {squad_train_articles} train / "
+                    f"{len(eval_articles)} eval articles"}
+
+  def dev_metrics(logits):
+    out = answer_metrics(eval_articles, postprocess(eval_ex, eval_f, *logits))
+    return out | {"score": out["f1"] / 100}
+
+  return train_f, eval_f, dev_metrics, stats

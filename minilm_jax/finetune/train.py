@@ -1,12 +1,4 @@
-"""Fine-tuning a (distilled) encoder on a GLUE task or SQuAD 2.0, as the MiniLM papers do.
-
-The task models (`heads.py`) are BERT's: pooled [CLS] -> dropout -> dense for
-classification (cross-entropy) and regression (STS-B, mean squared error), start/end
-logits for extractive QA (the mean of the two cross-entropies over the real tokens,
-[CLS] = no answer); the best epoch exports as a Hugging Face
-`BertForSequenceClassification` / `BertForQuestionAnswering` directory. RoBERTa / XLM-R
-students get RoBERTa's heads and export as
-`{Roberta,XLMRoberta}For{SequenceClassification,QuestionAnswering}`.
+"""The fine-tuning loop: a task model trained on a task's train set, scored every epoch.
 
 Padding costs nothing it need not: each batch is cut to its longest row, rounded up
 to a multiple of `length_bucket` tokens (a handful of compiled shapes; exact, since
@@ -16,18 +8,9 @@ tokens: about 4x fewer tokens than padding to 64).
 
 Training is AdamW (weight decay 0.01, not on biases / LayerNorm), global-norm clipping
 1.0, linear warmup over the first 10% of steps then linear decay to 0, one jitted
-data-parallel step over a `('data',)` mesh. Each epoch ends with a dev evaluation with
-the official metrics; the best epoch's parameters are kept (on the host) and exported.
-
-SQuAD 2.0 has only its dev file here, so `task="squad2"` fine-tunes on the first
-`squad_train_articles` dev articles and scores the rest (`squad.dev_split`): a dev-split
-number, not the papers' dev F1.
-
-The baselines that judge a distilled student come from the same config: `num_layers`
-keeps the bottom layers of a pre-trained model (the truncated teacher) and
-`random_init` replaces its weights by a fresh initialisation of the same shape (a
-student without distillation). `run_seeds` repeats a run over seeds and writes the
-`summary.json` that `experiments/report.py` tabulates.
+data-parallel step over a `('data',)` mesh. Each epoch ends with `score.score_dev` (the
+official metrics on the dev set); the best epoch's parameters are kept (on the host)
+and exported as a Hugging Face directory.
 """
 
 import dataclasses
@@ -35,7 +18,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,14 +27,11 @@ import optax
 import tqdm
 from flax import nnx
 
-from minilm_jax import checkpoint, heads, optimizer as optimizer_lib, sharding, tokenization
+from minilm_jax import checkpoint, optimizer as optimizer_lib, sharding, tokenization
 from minilm_jax import model as model_lib
-from minilm_jax.eval import glue, metrics, squad
+from minilm_jax.finetune import glue, heads, score, tasks
 from minilm_jax.metric_writer import MetricWriter
 
-SQUAD = "squad2"
-SQUAD_NAMES = ("squad2", "squad/v2.0", "squad_v2", "squadv2")
-RUN_FILE = "finetune.json"  # written next to an exported model: task, lengths, dev score
 QA_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
 GLUE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
@@ -63,11 +43,11 @@ class FinetuneConfig:
   task: str = "rte"                 # a GLUE task of glue.TASKS, or "squad2"
   data: str = ""                    # glue_data folder, or the SQuAD dev-v2.0.json path
   max_seq_len: int = 0              # 0 = 128 for GLUE, 384 for SQuAD
-  doc_stride: int = 128             # SQuAD window overlap in tokens
-  squad_train_articles: int = 25    # SQuAD dev-split: first N of the 35 dev articles train
+  doc_stride: int = tasks.DOC_STRIDE            # SQuAD window overlap in tokens (128)
+  squad_train_articles: int = tasks.SQUAD_TRAIN_ARTICLES  # SQuAD: first 25 of 35 dev articles train
   batch_size: int = 32              # global examples per step (a multiple of the devices)
   eval_batch_size: int = 128        # examples per eval forward (the last batch padded)
-  length_bucket: int = 16           # cut each batch to its longest row, rounded up to this; 0 = off
+  length_bucket: int = score.LENGTH_BUCKET      # batch width: longest row rounded up to 16; 0 = off
   group_by_length: bool = False     # batch rows of similar length together (less padding)
   epochs: int = 3
   learning_rate: float = 2e-5       # peak after warmup
@@ -81,24 +61,6 @@ class FinetuneConfig:
   max_eval_examples: int = 0        # 0 = all (GLUE examples / SQuAD questions)
   num_layers: int = 0               # 0 = all; N keeps the model's bottom N layers
   random_init: bool = False         # fresh weights of the model's shape (no pre-training)
-
-
-def resolve_task(task: str) -> str:
-  """Canonical task name: "sst2" for "glue/sst2", "SST-2" or "sst2"; "squad2" for SQuAD 2.0."""
-  name = str(task).strip().lower()
-  if name in SQUAD_NAMES:
-    return SQUAD
-  key = name.removeprefix("glue/").replace("-", "")
-  if key not in glue.TASKS:
-    raise ValueError(f"unknown task {task!r}: use glue/<task> with <task> one of "
-                     f"{', '.join(glue.TASKS)}, or squad2 (also squad/v2.0)")
-  return key
-
-
-def task_metric(task: str) -> str:
-  """Name of the number a task's `score` holds, for tables."""
-  return "f1" if task == SQUAD else {"matthews": "matthews_corrcoef"}.get(
-      glue.TASKS[task].metric, glue.TASKS[task].metric)
 
 
 def _baseline_encoder(cfg: FinetuneConfig, config: model_lib.ModelConfig, pure: dict):
@@ -117,13 +79,7 @@ def build_model(cfg: FinetuneConfig, num_labels: int | None):
   config, pure = _baseline_encoder(cfg, config, pure)
   config = config.replace(hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
                           dtype=cfg.compute_dtype)
-  rngs = nnx.Rngs(cfg.seed)
-  module = (heads.QuestionAnswerer(config, rngs=rngs) if num_labels is None
-            else heads.SequenceClassifier(config, num_labels, rngs=rngs))
-  encoder_state = nnx.state(module.encoder, nnx.Param)
-  nnx.replace_by_pure_dict(encoder_state, jax.tree.map(jnp.asarray, pure))
-  nnx.update(module.encoder, encoder_state)
-  return module, tokenizer_dir
+  return heads.task_model(config, pure, num_labels, cfg.seed), tokenizer_dir
 
 
 def make_optimizer(cfg: FinetuneConfig, total_steps: int) -> optax.GradientTransformation:
@@ -149,17 +105,6 @@ def task_loss(module, batch, dropout_rng, regression: bool):
   return ce(logits, batch["labels"]).mean()
 
 
-def make_predict(graphdef, mesh) -> Callable:
-  """Jitted `predict(params, batch) -> logits` (a (start, end) pair for QA), rows sharded."""
-
-  def predict(params, batch):
-    return nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
-                                       batch["token_type_ids"])
-
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh))
-
-
 def make_steps(graphdef, optimizer, mesh, regression: bool) -> tuple[Callable, Callable]:
   """Jitted `train(params, opt_state, batch, key, step) -> (params, opt_state, loss)` and
   `predict(params, batch) -> logits` (a (start, end) pair for QA)."""
@@ -174,119 +119,7 @@ def make_steps(graphdef, optimizer, mesh, regression: bool) -> tuple[Callable, C
   rep, rows = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return (jax.jit(train_step, in_shardings=(rep, rep, rows, rep, rep),
                   out_shardings=(rep, rep, rep), donate_argnums=(0, 1)),
-          make_predict(graphdef, mesh))
-
-
-def trimmed_width(attention_mask: np.ndarray, length_bucket: int) -> int:
-  """The longest row of a batch rounded up to a multiple of `length_bucket` (0: no cut)."""
-  width = attention_mask.shape[1]
-  if not length_bucket:
-    return width
-  longest = int(attention_mask.sum(axis=1).max(initial=1))
-  return min(width, -(-longest // length_bucket) * length_bucket)
-
-
-def predict_all(predict, params, features: dict[str, np.ndarray], batch_size: int, mesh,
-                length_bucket: int = 0):
-  """Runs `predict` over every row in fixed-size batches (the last one padded).
-
-  With `length_bucket`, rows go in order of length and each batch is cut to its
-  `trimmed_width`; outputs come back in the rows' order. Only for per-example outputs
-  (classification logits): QA's per-position logits need the full width.
-  """
-  keys = ("input_ids", "attention_mask", "token_type_ids")
-  n = len(features["input_ids"])
-  order = (np.argsort(features["attention_mask"].sum(axis=1), kind="stable") if length_bucket
-           else np.arange(n))
-  outputs = []
-  for begin in range(0, n, batch_size):
-    rows = order[begin:begin + batch_size]
-    width = trimmed_width(features["attention_mask"][rows], length_bucket)
-    batch = {k: np.pad(features[k][rows, :width], [(0, batch_size - len(rows)), (0, 0)])
-             for k in keys}
-    out = jax.device_get(predict(params, jax.device_put(batch, sharding.batch_sharded(mesh))))
-    outputs.append(jax.tree.map(lambda x: np.asarray(x[:len(rows)]), out))
-  ordered = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-  return jax.tree.map(lambda x: x[np.argsort(order)], ordered)
-
-
-@dataclasses.dataclass
-class TaskData:
-  """Featurised train / eval sets and how to score eval predictions."""
-  train: dict[str, np.ndarray]
-  eval: dict[str, np.ndarray]
-  evaluate: Callable[[Any], dict[str, float]]  # predict_all output -> metrics with "score"
-  num_labels: int | None                      # None = extractive QA
-  regression: bool = False
-  labels: tuple[str, ...] | None = None
-  stats: dict = dataclasses.field(default_factory=dict)  # example counts, truncation
-
-
-def evaluate_dev(predict, params, data: TaskData, cfg: FinetuneConfig, mesh) -> dict[str, float]:
-  """Dev metrics of `params`, in batches of `cfg.eval_batch_size` (length-trimmed unless QA)."""
-  bucket = 0 if data.num_labels is None else cfg.length_bucket
-  return data.evaluate(predict_all(predict, params, data.eval, cfg.eval_batch_size, mesh, bucket))
-
-
-def _limit(items, n):
-  return items[:n] if n else items
-
-
-def count_truncated(examples: list[glue.Example], tokenizer, max_len: int) -> int:
-  """How many examples are longer than `max_len` tokens (with [CLS]/[SEP]) and get cut."""
-  if not examples:
-    return 0
-  full = tokenization.plain(tokenizer)
-  pairs = examples[0].text_b is not None
-  encodings = full.encode_batch([(e.text_a, e.text_b) if pairs else e.text_a for e in examples])
-  return sum(len(e.ids) > max_len for e in encodings)
-
-
-def glue_data(cfg: FinetuneConfig, tokenizer, with_train: bool = True) -> TaskData:
-  """Encoded train (unless `with_train` is False) and dev sets of a GLUE task."""
-  task = glue.get_task(resolve_task(cfg.task))
-  max_len = cfg.max_seq_len or 128
-  train_ex = (_limit(glue.load_glue(task, cfg.data, "train"), cfg.max_train_examples)
-              if with_train else [])
-  eval_ex = _limit(glue.load_glue(task, cfg.data, "dev"), cfg.max_eval_examples)
-  train_f = glue.encode_examples(train_ex, tokenizer, task, max_len) if train_ex else {}
-  eval_f = glue.encode_examples(eval_ex, tokenizer, task, max_len)
-  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-           "train_truncated": count_truncated(train_ex, tokenizer, max_len),
-           "eval_truncated": count_truncated(eval_ex, tokenizer, max_len)}
-
-  def evaluate(logits):
-    predictions = logits[:, 0] if task.is_regression else np.argmax(logits, axis=-1)
-    return metrics.task_metrics(task.metric, predictions, eval_f["labels"])
-
-  return TaskData(train_f, eval_f, evaluate, task.num_labels, task.is_regression, task.labels,
-                  stats)
-
-
-def squad_data(cfg: FinetuneConfig, tokenizer, with_train: bool = True) -> TaskData:
-  """Windowed features of the by-article dev split (train side unless `with_train` is False)."""
-  train_articles, eval_articles = squad.dev_split(squad.load_squad(cfg.data),
-                                                  cfg.squad_train_articles)
-  train_ex = (_limit(squad.examples_from_articles(train_articles), cfg.max_train_examples)
-              if with_train else [])
-  eval_ex = _limit(squad.examples_from_articles(eval_articles), cfg.max_eval_examples)
-  kept = {e.qid for e in eval_ex}
-  eval_articles = [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in kept]}
-                                        for p in a["paragraphs"]]} for a in eval_articles]
-  max_len = cfg.max_seq_len or 384
-  train_f = squad.make_features(train_ex, tokenizer, max_len, cfg.doc_stride) if train_ex else {}
-  eval_f = squad.make_features(eval_ex, tokenizer, max_len, cfg.doc_stride)
-  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-           "train_features": len(train_f.get("input_ids", ())),
-           "eval_features": len(eval_f["input_ids"]),
-           "split": f"SQuAD 2.0 dev by article: {cfg.squad_train_articles} train / "
-                    f"{len(eval_articles)} eval articles"}
-
-  def evaluate(logits):
-    out = squad.score(eval_articles, squad.postprocess(eval_ex, eval_f, *logits))
-    return out | {"score": out["f1"] / 100}
-
-  return TaskData(train_f, eval_f, evaluate, None, stats=stats)
+          score.make_predict(graphdef, mesh))
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
@@ -311,7 +144,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator
 def _batches(features, keys, batches, length_bucket: int, mesh):
   """The batches' rows of `features`, cut to their `trimmed_width`, placed on the mesh."""
   for rows in batches:
-    width = trimmed_width(features["attention_mask"][rows], length_bucket)
+    width = score.trimmed_width(features["attention_mask"][rows], length_bucket)
     yield jax.device_put({k: features[k][rows][:, :width] if features[k].ndim == 2
                           else features[k][rows] for k in keys}, sharding.batch_sharded(mesh))
 
@@ -330,19 +163,22 @@ def _train_epoch(train_step, params, opt_state, key, batches, first_step: int, b
 
 
 def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
-  """Fine-tunes `cfg.model` on `cfg.task`, evaluating after every epoch.
+  """Fine-tunes `cfg.model` on `cfg.task`, scoring it on dev after every epoch.
 
   Returns {"best_score", "best_epoch", "history": [per-epoch metrics], "module": the task
   model holding the best epoch's parameters, "data": example counts, "model_info"}; with
   `workdir`, also writes metrics.jsonl + TensorBoard per epoch and the best model as a
-  Hugging Face directory `workdir/best` (with `finetune.json` for `evaluate`).
+  Hugging Face directory `workdir/best` (with `score.RUN_FILE` for `score.score_model`).
   """
-  cfg = dataclasses.replace(cfg, task=resolve_task(cfg.task))
-  is_squad = cfg.task == SQUAD
+  cfg = dataclasses.replace(cfg, task=tasks.resolve_task(cfg.task))
+  is_squad = cfg.task == tasks.SQUAD
   num_labels = None if is_squad else glue.get_task(cfg.task).num_labels
   module, tokenizer_dir = build_model(cfg, num_labels)
   tokenizer = tokenization.load(tokenizer_dir)
-  data = squad_data(cfg, tokenizer) if is_squad else glue_data(cfg, tokenizer)
+  data = tasks.load(cfg.task, cfg.data, tokenizer, max_seq_len=cfg.max_seq_len,
+                    doc_stride=cfg.doc_stride, squad_train_articles=cfg.squad_train_articles,
+                    max_train_examples=cfg.max_train_examples,
+                    max_eval_examples=cfg.max_eval_examples)
   mesh = sharding.make_mesh()
   sharding.check_batch_size(cfg.batch_size, mesh)
   sharding.check_batch_size(cfg.eval_batch_size, mesh)
@@ -386,7 +222,8 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
       record = {"epoch": epoch, "train_loss": train_loss,
                 "examples_per_sec": steps_per_epoch * cfg.batch_size / train_seconds}
       began = time.perf_counter()
-      record |= evaluate_dev(predict, params, data, cfg, mesh)
+      record |= score.score_dev(predict, params, data, cfg.eval_batch_size, cfg.length_bucket,
+                                mesh)
       record["eval_seconds"] = time.perf_counter() - began
       history.append(record)
       bar.write(f"epoch {epoch}: train_loss {train_loss:.4f}, dev score {record['score']:.4f}")
@@ -406,7 +243,7 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   if workdir is not None and jax.process_index() == 0:
     out = heads.export_hf(pathlib.Path(workdir) / "best", module, tokenizer_dir,
                           labels=data.labels, regression=data.regression, overwrite=True)
-    (out / RUN_FILE).write_text(json.dumps(
+    (out / score.RUN_FILE).write_text(json.dumps(
         {"task": cfg.task, "max_seq_len": data.stats["max_seq_len"], "doc_stride": cfg.doc_stride,
          "squad_train_articles": cfg.squad_train_articles, "epoch": best["epoch"],
          "dev_score": best["score"]}, indent=2) + "\n")
@@ -418,7 +255,7 @@ def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]
   """One `run` per seed in `workdir/seed-N`, then `workdir/summary.json`.
 
   The summary holds each seed's best dev score, best epoch and wall time (model loading,
-  tokenisation, training, evaluation and export), their mean and sample standard
+  tokenisation, training, scoring and export), their mean and sample standard
   deviation, the model's size and the config: everything `experiments/report.py` needs.
   """
   if not seeds:
@@ -432,9 +269,9 @@ def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]
                  "wall_time_s": time.perf_counter() - began, "hf": out.get("hf"),
                  "history": out["history"]})
   scores = [r["best_score"] for r in runs]
-  task = resolve_task(cfg.task)
-  summary = {"task": task, "metric": task_metric(task), "model": cfg.model, **out["model_info"],
-             "seeds": list(seeds), "scores": scores, "mean": float(np.mean(scores)),
+  task = tasks.resolve_task(cfg.task)
+  summary = {"task": task, "metric": tasks.task_metric(task), "model": cfg.model,
+             **out["model_info"], "seeds": list(seeds), "scores": scores, "mean": float(np.mean(scores)),
              "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
              "wall_time_s": [r["wall_time_s"] for r in runs], "data": out["data"],
              "runs": runs, "config": dataclasses.asdict(cfg)}
