@@ -3,7 +3,7 @@
 GLUE scores tasks with accuracy, binary F1 (MRPC, QQP; class 1 is positive), the Matthews
 correlation coefficient (CoLA) and Pearson / Spearman correlation (STS-B). These are the
 textbook formulas that scikit-learn and scipy implement (tests compare them at 1e-12); they
-live here so that evaluation needs neither library and so that degenerate inputs (a model
+live here so that scoring needs neither library and so that degenerate inputs (a model
 that predicts one class, a constant regressor) give 0 instead of NaN and a warning.
 
 `task_metrics` returns every metric a task reports plus `score`, the single number of the
@@ -35,7 +35,7 @@ def _check_pair(predictions, labels) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"predictions {p.shape} and labels {y.shape} must have one entry per "
                      "example each")
   if p.size == 0:
-    raise ValueError("metrics of an empty evaluation set are undefined: pass at least one example")
+    raise ValueError("metrics of an empty dev set are undefined: pass at least one example")
   return p, y
 
 
@@ -233,7 +233,7 @@ def squad_metrics(articles: list[dict], preds: dict[str, str],
   missing = [qid for qid in qid_to_has_ans if qid not in preds]
   if missing:
     raise KeyError(f"{len(missing)} question(s) have no prediction (first: {missing[0]}): "
-                   "predict every question of the evaluated articles ('' for no answer)")
+                   "predict every question of the scored articles ('' for no answer)")
   sweep_thresholds = na_probs is not None  # the official script: only with --na-prob-file
   if na_probs is None:
     na_probs = {k: 0.0 for k in preds}

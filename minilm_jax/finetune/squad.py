@@ -18,7 +18,7 @@ null − best > `null_threshold`. That difference is the `na_prob` that the offi
 script's `find_best_thresh` sweeps to report best_exact / best_f1.
 
 Only the SQuAD 2.0 dev file is available here (no train-v2.0.json), so fine-tuning uses
-`dev_split`: the first N dev articles train, the rest evaluate. Such scores are a
+`dev_split`: the first N dev articles train, the rest are scored. Such scores are a
 dev-split measurement, not comparable with the papers' dev-set numbers.
 """
 
@@ -67,7 +67,7 @@ def examples_from_articles(articles: list[dict]) -> list[SquadExample]:
 def dev_split(articles: list[dict], num_train_articles: int) -> tuple[list[dict], list[dict]]:
   """Deterministic by-article split: (first `num_train_articles`, the remaining articles).
 
-  Splitting by article keeps every passage on one side, so no evaluated context was seen
+  Splitting by article keeps every passage on one side, so no scored context was seen
   in fine-tuning. The dev file has 35 articles.
   """
   if not 0 < num_train_articles < len(articles):

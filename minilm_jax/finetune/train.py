@@ -43,11 +43,11 @@ class FinetuneConfig:
   task: str = "rte"                 # a GLUE task of glue.TASKS, or "squad2"
   data: str = ""                    # glue_data folder, or the SQuAD dev-v2.0.json path
   max_seq_len: int = 0              # 0 = 128 for GLUE, 384 for SQuAD
-  doc_stride: int = tasks.DOC_STRIDE            # SQuAD window overlap in tokens (128)
-  squad_train_articles: int = tasks.SQUAD_TRAIN_ARTICLES  # SQuAD: first 25 of 35 dev articles train
+  doc_stride: int = tasks.DOC_STRIDE  # SQuAD window overlap in tokens
+  squad_train_articles: int = tasks.SQUAD_TRAIN_ARTICLES  # SQuAD: first N of 35 dev articles train
   batch_size: int = 32              # global examples per step (a multiple of the devices)
   eval_batch_size: int = 128        # examples per eval forward (the last batch padded)
-  length_bucket: int = score.LENGTH_BUCKET      # batch width: longest row rounded up to 16; 0 = off
+  length_bucket: int = score.LENGTH_BUCKET  # batch width: longest row rounded up to this; 0 = off
   group_by_length: bool = False     # batch rows of similar length together (less padding)
   epochs: int = 3
   learning_rate: float = 2e-5       # peak after warmup
@@ -271,7 +271,8 @@ def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]
   scores = [r["best_score"] for r in runs]
   task = tasks.resolve_task(cfg.task)
   summary = {"task": task, "metric": tasks.task_metric(task), "model": cfg.model,
-             **out["model_info"], "seeds": list(seeds), "scores": scores, "mean": float(np.mean(scores)),
+             **out["model_info"], "seeds": list(seeds), "scores": scores,
+             "mean": float(np.mean(scores)),
              "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
              "wall_time_s": [r["wall_time_s"] for r in runs], "data": out["data"],
              "runs": runs, "config": dataclasses.asdict(cfg)}
