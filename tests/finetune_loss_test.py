@@ -1,9 +1,7 @@
 """Fine-tuning losses do not depend on how far a batch is padded (trimming is exact)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from minilm_jax.finetune import score, train
 from finetune_test import _ragged_features, tiny_dir  # noqa: F401 (fixture)
