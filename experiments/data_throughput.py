@@ -71,7 +71,8 @@ def main():
   start = time.perf_counter()
   docs = documents.load_documents(files)
   read_s = time.perf_counter() - start
-  tok, _ = tokenization.for_pretraining(teachers.resolve_model_dir(args.tokenizer))
+  tokenizer_dir = teachers.resolve_model_dir(args.tokenizer)
+  tok, _ = tokenization.for_pretraining(tokenizer_dir)
   n_tokens = sum(len(d) for d in data.encode_documents(tok, docs))
   tok_s = best_seconds(lambda: data.encode_documents(tok, docs), args.repeats)
   chars = sum(len(d) for d in docs)
@@ -85,7 +86,7 @@ def main():
   for seq in (128, 512):
     for doc_per_file in (True, False):
       start = time.perf_counter()
-      examples, stats = data.pretraining_examples(files, args.tokenizer, max_seq_len=seq,
+      examples, stats = data.pretraining_examples(files, tokenizer_dir, max_seq_len=seq,
                                                   doc_per_file=doc_per_file)
       rows.append(f"| pretraining_examples seq {seq}, document = "
                   f"{'file' if doc_per_file else 'blank-line block'} (read+tokenize+pack) | "
@@ -108,7 +109,7 @@ def main():
                 f"{time.perf_counter() - start:.2f} s |")
     print(rows[-1], flush=True)
     start = time.perf_counter()
-    _, stats = data.pretraining_examples("tfds:text_corpus", args.tokenizer,
+    _, stats = data.pretraining_examples("tfds:text_corpus", tokenizer_dir,
                                          data_dir=str(data_dir))
     rows.append(f"| pretraining_examples from that TFDS dataset, seq 128 | "
                 f"{time.perf_counter() - start:.2f} s ({stats.tokens:,} tokens) |")

@@ -33,7 +33,6 @@ from flax import nnx
 from minilm_jax import mlm
 from minilm_jax import model as model_lib
 from minilm_jax.convert import TOKENIZER_FILES, write_dir_atomically, write_file_atomically
-from minilm_jax.teachers import resolve_model_dir
 
 MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
@@ -69,7 +68,7 @@ def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
                         json.dumps(dataclasses.asdict(config), indent=2) + "\n")
   tok = directory / TOKENIZER_DIR
   tok.mkdir(exist_ok=True)
-  src = resolve_model_dir(tokenizer_dir)
+  src = pathlib.Path(tokenizer_dir)
   for name in TOKENIZER_FILES:
     if (src / name).is_file() and src != tok:
       write_file_atomically(tok / name, (src / name).read_bytes())
@@ -91,7 +90,7 @@ def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, para
     with manager(tmp, async_save=False) as m:
       m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
   return write_dir_atomically(pathlib.Path(directory), write, overwrite=overwrite,
-                              sources=(resolve_model_dir(tokenizer_dir),))
+                              sources=(pathlib.Path(tokenizer_dir),))
 
 
 def restore_params(directory: str | os.PathLike, step: int | None = None, *,

@@ -35,9 +35,10 @@ def convert(argv: list[str]) -> None:
   if args.from_hf:
     if not args.to:
       p.error("--from-hf needs --to CKPT_DIR")
-    convert_lib.check_not_overlapping([resolve_model_dir(args.from_hf)], args.to)
-    config, params = convert_lib.load_hf(args.from_hf)
-    out = checkpoint.save_model(args.to, config, params, args.from_hf, overwrite=args.overwrite)
+    source = resolve_model_dir(args.from_hf)
+    convert_lib.check_not_overlapping([source], args.to)
+    config, params = convert_lib.load_hf(source)
+    out = checkpoint.save_model(args.to, config, params, source, overwrite=args.overwrite)
   else:
     if not args.to_hf:
       p.error("--from-checkpoint needs --to-hf OUT_DIR")

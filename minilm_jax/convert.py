@@ -72,8 +72,8 @@ def name_table(config: model_lib.ModelConfig) -> Iterator[tuple[str, tuple, bool
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, dict]:
-  """Reads `config.json` of a Hugging Face directory (or packaged teacher name)."""
-  path = resolve_model_dir(model_dir) / "config.json"
+  """Reads `config.json` of a Hugging Face directory."""
+  path = pathlib.Path(model_dir) / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: a Hugging Face model directory needs config.json "
                             "(save the model with save_pretrained)")
@@ -96,7 +96,7 @@ def read_hf_config(model_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig,
 
 def read_hf_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], pathlib.Path]:
   """All tensors of `model.safetensors` (preferred) or `pytorch_model.bin`, as numpy."""
-  model_dir = resolve_model_dir(model_dir)
+  model_dir = pathlib.Path(model_dir)
   st, pt = model_dir / "model.safetensors", model_dir / "pytorch_model.bin"
   if st.is_file():
     try:
@@ -122,7 +122,7 @@ def read_hf_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
 
 def check_tokenizer(config: model_lib.ModelConfig, model_dir: str | os.PathLike) -> pathlib.Path:
   """Checks that `tokenizer.json` exists and fits the embedding table; returns its path."""
-  model_dir = resolve_model_dir(model_dir)
+  model_dir = pathlib.Path(model_dir)
   size = tokenization.load(model_dir).get_vocab_size(with_added_tokens=True)
   path = model_dir / "tokenizer.json"
   if size > config.vocab_size:
@@ -165,8 +165,10 @@ def hf_to_params(config: model_lib.ModelConfig, tensors: Mapping[str, np.ndarray
   return abstract
 
 
-def load_hf(model_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, nnx.State]:
-  """Reads a local Hugging Face BERT-family directory: (config, float32 parameters)."""
+def load_hf(name_or_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, nnx.State]:
+  """(config, float32 parameters) of a packaged teacher name or a local Hugging Face
+  BERT-family directory (a door: the name is resolved here; the readers take directories)."""
+  model_dir = resolve_model_dir(name_or_dir)
   config, _ = read_hf_config(model_dir)
   check_tokenizer(config, model_dir)
   tensors, path = read_hf_tensors(model_dir)
@@ -197,8 +199,7 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: n
   `prefix`, `extra_tensors` and `extra_config` serve task models (e.g. "bert." plus
   "classifier.weight" and `architectures: ["BertForSequenceClassification"]`).
   """
-  out_dir = pathlib.Path(out_dir)
-  tokenizer_dir = resolve_model_dir(tokenizer_dir)
+  out_dir, tokenizer_dir = pathlib.Path(out_dir), pathlib.Path(tokenizer_dir)
   check_tokenizer(config, tokenizer_dir)
   tensors = params_to_hf(config, params, prefix) | dict(extra_tensors or {})
   hf_config = config.to_hf() | dict(extra_config or {})

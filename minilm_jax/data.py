@@ -16,7 +16,6 @@ JSON-serialisable iterator state that is the same on every process.
 
 import dataclasses
 import functools
-import json
 import pathlib
 import time
 from typing import Callable, Sequence
@@ -26,7 +25,7 @@ import grain
 import numpy as np
 import tokenizers
 
-from minilm_jax import documents, teachers, tokenization
+from minilm_jax import convert, documents, teachers, tokenization
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -40,26 +39,6 @@ def encode_documents(tok: tokenizers.Tokenizer, docs: Sequence[str],
     encodings = encode(list(docs[lo:lo + batch_size]), add_special_tokens=False)
     out += [np.asarray(e.ids, np.int32) for e in encodings]
   return out
-
-
-def check_max_seq_len(max_seq_len: int, model_dir: str | pathlib.Path) -> int:
-  """Raises unless `max_seq_len` fits the model's position table; returns the limit.
-
-  RoBERTa/XLM-R offset positions by pad_token_id + 1, so 514 positions hold 512 tokens.
-  """
-  path = pathlib.Path(model_dir) / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{str(path)!r} does not exist: pass a Hugging Face model directory")
-  config = json.loads(path.read_text())
-  offset = config.get("pad_token_id", 1) + 1 if config.get(
-      "model_type") in ("roberta", "xlm-roberta") else 0
-  limit = config["max_position_embeddings"] - offset
-  if max_seq_len > limit:
-    raise ValueError(
-        f"max_seq_len={max_seq_len} is beyond the position table of {str(model_dir)!r} "
-        f"(max_position_embeddings={config['max_position_embeddings']}, usable {limit}): "
-        f"pass --max-seq-len {limit} or less")
-  return limit
 
 
 # ----------------------------------------------------------------------------- packing
@@ -156,7 +135,7 @@ def pack_documents(token_docs: Sequence[np.ndarray], special: tokenization.Speci
 
 
 def pretraining_examples(
-    corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *, max_seq_len: int = 128,
+    corpus: str | Sequence[str], tokenizer_dir: str | pathlib.Path, *, max_seq_len: int = 128,
     data_dir: str | None = None, two_segments: bool = False, doc_per_line: bool = False,
     doc_per_file: bool = False, text_feature: str = "text", max_documents: int | None = None,
 ) -> tuple[grain.MapDataset, CorpusStats]:
@@ -165,8 +144,9 @@ def pretraining_examples(
   Args:
     corpus: "demo", local text files (paths/globs/dirs, comma-separated or a list), or
       "tfds:NAME[/CONFIG][:SPLIT]" for a TFDS dataset prepared in `data_dir`.
-    tokenizer: packaged teacher name or model directory holding tokenizer.json; when it
-      has a config.json, `max_seq_len` is checked against its position table.
+    tokenizer_dir: the teacher's directory (`teachers.resolve_model_dir` of its name),
+      holding tokenizer.json; when it has a config.json, `max_seq_len` is checked against
+      the model's position table.
     max_seq_len: tokens per example, special tokens included (128; 512 for paper runs).
     data_dir: TFDS data directory (TFDS corpora only).
     two_segments: `[CLS] A [SEP] B [SEP]` with token_type 1 for B, instead of one segment.
@@ -179,9 +159,9 @@ def pretraining_examples(
     A `grain.MapDataset` of {"input_ids", "attention_mask", "token_type_ids"}: int32
     [max_seq_len] each, in corpus order; and the corpus statistics.
   """
-  model_dir = teachers.resolve_model_dir(tokenizer)
+  model_dir = pathlib.Path(tokenizer_dir)
   if (model_dir / "config.json").is_file():
-    check_max_seq_len(max_seq_len, model_dir)
+    convert.read_hf_config(model_dir)[0].check_max_seq_len(max_seq_len, "the teacher")
   tok, special = tokenization.for_pretraining(model_dir)
   docs = documents.load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
                         doc_per_file=doc_per_file, text_feature=text_feature,
@@ -289,12 +269,14 @@ def show_examples(corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *,
                   doc_per_file: bool = False, text_feature: str = "text",
                   max_documents: int | None = None,
                   echo: Callable[[str], None] = print) -> CorpusStats:
-  """`python -m minilm_jax data`: prints `show` decoded examples and the corpus statistics."""
+  """`python -m minilm_jax data`: prints `show` decoded examples and the corpus statistics;
+  `tokenizer` is a packaged teacher name or a model directory."""
+  tokenizer_dir = teachers.resolve_model_dir(tokenizer)
   examples, stats = pretraining_examples(
-      corpus, tokenizer, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
+      corpus, tokenizer_dir, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
       doc_per_line=doc_per_line, doc_per_file=doc_per_file, text_feature=text_feature,
       max_documents=max_documents)
-  tok, _ = tokenization.for_pretraining(teachers.resolve_model_dir(tokenizer))
+  tok, _ = tokenization.for_pretraining(tokenizer_dir)
   for i in range(min(show, len(examples))):
     example = examples[i]
     ids = example["input_ids"][example["attention_mask"] == 1].tolist()

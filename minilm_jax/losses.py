@@ -35,12 +35,21 @@ which never holds a T x S tensor.
 
 import difflib
 import math
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
 from minilm_jax.blockwise_relation import MASKED, blockwise_relation_loss
-from minilm_jax.model import AttentionInternals
+
+
+class QueryKeyValue(Protocol):
+  """What the losses read of one layer: its queries, keys and values, [B, T, D] each with
+  the heads concatenated (before any dropout). The model's `AttentionInternals` is one, so
+  the step passes its captured layers as they are; this file needs no model."""
+  query: jax.Array
+  key: jax.Array
+  value: jax.Array
 
 
 def relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
@@ -76,13 +85,13 @@ def relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Arr
   return per_query / jnp.maximum(jnp.sum(keep), 1.0)
 
 
-def attention_transfer_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+def attention_transfer_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
                             num_heads: int) -> jax.Array:
   """MiniLM's attention transfer: KL(softmax(q_T k_T^T) || softmax(q_S k_S^T)), per head."""
   return blockwise_relation_loss(teacher.query, teacher.key, student.query, student.key, mask, num_heads)
 
 
-def value_relation_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+def value_relation_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
                         num_heads: int) -> jax.Array:
   """MiniLM's value relation transfer: KL(softmax(v_T v_T^T) || softmax(v_S v_S^T))."""
   return blockwise_relation_loss(teacher.value, teacher.value, student.value, student.value, mask, num_heads)
@@ -94,7 +103,7 @@ TERMS = {"v1": ("attention_transfer", "value_relation"),
          "v2": ("qq_relation", "kk_relation", "vv_relation")}
 
 
-def _term(name: str, teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+def _term(name: str, teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
           heads: int) -> jax.Array:
   if name == "attention_transfer":
     return attention_transfer_loss(teacher, student, mask, heads)
@@ -129,20 +138,20 @@ def check_terms(version: str, terms) -> tuple[str, ...]:
   return terms
 
 
-def minilm_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+def minilm_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
                 heads: int, terms: tuple[str, ...]) -> dict[str, jax.Array]:
   """The sum of the chosen relation `terms` (names of `TERMS`); returns each and the total."""
   values = {name: _term(name, teacher, student, mask, heads) for name in terms}
   return values | {"total": sum(values.values())}
 
 
-def minilm_v1_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+def minilm_v1_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
                    num_heads: int, terms: tuple[str, ...] = TERMS["v1"]) -> dict[str, jax.Array]:
   """MiniLM (v1): attention transfer + value relation; returns each term and the total."""
   return minilm_loss(teacher, student, mask, num_heads, check_terms("v1", terms))
 
 
-def minilm_v2_loss(teacher: AttentionInternals, student: AttentionInternals, mask: jax.Array,
+def minilm_v2_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
                    num_relation_heads: int,
                    terms: tuple[str, ...] = TERMS["v2"]) -> dict[str, jax.Array]:
   """MiniLMv2: Q-Q + K-K + V-V self-attention relations with `num_relation_heads` heads."""

@@ -89,6 +89,14 @@ class ModelConfig:
     """Longest sequence the position table can encode."""
     return self.max_position_embeddings - self.position_offset
 
+  def check_max_seq_len(self, max_seq_len: int, whose: str = "the model") -> None:
+    """Raises unless sequences of `max_seq_len` tokens fit the position table."""
+    if max_seq_len > self.max_seq_len:
+      raise ValueError(
+          f"max_seq_len {max_seq_len} exceeds {whose}'s position table ({self.max_position_embeddings} "
+          f"positions, usable {self.max_seq_len}): a token beyond the position table has no position "
+          f"embedding; pass max_seq_len {self.max_seq_len} or less")
+
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
 

@@ -1,4 +1,4 @@
-"""The distillation step: config, models, optimizer and one pure, jit-compiled update.
+"""The distillation step: the run's config, its static setup and one pure, jit-compiled update.
 
     (state, teacher_params, batch) -> (state, metrics)
 
@@ -22,9 +22,6 @@ not compile (its `mulhi` fails the MHLO -> StableHLO conversion).
 import dataclasses
 import difflib
 import functools
-import importlib
-import importlib.util
-import pathlib
 from typing import Any, Callable
 
 import flax.struct
@@ -34,10 +31,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minilm_jax import losses, mlm, sharding
+from minilm_jax import internals_loss, losses, mlm, sharding
 from minilm_jax import model as model_lib
 
-LOSSES = {"v1": losses.minilm_v1_loss, "v2": losses.minilm_v2_loss}
 OBJECTIVES = ("distill", "mlm")
 
 
@@ -134,7 +130,7 @@ def check_choice(what: str, value: str, choices) -> None:
 def check_config(cfg: DistillConfig) -> None:
   """Field values a run cannot start with, checked before anything is written."""
   check_choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
-  check_choice("version", cfg.version, tuple(LOSSES))
+  check_choice("version", cfg.version, tuple(losses.TERMS))
   check_choice("objective", cfg.objective, OBJECTIVES)
   positive = ("student_layers", "student_hidden", "student_heads", "max_seq_len",
               "global_batch_size", "grad_accum_steps", "max_steps", "log_every", "checkpoint_every",
@@ -186,14 +182,6 @@ class TrainState:
   rng: jax.Array           # threefry key data; step t's dropout key: `dropout_key(rng, t, impl)`
 
 
-# A distillation loss of internals: (teacher_internals, student_internals, mask) -> named
-# scalar terms with a "total" (what is minimised). The internals are the captured layers'
-# `AttentionInternals` (q, k, v before dropout; a custom loss also gets the attention
-# logits), in the order of `loss_teacher_layers` / `loss_student_layers`; mask is [B, T].
-InternalsLoss = Callable[[tuple[model_lib.AttentionInternals, ...],
-                          tuple[model_lib.AttentionInternals, ...], jax.Array], dict[str, jax.Array]]
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """The static half of a run: model configs and which layers meet in which loss."""
@@ -201,79 +189,11 @@ class Setup:
   student: model_lib.ModelConfig
   version: str
   relation_heads: int                # heads of the built-in loss; 0 with internals_loss
-  loss: InternalsLoss                # the built-in MiniLM / MiniLMv2 loss, or `internals_loss`
+  loss: internals_loss.InternalsLoss  # the built-in MiniLM / MiniLMv2 loss, or `internals_loss`
   teacher_layers: tuple[int, ...]    # 0-based teacher layers whose internals the loss gets
   student_layers: tuple[int, ...]    # 0-based student layers whose internals the loss gets
   return_logits: bool                # capture attention logits too (custom losses)
   dropout_prng: str = "threefry2x32"  # jax.random implementation of the step's dropout keys
-
-
-def paper_loss(teacher, student, mask, *, version: str, heads: int, terms: tuple[str, ...]):
-  """MiniLM / MiniLMv2 as an `InternalsLoss`: one teacher layer against the student's last."""
-  return LOSSES[version](teacher[0], student[0], mask, heads, terms)
-
-
-def load_internals_loss(spec: str) -> InternalsLoss:
-  """The function named by "package.module:function" or "path/to/file.py:function"."""
-  where, _, name = spec.rpartition(":")
-  if not where or not name:
-    raise ValueError(f"internals_loss {spec!r} is not 'module:function' or 'path/file.py:function'")
-  if where.endswith(".py"):
-    path = pathlib.Path(where).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f"internals_loss file {path} does not exist: give a path relative to "
-                              "the working directory, or an absolute one")
-    module_spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-  else:
-    try:
-      module = importlib.import_module(where)
-    except ModuleNotFoundError as e:
-      raise ValueError(f"internals_loss module {where!r} cannot be imported ({e}): put it on "
-                       "PYTHONPATH or name its file as 'path/file.py:function'") from e
-  fn = getattr(module, name, None)
-  if not callable(fn):
-    raise ValueError(f"internals_loss {spec!r}: {where} has no function {name!r}")
-  return fn
-
-
-def _layers(chosen: tuple[int, ...], default: int, total: int, what: str) -> tuple[int, ...]:
-  """1-based layer numbers (config) -> 0-based indices (model), range-checked."""
-  chosen = tuple(chosen) or (default,)
-  if bad := [n for n in chosen if not 1 <= n <= total]:
-    raise ValueError(f"loss_{what}_layers {bad} are out of range: the {what} has {total} layers "
-                     f"(use 1..{total})")
-  return tuple(n - 1 for n in chosen)
-
-
-def _loss_of(cfg: DistillConfig, teacher: model_lib.ModelConfig,
-             student: model_lib.ModelConfig) -> tuple[InternalsLoss, int]:
-  """The run's `InternalsLoss` and its head count, checked against the two models."""
-  if cfg.internals_loss:
-    if cfg.loss_terms is not None:
-      raise ValueError("loss_terms chooses terms of the built-in v1/v2 losses; with internals_loss "
-                       "your function returns its own terms: leave loss_terms unset (None)")
-    return load_internals_loss(cfg.internals_loss), 0
-  if cfg.loss_teacher_layers or cfg.loss_student_layers:
-    raise ValueError("loss_teacher_layers / loss_student_layers choose the layers of an "
-                     "internals_loss; the built-in losses use teacher_layer and the student's "
-                     "last layer: set internals_loss or leave them empty")
-  terms = losses.check_terms(cfg.version, losses.TERMS[cfg.version] if cfg.loss_terms is None
-                             else cfg.loss_terms)
-  if cfg.version == "v1":
-    if teacher.num_heads != student.num_heads:
-      raise ValueError(f"MiniLM v1 transfers attention head by head, but the teacher has "
-                       f"{teacher.num_heads} heads and the student {student.num_heads}: set "
-                       f"student_heads={teacher.num_heads}, or use version='v2' (relation heads)")
-    heads = teacher.num_heads
-  else:
-    heads = cfg.num_relation_heads
-    for name, c in (("teacher", teacher), ("student", student)):
-      if c.hidden_size % heads:
-        raise ValueError(f"num_relation_heads={heads} does not divide the {name} hidden size "
-                         f"{c.hidden_size}: choose a divisor of both widths")
-  return functools.partial(paper_loss, version=cfg.version, heads=heads, terms=terms), heads
 
 
 def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
@@ -288,8 +208,10 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
   if not 1 <= layer <= teacher_full.num_layers:
     raise ValueError(f"teacher_layer {cfg.teacher_layer} is out of range: the teacher has "
                      f"{teacher_full.num_layers} layers (use 1..{teacher_full.num_layers}, 0 = last)")
-  teacher_layers = _layers(cfg.loss_teacher_layers, layer, teacher_full.num_layers, "teacher")
-  student_layers = _layers(cfg.loss_student_layers, cfg.student_layers, cfg.student_layers, "student")
+  teacher_layers = internals_loss.layer_indices(cfg.loss_teacher_layers, layer, teacher_full.num_layers,
+                                                "teacher")
+  student_layers = internals_loss.layer_indices(cfg.loss_student_layers, cfg.student_layers,
+                                                cfg.student_layers, "student")
   dtype = cfg.resolved_dtype()
   student = teacher_full.replace(
       num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
@@ -298,11 +220,8 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
       cudnn_dropout=cfg.fused_attention_dropout, dtype=dtype)
   teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
   # Masked LM distils nothing: no loss of internals, any head count.
-  loss, heads = (None, student.num_heads) if cfg.objective == "mlm" else _loss_of(cfg, teacher, student)
-  for name, c in (("teacher", teacher), ("student", student)):
-    if cfg.max_seq_len > c.max_seq_len:
-      raise ValueError(f"max_seq_len {cfg.max_seq_len} exceeds the {name}'s position table "
-                       f"({c.max_seq_len} tokens): lower max_seq_len")
+  loss, heads = (None, student.num_heads) if cfg.objective == "mlm" else internals_loss.choose(cfg, teacher, student)
+  teacher.check_max_seq_len(cfg.max_seq_len, "the teacher")  # the student shares its table
   return Setup(teacher, student, cfg.version, heads, loss, teacher_layers, student_layers,
                return_logits=bool(cfg.internals_loss), dropout_prng=cfg.resolved_prng())
 

@@ -10,9 +10,10 @@ import pytest
 import tokenizers
 import transformers
 
-from minilm_jax import corpus_tfds, data, documents, teachers, tokenization
+from minilm_jax import convert, corpus_tfds, data, documents, teachers, tokenization
+from minilm_jax import model as model_lib
 
-TEACHER = "all-MiniLM-L6-v2"
+TEACHER = teachers.resolve_model_dir("all-MiniLM-L6-v2")
 BOOK = """The Project Gutenberg eBook of A Tiny Book
 
 This eBook is for the use of anyone anywhere.
@@ -60,7 +61,7 @@ def test_packing_keeps_every_token_once(demo, teacher_dir):
   reference = transformers.AutoTokenizer.from_pretrained(teacher_dir)
   expected = [reference(d, add_special_tokens=False, split_special_tokens=True)["input_ids"]
               for d in docs]
-  special = tokenization.for_pretraining(teachers.resolve_model_dir(TEACHER))[1]
+  special = tokenization.for_pretraining(TEACHER)[1]
   assert (special.cls, special.sep, special.pad) == (
       reference.cls_token_id, reference.sep_token_id, reference.pad_token_id)
   packed = [t for ex in rows(examples) for t in text_tokens(ex, special)]
@@ -80,7 +81,7 @@ def test_special_token_text_stays_text(tmp_path):
 
 def test_two_segments_layout():
   examples, stats = data.pretraining_examples("demo", TEACHER, max_seq_len=32, two_segments=True)
-  special = tokenization.for_pretraining(teachers.resolve_model_dir(TEACHER))[1]
+  special = tokenization.for_pretraining(TEACHER)[1]
   packed = [t for ex in rows(examples) for t in text_tokens(ex, special)]
   assert len(packed) == stats.tokens
   full = examples[0]
@@ -237,15 +238,15 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   with pytest.raises(ValueError, match="give no batch"):
     data.batch_iterator(grain.MapDataset.range(10), global_batch_size=16, seed=0, num_epochs=1,
                         process_index=0, process_count=1)
-  assert data.check_max_seq_len(512, teacher_dir) == 512
+  convert.read_hf_config(teacher_dir)[0].check_max_seq_len(512)  # 512 positions hold 512 tokens
 
 
 def test_position_limit_of_roberta_models(tmp_path):
-  config = {"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1}
-  (tmp_path / "config.json").write_text(json.dumps(config))
-  assert data.check_max_seq_len(512, tmp_path) == 512
+  config = model_lib.ModelConfig(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1)
+  assert config.max_seq_len == 512
+  config.check_max_seq_len(512)
   with pytest.raises(ValueError, match="usable 512"):
-    data.check_max_seq_len(513, tmp_path)
+    config.check_max_seq_len(513)
 
 
 def sentencepiece_dir(tmp_path):
@@ -302,7 +303,7 @@ def test_data_cli_builds_tfds_and_shows_it(tmp_path, capsys):
   cli.main(["data", "--build-tfds", str(tmp_path / "book.txt"), "--data-dir", str(tmp_path / "tfds")])
   assert "--corpus tfds:text_corpus" in capsys.readouterr().out
   cli.main(["data", "--corpus", "tfds:text_corpus", "--data-dir", str(tmp_path / "tfds"),
-            "--tokenizer", TEACHER, "--max-seq-len", "32", "--show", "1"])
+            "--tokenizer", str(TEACHER), "--max-seq-len", "32", "--show", "1"])
   out = capsys.readouterr().out
   stats = data.pretraining_examples(str(tmp_path / "book.txt"), TEACHER, max_seq_len=32)[1]
   assert out.startswith("--- example 0 (") and "\n[CLS] chapter" in out  # TFDS orders by key hash

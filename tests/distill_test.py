@@ -185,3 +185,22 @@ def test_progress_counts_finished_steps():
   assert bar.n == 4  # steps 3 and 4 are done; 6 is ready but 5, before it, not yet
   progress.finished(6)  # e.g. step 6's metrics were read
   assert bar.n == 6 and [s for s, _ in progress.inflight] == [7]
+
+
+def test_a_run_resolves_its_teacher_name_once(tmp_path, monkeypatch):
+  """The teacher's name becomes a directory where the run starts; every room below it
+  (the teacher's weights, the data and tokenizer, the checkpoint's files, the export)
+  gets that path and never looks the name up again."""
+  from minilm_jax import convert, teachers
+  calls, resolve = [], teachers.resolve_model_dir
+
+  def counting(name_or_path):
+    calls.append(name_or_path)
+    return resolve(name_or_path)
+
+  for module in (teachers, distill, convert):
+    monkeypatch.setattr(module, "resolve_model_dir", counting)
+  cfg = smoke_config(max_steps=2)
+  distill.run(cfg, tmp_path)
+  assert [c for c in calls if str(c) == cfg.teacher] == [cfg.teacher]
+  assert len(calls) <= 2, calls  # the run's door, and convert.load_hf's (given the path)

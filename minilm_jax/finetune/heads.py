@@ -21,6 +21,7 @@ from flax import nnx
 
 from minilm_jax import checkpoint, convert
 from minilm_jax import model as model_lib
+from minilm_jax.teachers import resolve_model_dir
 
 
 class SequenceClassifier(nnx.Module):
@@ -77,9 +78,10 @@ def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, A
     config, params, tokenizer_dir, _ = checkpoint.restore_params(path)
     pure = checkpoint.to_host(params).to_pure_dict()
   else:
-    config, _ = convert.read_hf_config(model)
-    tensors, source = convert.read_hf_tensors(model)
-    tokenizer_dir = convert.check_tokenizer(config, model).parent
+    model_dir = resolve_model_dir(model)  # a packaged name or an HF directory: resolved once, here
+    config, _ = convert.read_hf_config(model_dir)
+    tensors, source = convert.read_hf_tensors(model_dir)
+    tokenizer_dir = convert.check_tokenizer(config, model_dir).parent
     has_pooler = any(k.endswith("pooler.dense.weight") for k in tensors)
     pure = convert.hf_to_params(config.replace(use_pooler=has_pooler), tensors,
                                 source).to_pure_dict()
