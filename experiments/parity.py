@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-from minilm_jax import convert, model as model_lib
+from minilm_jax import attention, convert, model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -48,7 +48,7 @@ def compare(name, config, params, hf_dir, batch):
   out = model_lib.apply(config, params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                         capture=tuple(range(config.num_layers)), return_logits=True)
   mask = batch["attention_mask"].astype(bool)
-  probs = max(max_diff(model_lib.attention_probs(out.internals[i].logits, batch["attention_mask"]),
+  probs = max(max_diff(attention.attention_probs(out.internals[i].logits, batch["attention_mask"]),
                        ref.attentions[i], mask) for i in range(config.num_layers))
   pooled = (float(np.abs(np.asarray(out.pooled_output) - ref.pooler_output.numpy()).max())
             if out.pooled_output is not None else float("nan"))

@@ -200,14 +200,14 @@ def _curve_plot(study, budget, paths, rows, curve, path) -> bool:
 def _attention(model_dir, sentence):
   """Last-layer attention probabilities [N, T, T] of `sentence`, and its tokens."""
   from minilm_jax import convert, tokenization
-  from minilm_jax import model as model_lib
+  from minilm_jax import attention, model as model_lib
   config, params = convert.load_hf(model_dir)
   tok, special = tokenization.for_pretraining(model_dir)
   ids = [special.cls] + tok.encode(sentence, add_special_tokens=False).ids + [special.sep]
   x = np.asarray([ids], np.int32)
   last = config.num_layers - 1
   out = model_lib.apply(config, params, x, np.ones_like(x), capture=(last,), return_logits=True)
-  probs = model_lib.attention_probs(out.internals[last].logits, np.ones_like(x))
+  probs = attention.attention_probs(out.internals[last].logits, np.ones_like(x))
   return np.asarray(probs[0]), [tok.id_to_token(i) for i in ids]
 
 

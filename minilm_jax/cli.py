@@ -1,93 +1,29 @@
 """`python -m minilm_jax {distill,data,convert,finetune,evaluate,benchmark}`.
 
-Each subcommand is a thin layer over one library function. `distill` takes an
-ml_collections config file with absl-style overrides, as the Flax examples do:
-`--config experiments/demo.py --config.max_steps=10`; `finetune` overrides the fields of
-`FinetuneConfig` the same way (`--task glue/sst2 --model M --config.epochs=3`).
+Each subcommand is a thin layer over one library function, and every one reads its
+flags the same way, with absl flags as the Flax examples do (`--name value` or
+`--name=value`, booleans as `--name` / `--noname`, `--help` for the list). `distill`
+takes an ml_collections config file with overrides, `--config experiments/demo.py
+--config.max_steps=10`; `finetune` overrides the fields of `FinetuneConfig` the same
+way (`--task glue/sst2 --model M --config.epochs=3`). A bad flag or a misspelt
+`--config.key` exits with one line that names the fix.
 """
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
 import sys
+from typing import Callable
+
+from absl import flags
 
 # `distill` flags that name the cluster for `jax.distributed.initialize`, and their env variables.
 CLUSTER_FLAGS = {"coordinator-address": "JAX_COORDINATOR_ADDRESS",
                  "num-processes": "JAX_NUM_PROCESSES", "process-id": "JAX_PROCESS_ID"}
 
 
-def convert(argv: list[str]) -> None:
-  p = argparse.ArgumentParser(prog="python -m minilm_jax convert", description=(
-      "Hugging Face directory -> Orbax checkpoint (--from-hf DIR --to CKPT_DIR), or "
-      "checkpoint / distill workdir -> Hugging Face directory (--from-checkpoint DIR --to-hf OUT)."))
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--from-hf", metavar="DIR", help="local HF directory or packaged teacher name")
-  src.add_argument("--from-checkpoint", metavar="CKPT_DIR", help="checkpoint dir or distill workdir")
-  p.add_argument("--to", metavar="CKPT_DIR", help="output checkpoint directory (with --from-hf)")
-  p.add_argument("--to-hf", metavar="OUT_DIR", help="output HF directory (with --from-checkpoint)")
-  p.add_argument("--step", type=int, help="checkpoint step to export (default: latest)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-  args = p.parse_args(argv)
-  from minilm_jax import checkpoint, convert as convert_lib
-  from minilm_jax.teachers import resolve_model_dir
-  if args.from_hf:
-    if not args.to:
-      p.error("--from-hf needs --to CKPT_DIR")
-    source = resolve_model_dir(args.from_hf)
-    convert_lib.check_not_overlapping([source], args.to)
-    config, params = convert_lib.load_hf(source)
-    out = checkpoint.save_model(args.to, config, params, source, overwrite=args.overwrite)
-  else:
-    if not args.to_hf:
-      p.error("--from-checkpoint needs --to-hf OUT_DIR")
-    convert_lib.check_not_overlapping([args.from_checkpoint, checkpoint.resolve(args.from_checkpoint)],
-                                      args.to_hf)
-    config, params, tokenizer, step = checkpoint.restore_params(args.from_checkpoint, args.step)
-    out = convert_lib.save_hf(args.to_hf, config, params, tokenizer, overwrite=args.overwrite)
-  print(f"wrote {out}")
-
-
-def data(argv: list[str]) -> None:
-  p = argparse.ArgumentParser(prog="python -m minilm_jax data", description=(
-      "Shows packed pre-training examples and corpus statistics (--corpus), or prepares "
-      "local text files once as a TFDS array_record dataset (--build-tfds FILES --data-dir DIR)."))
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--corpus", help="'demo', text files/globs (comma-separated), or tfds:NAME[/CONFIG]")
-  src.add_argument("--build-tfds", metavar="FILES", help="text files/globs (comma-separated) to prepare")
-  p.add_argument("--data-dir", help="TFDS data_dir to read from / write into")
-  p.add_argument("--tokenizer", default="all-MiniLM-L6-v2", help="HF directory or packaged teacher name")
-  p.add_argument("--max-seq-len", type=int, default=128)
-  p.add_argument("--show", type=int, default=3, help="decoded examples to print")
-  p.add_argument("--two-segments", action="store_true", help="pack two segments per example")
-  p.add_argument("--doc-per-line", action="store_true", help="one document per line (default: blank-line blocks)")
-  p.add_argument("--doc-per-file", action="store_true", help="one document per file")
-  p.add_argument("--text-feature", default="text", help="the TFDS dataset's text feature")
-  p.add_argument("--max-documents", type=int, help="read only the first N documents")
-  p.add_argument("--overwrite", action="store_true", help="rebuild an already prepared TFDS dataset")
-  args = p.parse_args(argv)
-  if args.build_tfds:
-    from minilm_jax import corpus_tfds
-    if corpus_tfds.is_built(args.data_dir) and not args.overwrite:
-      print(f"{corpus_tfds.NAME} is already built in {args.data_dir}: kept the old data; pass "
-            "--overwrite to rebuild it from these files")
-      return
-    out = corpus_tfds.build_text_corpus(args.build_tfds, args.data_dir,
-                                        doc_per_line=args.doc_per_line,
-                                        doc_per_file=args.doc_per_file, overwrite=args.overwrite)
-    print(f"wrote {out}; read it with --corpus tfds:{corpus_tfds.NAME} --data-dir {args.data_dir}")
-    return
-  from minilm_jax import data as data_lib
-  data_lib.show_examples(args.corpus, args.tokenizer, max_seq_len=args.max_seq_len,
-                         show=args.show, data_dir=args.data_dir, two_segments=args.two_segments,
-                         doc_per_line=args.doc_per_line, doc_per_file=args.doc_per_file,
-                         text_feature=args.text_feature, max_documents=args.max_documents)
-
-
-def benchmark(argv: list[str]) -> None:
-  from minilm_jax.benchmark import main as benchmark_main
-  benchmark_main.main(argv)
+# ------------------------------------------------------------------------------ parsing
 
 
 def _flag_error(e: Exception) -> str:
@@ -118,46 +54,167 @@ def _unknown_override(argv: list[str], config) -> str | None:
   return None
 
 
-def _parse_flags(fv, argv: list[str], usage: str) -> None:
-  """Runs the absl parser; a bad flag or misspelt `--config.key` exits with a clear message."""
-  from absl import flags
+def _define_config(fv: flags.FlagValues, argv: list[str], default=None) -> None:
+  """`--config`: an experiments/*.py file (`default` None) or overrides of the dataclass
+  `default`; `sys_argv` makes ml_collections read the overrides from `argv`, not sys.argv
+  (in-process calls)."""
+  from ml_collections import config_flags
+  if default is None:
+    config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
+                                    lock_config=False, sys_argv=argv)
+  else:
+    config_flags.DEFINE_config_dataclass("config", default, f"{type(default).__name__} fields",
+                                         flag_values=fv, sys_argv=argv)
+
+
+def parse(command: str, argv: list[str], define: Callable[[flags.FlagValues, list[str]], None],
+          usage: str, required: tuple[str, ...] = ()) -> flags.FlagValues:
+  """The flags `define` declares, parsed from `argv`; `--help` prints them and exits.
+
+  Every error exits with "error: ..." and the usage line: an unknown or malformed flag,
+  a missing `required` one, a `--config.key` that names no field (with the closest).
+  """
+  argv = [f"minilm_jax {command}", *argv]
+  fv = flags.FlagValues()
+  define(fv, argv)
+  if "--help" in argv or "-h" in argv:
+    print(f"{usage}\n\n{fv.get_help()}")
+    sys.exit(0)
   try:
-    fv(argv)
+    rest = fv(argv)[1:]
   except flags.Error as e:
     sys.exit(f"error: {_flag_error(e)}\n{usage}")
   except (KeyError, AttributeError) as e:  # ml_collections: an override naming no field
-    from ml_collections import config_flags  # the config file's dataclass, without overrides
-    bare, plain = type(fv)(), [a for a in argv if not a.startswith("--config.")]
-    config_flags.DEFINE_config_file("config", None, "", flag_values=bare, lock_config=False,
-                                    sys_argv=plain)
+    bare, plain = flags.FlagValues(), [a for a in argv if not a.startswith("--config.")]
+    _define_config(bare, plain)  # the config file's dataclass, without the overrides
     bare(plain, known_only=True)
     sys.exit(f"error: {_unknown_override(argv, bare.config) or e}\n{usage}")
+  if rest:
+    sys.exit(f"error: unexpected arguments {' '.join(rest)}: flags are --name value\n{usage}")
+  if missing := [f"--{name}" for name in required if fv[name].value is None]:
+    sys.exit(f"error: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required\n{usage}")
+  return fv
 
 
-def _config_flags(argv: list[str], command: str):
-  """Parses `--config FILE [--config.key=value ...] --workdir DIR` the way Flax examples do."""
-  from absl import flags
-  from ml_collections import config_flags
-  fv, argv = flags.FlagValues(), [f"minilm_jax {command}", *argv]
-  # sys_argv: the overrides are found in the argv given, not in sys.argv (in-process calls).
-  config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
-                                  lock_config=False, sys_argv=argv)
-  flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize(): one process per "
-                    "host, the cluster auto-detected (TPU VM, SLURM, Open MPI, GKE) or named by "
-                    "the flags below", flag_values=fv)
-  flags.DEFINE_string("coordinator-address", None, "HOST:PORT that process 0 serves the "
-                      "coordinator on (env JAX_COORDINATOR_ADDRESS)", flag_values=fv)
-  flags.DEFINE_integer("num-processes", None, "processes in the run, one per host (env "
-                       "JAX_NUM_PROCESSES)", lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("process-id", None, "this process, 0 .. num-processes - 1 (env "
-                       "JAX_PROCESS_ID)", lower_bound=0, flag_values=fv)
-  flags.DEFINE_integer("resume-from-step", None, "resume from this checkpoint step instead of the "
-                       "latest (later steps are moved aside, not deleted)", flag_values=fv)
-  usage = (f"usage: python -m minilm_jax {command} --config experiments/NAME.py --workdir DIR "
+def _one_of(fv: flags.FlagValues, names: tuple[str, str], usage: str) -> str:
+  """The one of two mutually exclusive flags that was given."""
+  given = [name for name in names if fv[name].value is not None]
+  if len(given) != 1:
+    sys.exit(f"error: pass exactly one of --{names[0]} and --{names[1]}\n{usage}")
+  return given[0]
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def convert(argv: list[str]) -> None:
+  """Hugging Face directory -> Orbax checkpoint, or checkpoint / distill workdir -> HF directory."""
+  usage = ("usage: python -m minilm_jax convert (--from-hf DIR --to CKPT_DIR | --from-checkpoint "
+           "CKPT_DIR --to-hf OUT_DIR [--step N]) [--overwrite]")
+
+  def define(fv, _):
+    flags.DEFINE_string("from-hf", None, "local HF directory or packaged teacher name", flag_values=fv)
+    flags.DEFINE_string("from-checkpoint", None, "checkpoint dir or distill workdir", flag_values=fv)
+    flags.DEFINE_string("to", None, "output checkpoint directory (with --from-hf)", flag_values=fv)
+    flags.DEFINE_string("to-hf", None, "output HF directory (with --from-checkpoint)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step to export (default: latest)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an existing output directory", flag_values=fv)
+
+  fv = parse("convert", argv, define, usage)
+  source = _one_of(fv, ("from-hf", "from-checkpoint"), usage)
+  from minilm_jax import checkpoint, convert as convert_lib
+  from minilm_jax.teachers import resolve_model_dir
+  if source == "from-hf":
+    if fv.to is None:
+      sys.exit(f"error: --from-hf needs --to CKPT_DIR\n{usage}")
+    model_dir = resolve_model_dir(fv["from-hf"].value)
+    convert_lib.check_not_overlapping([model_dir], fv.to)
+    config, params = convert_lib.load_hf(model_dir)
+    out = checkpoint.save_model(fv.to, config, params, model_dir, overwrite=fv.overwrite)
+  else:
+    run, out_dir = fv["from-checkpoint"].value, fv["to-hf"].value
+    if out_dir is None:
+      sys.exit(f"error: --from-checkpoint needs --to-hf OUT_DIR\n{usage}")
+    convert_lib.check_not_overlapping([run, checkpoint.resolve(run)], out_dir)
+    config, params, tokenizer, _ = checkpoint.restore_params(run, fv.step)
+    out = convert_lib.save_hf(out_dir, config, params, tokenizer, overwrite=fv.overwrite)
+  print(f"wrote {out}")
+
+
+def data(argv: list[str]) -> None:
+  """Shows packed pre-training examples and corpus statistics (--corpus), or prepares local
+  text files once as a TFDS array_record dataset (--build-tfds FILES --data-dir DIR)."""
+  usage = ("usage: python -m minilm_jax data (--corpus CORPUS [--tokenizer T] [--max-seq-len N] "
+           "[--show N] ... | --build-tfds FILES --data-dir DIR [--overwrite])")
+
+  def define(fv, _):
+    flags.DEFINE_string("corpus", None, "'demo', text files/globs (comma-separated), or "
+                        "tfds:NAME[/CONFIG]", flag_values=fv)
+    flags.DEFINE_string("build-tfds", None, "text files/globs (comma-separated) to prepare",
+                        flag_values=fv)
+    flags.DEFINE_string("data-dir", None, "TFDS data_dir to read from / write into", flag_values=fv)
+    flags.DEFINE_string("tokenizer", "all-MiniLM-L6-v2", "HF directory or packaged teacher name",
+                        flag_values=fv)
+    flags.DEFINE_integer("max-seq-len", 128, "tokens per example", flag_values=fv)
+    flags.DEFINE_integer("show", 3, "decoded examples to print", flag_values=fv)
+    flags.DEFINE_bool("two-segments", False, "pack two segments per example", flag_values=fv)
+    flags.DEFINE_bool("doc-per-line", False, "one document per line (default: blank-line blocks)",
+                      flag_values=fv)
+    flags.DEFINE_bool("doc-per-file", False, "one document per file", flag_values=fv)
+    flags.DEFINE_string("text-feature", "text", "the TFDS dataset's text feature", flag_values=fv)
+    flags.DEFINE_integer("max-documents", None, "read only the first N documents", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "rebuild an already prepared TFDS dataset", flag_values=fv)
+
+  fv = parse("data", argv, define, usage)
+  source = _one_of(fv, ("corpus", "build-tfds"), usage)
+  data_dir = fv["data-dir"].value
+  if source == "build-tfds":
+    from minilm_jax import corpus_tfds
+    if corpus_tfds.is_built(data_dir) and not fv.overwrite:
+      print(f"{corpus_tfds.NAME} is already built in {data_dir}: kept the old data; pass "
+            "--overwrite to rebuild it from these files")
+      return
+    out = corpus_tfds.build_text_corpus(fv["build-tfds"].value, data_dir,
+                                        doc_per_line=fv["doc-per-line"].value,
+                                        doc_per_file=fv["doc-per-file"].value, overwrite=fv.overwrite)
+    print(f"wrote {out}; read it with --corpus tfds:{corpus_tfds.NAME} --data-dir {data_dir}")
+    return
+  from minilm_jax import data as data_lib
+  data_lib.show_examples(fv.corpus, fv.tokenizer, max_seq_len=fv["max-seq-len"].value,
+                         show=fv.show, data_dir=data_dir, two_segments=fv["two-segments"].value,
+                         doc_per_line=fv["doc-per-line"].value, doc_per_file=fv["doc-per-file"].value,
+                         text_feature=fv["text-feature"].value,
+                         max_documents=fv["max-documents"].value)
+
+
+def benchmark(argv: list[str]) -> None:
+  """The JAX step against PyTorch; its own flags (`experiments/benchmark.py` takes the same)."""
+  from minilm_jax.benchmark import main as benchmark_main
+  benchmark_main.main(argv)
+
+
+def _distill_flags(argv: list[str]) -> flags.FlagValues:
+  """`--config FILE [--config.key=value ...] --workdir DIR`, the cluster, `--resume-from-step`."""
+  usage = ("usage: python -m minilm_jax distill --config experiments/NAME.py --workdir DIR "
            "[--config.key=value ...] [--resume-from-step N] [--distributed "
            "[--coordinator-address HOST:PORT --num-processes N --process-id I]]")
-  _parse_flags(fv, argv, usage)
+
+  def define(fv, argv):
+    _define_config(fv, argv)
+    flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize(): one process per "
+                      "host, the cluster auto-detected (TPU VM, SLURM, Open MPI, GKE) or named by "
+                      "the flags below", flag_values=fv)
+    flags.DEFINE_string("coordinator-address", None, "HOST:PORT that process 0 serves the "
+                        "coordinator on (env JAX_COORDINATOR_ADDRESS)", flag_values=fv)
+    flags.DEFINE_integer("num-processes", None, "processes in the run, one per host (env "
+                         "JAX_NUM_PROCESSES)", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("process-id", None, "this process, 0 .. num-processes - 1 (env "
+                         "JAX_PROCESS_ID)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("resume-from-step", None, "resume from this checkpoint step instead of "
+                         "the latest (later steps are moved aside, not deleted)", flag_values=fv)
+
+  fv = parse("distill", argv, define, usage)
   for name, env in CLUSTER_FLAGS.items():  # the environment fills what the command line left
     if fv[name].value is None and os.environ.get(env):
       try:
@@ -199,7 +256,7 @@ def _init_runtime(cluster: dict | None) -> None:
 
 
 def distill(argv: list[str]) -> None:
-  fv = _config_flags(argv, "distill")
+  fv = _distill_flags(argv)
   _init_runtime(_cluster(fv))
   from minilm_jax import distill as distill_lib, teacher_assistant
   summary = teacher_assistant.run(fv.config, fv.workdir,  # one stage, or assistant then student
@@ -224,30 +281,25 @@ def _default_data(task: str) -> str:
 
 def finetune(argv: list[str]) -> None:
   """`finetune --task glue/sst2 --model MODEL --workdir DIR [--seeds 0,1] [--config.key=value]`."""
-  from absl import flags
-  from ml_collections import config_flags
   from minilm_jax import finetune as finetune_lib
   from minilm_jax.finetune import tasks
   usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
            "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
-  fv, argv = flags.FlagValues(), ["minilm_jax finetune", *argv]
-  unknown = _unknown_override(argv, finetune_lib.FinetuneConfig())
-  if unknown:  # ml_collections fails on it while defining the flag, before parsing
-    sys.exit(f"error: {unknown}\n{usage}")
-  # sys_argv: the overrides are found in the argv given, not in sys.argv (in-process calls).
-  config_flags.DEFINE_config_dataclass("config", finetune_lib.FinetuneConfig(),
-                                       "FinetuneConfig fields", flag_values=fv, sys_argv=argv)
-  flags.DEFINE_string("task", None, "glue/<task> (sst2, cola, rte, ...) or squad2", flag_values=fv)
-  flags.DEFINE_string("model", None, "HF dir, distill workdir or packaged teacher name",
-                      flag_values=fv)
-  flags.DEFINE_string("workdir", None, "output directory: seed-N/ runs and summary.json",
-                      flag_values=fv)
-  flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
-                      flag_values=fv)
-  flags.DEFINE_list("seeds", None, "comma-separated seeds (default: --config.seed)", flag_values=fv)
-  _parse_flags(fv, argv, usage)
-  if fv.task is None or fv.model is None or fv.workdir is None:
-    sys.exit(f"error: --task, --model and --workdir are required\n{usage}")
+  if unknown := _unknown_override(argv, finetune_lib.FinetuneConfig()):
+    sys.exit(f"error: {unknown}\n{usage}")  # ml_collections fails on it while defining the flag
+
+  def define(fv, argv):
+    _define_config(fv, argv, finetune_lib.FinetuneConfig())
+    flags.DEFINE_string("task", None, "glue/<task> (sst2, cola, rte, ...) or squad2", flag_values=fv)
+    flags.DEFINE_string("model", None, "HF dir, distill workdir or packaged teacher name",
+                        flag_values=fv)
+    flags.DEFINE_string("workdir", None, "output directory: seed-N/ runs and summary.json",
+                        flag_values=fv)
+    flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
+                        flag_values=fv)
+    flags.DEFINE_list("seeds", None, "comma-separated seeds (default: --config.seed)", flag_values=fv)
+
+  fv = parse("finetune", argv, define, usage, required=("task", "model", "workdir"))
   task = tasks.resolve_task(fv.task)
   try:
     seeds = [int(s) for s in fv.seeds] if fv.seeds else [fv.config.seed]
@@ -262,23 +314,28 @@ def finetune(argv: list[str]) -> None:
 
 
 def evaluate(argv: list[str]) -> None:
-  p = argparse.ArgumentParser(prog="python -m minilm_jax evaluate", description=(
-      "Scores a fine-tuned model (the HF directory a finetune run exported, or its run "
-      "directory) on a task's dev set with the official metrics; prints JSON."))
-  p.add_argument("--model", required=True, help="BertFor* HF directory, or a finetune seed-N dir")
-  p.add_argument("--task", help="glue/<task> or squad2 (default: the run's task)")
-  p.add_argument("--data", help="GLUE folder or SQuAD dev JSON (default: the shared data)")
-  p.add_argument("--max-seq-len", type=int, help="default: the run's max_seq_len")
-  p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass")
-  args = p.parse_args(argv)
+  """Scores a fine-tuned model (the HF directory a finetune run exported, or its run
+  directory) on a task's dev set with the official metrics; prints JSON."""
+  usage = ("usage: python -m minilm_jax evaluate --model DIR [--task glue/<task>|squad2] "
+           "[--data PATH] [--max-seq-len N] [--batch-size N]")
+
+  def define(fv, _):
+    flags.DEFINE_string("model", None, "BertFor* HF directory, or a finetune seed-N dir", flag_values=fv)
+    flags.DEFINE_string("task", None, "glue/<task> or squad2 (default: the run's task)", flag_values=fv)
+    flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
+                        flag_values=fv)
+    flags.DEFINE_integer("max-seq-len", None, "default: the run's max_seq_len", flag_values=fv)
+    flags.DEFINE_integer("batch-size", 128, "examples per forward pass", flag_values=fv)
+
+  fv = parse("evaluate", argv, define, usage, required=("model",))
   from minilm_jax.finetune import score, tasks
-  model_dir, run_info = score.resolve_model(args.model)
-  task = args.task or run_info.get("task")
+  model_dir, run_info = score.resolve_model(fv.model)
+  task = fv.task or run_info.get("task")
   if task is None:
-    p.error(f"{model_dir} has no {score.RUN_FILE}: pass --task")
+    sys.exit(f"error: {model_dir} has no {score.RUN_FILE}: pass --task\n{usage}")
   task = tasks.resolve_task(task)
-  result = score.score_model(model_dir, task, args.data or _default_data(task),
-                             max_seq_len=args.max_seq_len, batch_size=args.batch_size)
+  result = score.score_model(model_dir, task, fv.data or _default_data(task),
+                             max_seq_len=fv["max-seq-len"].value, batch_size=fv["batch-size"].value)
   print(json.dumps(result, indent=2))
 
 

@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from minilm_jax import model as model_lib
+from minilm_jax import attention, model as model_lib
 
 SENTENCES = ["MiniLM distils the self-attention of the teacher's last layer.",
              "A short one.",
@@ -52,7 +52,7 @@ def test_teacher_matches_pytorch(teacher, batch, torch_outputs):
                              real(torch_outputs.last_hidden_state, batch), rtol=0, atol=1e-5)
   np.testing.assert_allclose(out.pooled_output, torch_outputs.pooler_output, rtol=0, atol=1e-5)
   for i in range(config.num_layers):
-    probs = model_lib.attention_probs(out.internals[i].logits, batch["attention_mask"])
+    probs = attention.attention_probs(out.internals[i].logits, batch["attention_mask"])
     np.testing.assert_allclose(real(probs, batch), real(torch_outputs.attentions[i], batch),
                                rtol=0, atol=1e-5, err_msg=f"layer {i}")
 
@@ -82,7 +82,7 @@ def test_qkv_reproduce_attention_probabilities(teacher, batch):
   logits = np.where(batch["attention_mask"][:, None, None, :] == 1, logits, -np.inf)
   ref = np.exp(logits - logits.max(-1, keepdims=True))
   ref /= ref.sum(-1, keepdims=True)
-  probs = model_lib.attention_probs(got.logits, batch["attention_mask"])
+  probs = attention.attention_probs(got.logits, batch["attention_mask"])
   np.testing.assert_allclose(probs, ref, rtol=0, atol=1e-6)
 
 
@@ -99,8 +99,8 @@ def test_fused_and_explicit_attention_agree(teacher, batch):
   mask = jnp.asarray(batch["attention_mask"])
   heads = lambda x: x.reshape(*x.shape[:2], config.num_heads, config.head_dim)  # [B,T,D] -> [B,T,N,H]
   for i, x in captured.internals.items():
-    fused = model_lib.fused_attention(heads(x.query), heads(x.key), heads(x.value), mask)
-    explicit = model_lib.explicit_attention(x.logits, heads(x.value), mask)
+    fused = attention.fused_attention(heads(x.query), heads(x.key), heads(x.value), mask)
+    explicit = attention.explicit_attention(x.logits, heads(x.value), mask)
     assert np.abs(np.asarray(fused)).max() > 0.1, i  # values of real size, not a vacuous 0 == 0
     flat = lambda y: real(np.asarray(y).reshape(*y.shape[:2], -1), batch)
     np.testing.assert_allclose(flat(fused), flat(explicit), rtol=0, atol=1e-5, err_msg=f"layer {i}")
@@ -189,9 +189,9 @@ def test_fused_attention_matches_numpy_float32():
   """The path every uncaptured float32 layer takes (XLA's attention), to 1e-5; full float32
   matmuls, since a GPU's default for float32 is TF32 (10 mantissa bits)."""
   (q, k, v), mask = _random_attention_inputs(jnp.float32)
-  assert model_lib.attention_implementation(jnp.float32, 32) == "xla"
+  assert attention.attention_implementation(jnp.float32, 32) == "xla"
   with jax.default_matmul_precision("float32"):
-    got = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask)))
+    got = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask)))
   np.testing.assert_allclose(got, _attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
@@ -200,8 +200,8 @@ def test_fused_attention_cudnn_matches_numpy_bfloat16():
   """On a GPU, bf16 heads go to cuDNN with the padding as key lengths; bf16 rounding
   (8 mantissa bits on q, k, v and the output) bounds the difference: 2e-2 relative."""
   (q, k, v), mask = _random_attention_inputs(jnp.bfloat16)
-  assert model_lib.attention_implementation(jnp.bfloat16, 32) == "cudnn"
-  got = np.asarray(jax.jit(model_lib.fused_attention)(q, k, v, jnp.asarray(mask)), np.float64)
+  assert attention.attention_implementation(jnp.bfloat16, 32) == "cudnn"
+  got = np.asarray(jax.jit(attention.fused_attention)(q, k, v, jnp.asarray(mask)), np.float64)
   want = _attention_reference(q, k, v, mask)
   assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
@@ -254,7 +254,7 @@ def test_embeddings_equal_the_lookups():
 def test_attention_route_off_a_gpu_is_xla():
   for dtype in (jnp.float32, jnp.bfloat16):
     for dropout in (False, True):
-      assert model_lib.attention_implementation(dtype, 32, dropout) == "xla"
+      assert attention.attention_implementation(dtype, 32, dropout) == "xla"
 
 
 def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
@@ -263,9 +263,9 @@ def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
   (q, k, v), mask = _random_attention_inputs(jnp.float32)
   key = jax.random.key(3)
   with jax.default_matmul_precision("float32"):
-    fused = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask)))
-    zero = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.0, dropout_rng=key))
-    dropped = np.asarray(model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25, dropout_rng=key))
+    fused = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask)))
+    zero = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.0, dropout_rng=key))
+    dropped = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25, dropout_rng=key))
   np.testing.assert_allclose(zero, fused, rtol=0, atol=1e-6)
   b, t, n, h = q.shape
   logits = np.einsum("btnh,bsnh->bnts", np.float64(q), np.float64(k)) / np.sqrt(h)
@@ -294,9 +294,9 @@ def test_fused_attention_cudnn_dropout_bfloat16():
   output is the sum of the kept probabilities / (1 - r), 1 on average (inverted dropout is
   unbiased) but not row by row; the backward pass compiles and is finite."""
   (q, k, _), mask = _random_attention_inputs(jnp.bfloat16)
-  assert model_lib.attention_implementation(jnp.bfloat16, 32, True) == "cudnn"
+  assert attention.attention_implementation(jnp.bfloat16, 32, True) == "cudnn"
   ones = jnp.ones_like(k)
-  run = jax.jit(lambda q, k, v: model_lib.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25,
+  run = jax.jit(lambda q, k, v: attention.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25,
                                                           cudnn_dropout=True))
   got = np.asarray(run(q, k, ones), np.float32)[mask.astype(bool)]
   assert abs(got.mean() - 1) < 2e-2 and got.std() > 1e-2
