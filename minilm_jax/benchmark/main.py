@@ -1,13 +1,11 @@
 """`run`: every (config, shape, route) of a mode, rows appended as they come; and the
 command line, `python -m minilm_jax benchmark` / `python experiments/benchmark.py`."""
 
-import argparse
 import datetime
 import json
 import pathlib
 from collections.abc import Sequence
 
-from minilm_jax import benchmark
 from minilm_jax.benchmark import harness, report
 from minilm_jax.benchmark.workloads import MODES, ROUTES, workload
 
@@ -83,28 +81,44 @@ def run(mode: str = "cpu", routes: Sequence[str] = ROUTES, configs: Sequence[str
 def parse_shape(text: str) -> tuple[int, int]:
   batch, _, seq = text.partition("x")
   if not (batch.isdigit() and seq.isdigit()):
-    raise argparse.ArgumentTypeError(f"shape {text!r} is not BATCHxSEQ, e.g. 256x128")
+    raise ValueError(f"shape {text!r} is not BATCHxSEQ, e.g. 256x128")
   return int(batch), int(seq)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  """`python -m minilm_jax benchmark` / `python experiments/benchmark.py`."""
-  p = argparse.ArgumentParser(prog="benchmark", description=benchmark.__doc__.split("\n")[0])
-  p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="cpu: tiny, seconds; gpu: the real workload")
-  p.add_argument("--routes", default=",".join(ROUTES), help=f"comma list of {', '.join(ROUTES)}")
-  p.add_argument("--configs", help="comma list of workload names (default: all of the mode)")
-  p.add_argument("--shapes", help="comma list of BATCHxSEQ (default: the mode's)")
-  p.add_argument("--out-dir", default="experiments/results", help="where the .jsonl and .md go")
-  p.add_argument("--max-batch", action="store_true", help="also search the largest batch at the longest seq")
-  p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                 help="one subprocess per measurement (default: on in gpu mode)")
-  p.add_argument("--timed", type=int, help="timed steps per measurement (default: the mode's)")
-  p.add_argument("--timeout", type=float, help="seconds allowed per measurement subprocess")
-  p.add_argument("--table", metavar="JSONL", help="only rewrite the markdown table of these rows")
-  a = p.parse_args(argv)
-  if a.table:
-    print(report.write_table(a.table, a.mode))
+  """`python -m minilm_jax benchmark` / `python experiments/benchmark.py`, flags read as
+  every command's (`cli.parse`)."""
+  from absl import flags
+  from minilm_jax import cli
+  usage = ("usage: python -m minilm_jax benchmark [--mode cpu|gpu] [--routes R,...] [--configs C,...] "
+           "[--shapes BxS,...] [--out-dir DIR] [--max-batch] [--[no]isolate] [--timed N] "
+           "[--timeout S] [--table JSONL]")
+
+  def define(fv, _):
+    flags.DEFINE_enum("mode", "cpu", sorted(MODES), "cpu: tiny, seconds; gpu: the real workload",
+                      flag_values=fv)
+    flags.DEFINE_list("routes", list(ROUTES), f"comma list of {', '.join(ROUTES)}", flag_values=fv)
+    flags.DEFINE_list("configs", None, "comma list of workload names (default: all of the mode)",
+                      flag_values=fv)
+    flags.DEFINE_list("shapes", None, "comma list of BATCHxSEQ (default: the mode's)", flag_values=fv)
+    flags.DEFINE_string("out-dir", "experiments/results", "where the .jsonl and .md go", flag_values=fv)
+    flags.DEFINE_bool("max-batch", False, "also search the largest batch at the longest seq",
+                      flag_values=fv)
+    flags.DEFINE_bool("isolate", None, "one subprocess per measurement (default: on in gpu mode)",
+                      flag_values=fv)
+    flags.DEFINE_integer("timed", None, "timed steps per measurement (default: the mode's)",
+                         flag_values=fv)
+    flags.DEFINE_float("timeout", None, "seconds allowed per measurement subprocess", flag_values=fv)
+    flags.DEFINE_string("table", None, "only rewrite the markdown table of these rows (a .jsonl)",
+                        flag_values=fv)
+
+  fv = cli.parse("benchmark", list(argv if argv is not None else []), define, usage)
+  if fv.table:
+    print(report.write_table(fv.table, fv.mode))
     return []
-  return run(a.mode, a.routes.split(","), a.configs.split(",") if a.configs else None,
-             [parse_shape(s) for s in a.shapes.split(",")] if a.shapes else None, a.out_dir, a.max_batch,
-             a.isolate, a.timed, a.timeout)
+  try:
+    shapes = [parse_shape(s) for s in fv.shapes] if fv.shapes else None
+  except ValueError as e:
+    raise SystemExit(f"error: {e}\n{usage}") from e
+  return run(fv.mode, fv.routes, fv.configs, shapes, fv["out-dir"].value, fv["max-batch"].value,
+             fv.isolate, fv.timed, fv.timeout)
