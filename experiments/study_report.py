@@ -159,9 +159,9 @@ def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
   return True
 
 
-def _average(rows, label, seed=0):
+def _average(rows, label, seed=0, tasks=None):
   scores = []
-  for t in TASK_ORDER:
+  for t in tasks or TASK_ORDER:
     r = next((r for r in rows if r["label"] == label and r["task"] == t), None)
     if r is None or seed not in r["seeds"]:
       return None
@@ -174,22 +174,23 @@ def _curve_plot(study, budget, paths, rows, curve, path) -> bool:
   fig, ax = plt.subplots(figsize=(6.5, 4))
   drawn = False
   for i, m in enumerate(study.METHODS):
-    points = [(s, _average(curve, f"{m}@step{s}")) for s in study.curve_steps(budget)[:-1]]
-    points.append((budget.steps, _average(rows, m)))
+    points = [(s, _average(curve, f"{m}@step{s}", tasks=budget.curve_tasks))
+              for s in study.curve_steps(budget)[:-1]]
+    points.append((budget.steps, _average(rows, m, tasks=budget.curve_tasks)))
     points = [(s * budget.batch * budget.seq_len / 1e6, v) for s, v in points if v is not None]
     if points:
       ax.plot(*zip(*points), "o-", color=f"C{i}", label=m)
       drawn = True
   layers = budget.student[0]
   for label, style in ((f"random-L{layers}", ":"), (f"truncated-L{layers}", "--")):
-    v = _average(rows, label)
+    v = _average(rows, label, tasks=budget.curve_tasks)
     if v is not None:
       ax.axhline(v, color="gray", linestyle=style, label=label)
   if not drawn:
     plt.close(fig)
     return False
   ax.set_xlabel("pre-training tokens (M)")
-  ax.set_ylabel("average dev score, 4 tasks, seed 0 (%)")
+  ax.set_ylabel(f"average dev score, {'/'.join(budget.curve_tasks)}, seed 0 (%)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -38,8 +38,11 @@ def test_plan_puts_the_headline_first_and_skips_finished_runs(tmp_path):
   names = [name for name, _, _ in study.plan(budget, paths, {"distill", "finetune"})]
   assert names[0] == "pretrain minilm-v1"
   assert names.index("finetune random-L3 sst2 seed 0") < names.index("pretrain minilm-v2")
-  assert names.index("finetune mlm squad2 seed 0") < names.index("finetune minilm-v1 sst2 seed 1")
   assert len(names) == len(set(names))
+  assert names.index("finetune minilm-v1@step333 cola seed 0") < names.index("finetune teacher-L6 sst2 seed 0")
+  assert "finetune minilm-v1@step333 rte seed 0" not in names  # the cpu curve: sst2 and cola only
+  gpu = [name for name, _, _ in study.plan(study.BUDGETS["gpu"], paths, {"distill", "finetune"})]
+  assert gpu.index("finetune mlm squad2 seed 0") < gpu.index("finetune minilm-v1 sst2 seed 1")
   (tmp_path / "pretrain" / "minilm-v1" / "hf").mkdir(parents=True)
   (tmp_path / "pretrain" / "minilm-v1" / "hf" / "config.json").write_text("{}")
   done = {name for name, is_done, _ in study.plan(budget, paths, {"distill", "finetune"}) if is_done()}
