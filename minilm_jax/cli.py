@@ -1,12 +1,10 @@
 """`python -m minilm_jax {distill,data,convert,finetune,evaluate,benchmark}`.
 
 Each subcommand is a thin layer over one library function, and every one reads its
-flags the same way, with absl flags as the Flax examples do (`--name value` or
-`--name=value`, booleans as `--name` / `--noname`, `--help` for the list). `distill`
+flags the same way (`cli_flags.parse`: absl flags, as the Flax examples do). `distill`
 takes an ml_collections config file with overrides, `--config experiments/demo.py
 --config.max_steps=10`; `finetune` overrides the fields of `FinetuneConfig` the same
-way (`--task glue/sst2 --model M --config.epochs=3`). A bad flag or a misspelt
-`--config.key` exits with one line that names the fix.
+way (`--task glue/sst2 --model M --config.epochs=3`).
 """
 
 import dataclasses
@@ -14,94 +12,14 @@ import json
 import os
 import pathlib
 import sys
-from typing import Callable
 
 from absl import flags
+
+from minilm_jax.cli_flags import define_config, one_of, parse, unknown_override
 
 # `distill` flags that name the cluster for `jax.distributed.initialize`, and their env variables.
 CLUSTER_FLAGS = {"coordinator-address": "JAX_COORDINATOR_ADDRESS",
                  "num-processes": "JAX_NUM_PROCESSES", "process-id": "JAX_PROCESS_ID"}
-
-
-# ------------------------------------------------------------------------------ parsing
-
-
-def _flag_error(e: Exception) -> str:
-  """A flag error without the config file's traceback that ml_collections pastes into it."""
-  text = str(e)
-  if "Traceback (most recent call last)" not in text:
-    return text
-  lines = [line for line in text.splitlines() if line.strip()]
-  return f"{lines[0].removesuffix('Error whilst parsing config file:').rstrip()} {lines[-1]}"
-
-
-def _unknown_override(argv: list[str], config) -> str | None:
-  """The first `--config.key` naming no field of `config`, with the closest field (difflib)."""
-  import difflib
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg.removeprefix("--config.").split("=", 1)[0]
-    node, path = config, []
-    for part in key.split("."):
-      names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
-      if part not in names:
-        close = difflib.get_close_matches(part, names, n=1)
-        where = ".".join(["config", *path])
-        hint = f"did you mean --{where}.{close[0]}?" if close else f"fields: {', '.join(names)}"
-        return f"--config.{key}: {type(node).__name__} has no field {part!r}; {hint}"
-      node, path = getattr(node, part), [*path, part]
-  return None
-
-
-def _define_config(fv: flags.FlagValues, argv: list[str], default=None) -> None:
-  """`--config`: an experiments/*.py file (`default` None) or overrides of the dataclass
-  `default`; `sys_argv` makes ml_collections read the overrides from `argv`, not sys.argv
-  (in-process calls)."""
-  from ml_collections import config_flags
-  if default is None:
-    config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
-                                    lock_config=False, sys_argv=argv)
-  else:
-    config_flags.DEFINE_config_dataclass("config", default, f"{type(default).__name__} fields",
-                                         flag_values=fv, sys_argv=argv)
-
-
-def parse(command: str, argv: list[str], define: Callable[[flags.FlagValues, list[str]], None],
-          usage: str, required: tuple[str, ...] = ()) -> flags.FlagValues:
-  """The flags `define` declares, parsed from `argv`; `--help` prints them and exits.
-
-  Every error exits with "error: ..." and the usage line: an unknown or malformed flag,
-  a missing `required` one, a `--config.key` that names no field (with the closest).
-  """
-  argv = [f"minilm_jax {command}", *argv]
-  fv = flags.FlagValues()
-  define(fv, argv)
-  if "--help" in argv or "-h" in argv:
-    print(f"{usage}\n\n{fv.get_help()}")
-    sys.exit(0)
-  try:
-    rest = fv(argv)[1:]
-  except flags.Error as e:
-    sys.exit(f"error: {_flag_error(e)}\n{usage}")
-  except (KeyError, AttributeError) as e:  # ml_collections: an override naming no field
-    bare, plain = flags.FlagValues(), [a for a in argv if not a.startswith("--config.")]
-    _define_config(bare, plain)  # the config file's dataclass, without the overrides
-    bare(plain, known_only=True)
-    sys.exit(f"error: {_unknown_override(argv, bare.config) or e}\n{usage}")
-  if rest:
-    sys.exit(f"error: unexpected arguments {' '.join(rest)}: flags are --name value\n{usage}")
-  if missing := [f"--{name}" for name in required if fv[name].value is None]:
-    sys.exit(f"error: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required\n{usage}")
-  return fv
-
-
-def _one_of(fv: flags.FlagValues, names: tuple[str, str], usage: str) -> str:
-  """The one of two mutually exclusive flags that was given."""
-  given = [name for name in names if fv[name].value is not None]
-  if len(given) != 1:
-    sys.exit(f"error: pass exactly one of --{names[0]} and --{names[1]}\n{usage}")
-  return given[0]
 
 
 # ----------------------------------------------------------------------------- commands
@@ -121,7 +39,7 @@ def convert(argv: list[str]) -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing output directory", flag_values=fv)
 
   fv = parse("convert", argv, define, usage)
-  source = _one_of(fv, ("from-hf", "from-checkpoint"), usage)
+  source = one_of(fv, ("from-hf", "from-checkpoint"), usage)
   from minilm_jax import checkpoint, convert as convert_lib
   from minilm_jax.teachers import resolve_model_dir
   if source == "from-hf":
@@ -166,7 +84,7 @@ def data(argv: list[str]) -> None:
     flags.DEFINE_bool("overwrite", False, "rebuild an already prepared TFDS dataset", flag_values=fv)
 
   fv = parse("data", argv, define, usage)
-  source = _one_of(fv, ("corpus", "build-tfds"), usage)
+  source = one_of(fv, ("corpus", "build-tfds"), usage)
   data_dir = fv["data-dir"].value
   if source == "build-tfds":
     from minilm_jax import corpus_tfds
@@ -200,7 +118,7 @@ def _distill_flags(argv: list[str]) -> flags.FlagValues:
            "[--coordinator-address HOST:PORT --num-processes N --process-id I]]")
 
   def define(fv, argv):
-    _define_config(fv, argv)
+    define_config(fv, argv)
     flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize(): one process per "
                       "host, the cluster auto-detected (TPU VM, SLURM, Open MPI, GKE) or named by "
@@ -285,11 +203,11 @@ def finetune(argv: list[str]) -> None:
   from minilm_jax.finetune import tasks
   usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
            "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
-  if unknown := _unknown_override(argv, finetune_lib.FinetuneConfig()):
+  if unknown := unknown_override(argv, finetune_lib.FinetuneConfig()):
     sys.exit(f"error: {unknown}\n{usage}")  # ml_collections fails on it while defining the flag
 
   def define(fv, argv):
-    _define_config(fv, argv, finetune_lib.FinetuneConfig())
+    define_config(fv, argv, finetune_lib.FinetuneConfig())
     flags.DEFINE_string("task", None, "glue/<task> (sst2, cola, rte, ...) or squad2", flag_values=fv)
     flags.DEFINE_string("model", None, "HF dir, distill workdir or packaged teacher name",
                         flag_values=fv)

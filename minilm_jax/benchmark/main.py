@@ -87,9 +87,9 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
   """`python -m minilm_jax benchmark` / `python experiments/benchmark.py`, flags read as
-  every command's (`cli.parse`)."""
+  every command's (`cli_flags.parse`)."""
   from absl import flags
-  from minilm_jax import cli
+  from minilm_jax import cli_flags
   usage = ("usage: python -m minilm_jax benchmark [--mode cpu|gpu] [--routes R,...] [--configs C,...] "
            "[--shapes BxS,...] [--out-dir DIR] [--max-batch] [--[no]isolate] [--timed N] "
            "[--timeout S] [--table JSONL]")
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     flags.DEFINE_string("table", None, "only rewrite the markdown table of these rows (a .jsonl)",
                         flag_values=fv)
 
-  fv = cli.parse("benchmark", list(argv if argv is not None else []), define, usage)
+  fv = cli_flags.parse("benchmark", list(argv if argv is not None else []), define, usage)
   if fv.table:
     print(report.write_table(fv.table, fv.mode))
     return []
