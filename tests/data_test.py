@@ -238,7 +238,9 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   with pytest.raises(ValueError, match="give no batch"):
     data.batch_iterator(grain.MapDataset.range(10), global_batch_size=16, seed=0, num_epochs=1,
                         process_index=0, process_count=1)
-  convert.read_hf_config(teacher_dir)[0].check_max_seq_len(512)  # 512 positions hold 512 tokens
+  teacher_config = convert.read_hf_config(teacher_dir)[0]
+  assert teacher_config.max_seq_len == 512  # 512 positions hold 512 tokens
+  teacher_config.check_max_seq_len(512)
 
 
 def test_position_limit_of_roberta_models(tmp_path):
