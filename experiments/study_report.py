@@ -198,10 +198,13 @@ def _curve_plot(study, budget, paths, rows, curve, path) -> bool:
   return True
 
 
-def _attention(model_dir, sentence):
-  """Last-layer attention probabilities [N, T, T] of `sentence`, and its tokens."""
+def _attention(model, sentence):
+  """Last-layer attention probabilities [N, T, T] of `sentence`, and its tokens; `model` is
+  a packaged teacher name or an HF directory (resolved here, once)."""
   from minilm_jax import convert, tokenization
   from minilm_jax import attention, model as model_lib
+  from minilm_jax.teachers import resolve_model_dir
+  model_dir = resolve_model_dir(model)
   config, params = convert.load_hf(model_dir)
   tok, special = tokenization.for_pretraining(model_dir)
   ids = [special.cls] + tok.encode(sentence, add_special_tokens=False).ids + [special.sep]

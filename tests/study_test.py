@@ -67,3 +67,10 @@ def test_table_merges_seeds_and_averages_four_tasks(tmp_path):
   assert "| minilm-v1 | — | 85.0 ± 7.1 (2) |" in text
   assert f"| {np.mean([85, 55, 25, 55]):.1f} |" in text   # the four tasks' average
   assert "| random-L3 | none (baseline) | — |" in text
+
+
+def test_attention_maps_read_the_packaged_teacher_by_name():
+  """The report's attention plot gets the study's teacher as its packaged name."""
+  probs, tokens = study_report._attention(study.TEACHER, study_report.SENTENCE)
+  assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and probs.shape == (12, len(tokens), len(tokens))
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=0, atol=1e-5)  # softmax rows
