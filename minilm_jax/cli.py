@@ -15,7 +15,7 @@ import sys
 
 from absl import flags
 
-from minilm_jax.cli_flags import define_config, one_of, parse, unknown_override
+from minilm_jax.cli_flags import CONFIG_FILE, one_of, parse
 
 # `distill` flags that name the cluster for `jax.distributed.initialize`, and their env variables.
 CLUSTER_FLAGS = {"coordinator-address": "JAX_COORDINATOR_ADDRESS",
@@ -30,7 +30,7 @@ def convert(argv: list[str]) -> None:
   usage = ("usage: python -m minilm_jax convert (--from-hf DIR --to CKPT_DIR | --from-checkpoint "
            "CKPT_DIR --to-hf OUT_DIR [--step N]) [--overwrite]")
 
-  def define(fv, _):
+  def define(fv):
     flags.DEFINE_string("from-hf", None, "local HF directory or packaged teacher name", flag_values=fv)
     flags.DEFINE_string("from-checkpoint", None, "checkpoint dir or distill workdir", flag_values=fv)
     flags.DEFINE_string("to", None, "output checkpoint directory (with --from-hf)", flag_values=fv)
@@ -65,7 +65,7 @@ def data(argv: list[str]) -> None:
   usage = ("usage: python -m minilm_jax data (--corpus CORPUS [--tokenizer T] [--max-seq-len N] "
            "[--show N] ... | --build-tfds FILES --data-dir DIR [--overwrite])")
 
-  def define(fv, _):
+  def define(fv):
     flags.DEFINE_string("corpus", None, "'demo', text files/globs (comma-separated), or "
                         "tfds:NAME[/CONFIG]", flag_values=fv)
     flags.DEFINE_string("build-tfds", None, "text files/globs (comma-separated) to prepare",
@@ -106,7 +106,7 @@ def data(argv: list[str]) -> None:
 
 
 def benchmark(argv: list[str]) -> None:
-  """The JAX step against PyTorch; its own flags (`experiments/benchmark.py` takes the same)."""
+  """The JAX step against PyTorch (`experiments/benchmark.py` takes the same flags)."""
   from minilm_jax.benchmark import main as benchmark_main
   benchmark_main.main(argv)
 
@@ -117,8 +117,7 @@ def _distill_flags(argv: list[str]) -> flags.FlagValues:
            "[--config.key=value ...] [--resume-from-step N] [--distributed "
            "[--coordinator-address HOST:PORT --num-processes N --process-id I]]")
 
-  def define(fv, argv):
-    define_config(fv, argv)
+  def define(fv):
     flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
     flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize(): one process per "
                       "host, the cluster auto-detected (TPU VM, SLURM, Open MPI, GKE) or named by "
@@ -132,7 +131,7 @@ def _distill_flags(argv: list[str]) -> flags.FlagValues:
     flags.DEFINE_integer("resume-from-step", None, "resume from this checkpoint step instead of "
                          "the latest (later steps are moved aside, not deleted)", flag_values=fv)
 
-  fv = parse("distill", argv, define, usage)
+  fv = parse("distill", argv, define, usage, config=CONFIG_FILE)
   for name, env in CLUSTER_FLAGS.items():  # the environment fills what the command line left
     if fv[name].value is None and os.environ.get(env):
       try:
@@ -203,11 +202,8 @@ def finetune(argv: list[str]) -> None:
   from minilm_jax.finetune import tasks
   usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
            "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
-  if unknown := unknown_override(argv, finetune_lib.FinetuneConfig()):
-    sys.exit(f"error: {unknown}\n{usage}")  # ml_collections fails on it while defining the flag
 
-  def define(fv, argv):
-    define_config(fv, argv, finetune_lib.FinetuneConfig())
+  def define(fv):
     flags.DEFINE_string("task", None, "glue/<task> (sst2, cola, rte, ...) or squad2", flag_values=fv)
     flags.DEFINE_string("model", None, "HF dir, distill workdir or packaged teacher name",
                         flag_values=fv)
@@ -217,7 +213,8 @@ def finetune(argv: list[str]) -> None:
                         flag_values=fv)
     flags.DEFINE_list("seeds", None, "comma-separated seeds (default: --config.seed)", flag_values=fv)
 
-  fv = parse("finetune", argv, define, usage, required=("task", "model", "workdir"))
+  fv = parse("finetune", argv, define, usage, required=("task", "model", "workdir"),
+             config=finetune_lib.FinetuneConfig())
   task = tasks.resolve_task(fv.task)
   try:
     seeds = [int(s) for s in fv.seeds] if fv.seeds else [fv.config.seed]
@@ -237,7 +234,7 @@ def evaluate(argv: list[str]) -> None:
   usage = ("usage: python -m minilm_jax evaluate --model DIR [--task glue/<task>|squad2] "
            "[--data PATH] [--max-seq-len N] [--batch-size N]")
 
-  def define(fv, _):
+  def define(fv):
     flags.DEFINE_string("model", None, "BertFor* HF directory, or a finetune seed-N dir", flag_values=fv)
     flags.DEFINE_string("task", None, "glue/<task> or squad2 (default: the run's task)", flag_values=fv)
     flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",

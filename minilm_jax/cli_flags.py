@@ -23,7 +23,7 @@ def _flag_error(e: Exception) -> str:
   return f"{lines[0].removesuffix('Error whilst parsing config file:').rstrip()} {lines[-1]}"
 
 
-def unknown_override(argv: list[str], config) -> str | None:
+def _unknown_override(argv: list[str], config) -> str | None:
   """The first `--config.key` naming no field of `config`, with the closest field (difflib)."""
   import difflib
   for arg in argv:
@@ -42,29 +42,38 @@ def unknown_override(argv: list[str], config) -> str | None:
   return None
 
 
-def define_config(fv: flags.FlagValues, argv: list[str], default=None) -> None:
-  """`--config`: an experiments/*.py file (`default` None) or overrides of the dataclass
-  `default`; `sys_argv` makes ml_collections read the overrides from `argv`, not sys.argv
-  (in-process calls)."""
+CONFIG_FILE = "file"  # `parse(config=CONFIG_FILE)`: --config names an experiments/*.py file
+
+
+def _define_config(fv: flags.FlagValues, argv: list[str], config) -> None:
+  """`--config`: an experiments/*.py file (`CONFIG_FILE`) or overrides of the dataclass
+  instance `config`; `sys_argv` makes ml_collections read the overrides from `argv`, not
+  sys.argv (in-process calls)."""
   from ml_collections import config_flags
-  if default is None:
+  if config == CONFIG_FILE:
     config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
                                     lock_config=False, sys_argv=argv)
   else:
-    config_flags.DEFINE_config_dataclass("config", default, f"{type(default).__name__} fields",
+    config_flags.DEFINE_config_dataclass("config", config, f"{type(config).__name__} fields",
                                          flag_values=fv, sys_argv=argv)
 
 
-def parse(command: str, argv: list[str], define: Callable[[flags.FlagValues, list[str]], None],
-          usage: str, required: tuple[str, ...] = ()) -> flags.FlagValues:
-  """The flags `define` declares, parsed from `argv`; `--help` prints them and exits.
+def parse(command: str, argv: list[str], define: Callable[[flags.FlagValues], None], usage: str,
+          required: tuple[str, ...] = (), config=None) -> flags.FlagValues:
+  """The flags `define` declares, and `--config` when `config` is given (`CONFIG_FILE`, or a
+  dataclass instance whose fields `--config.key=value` overrides), parsed from `argv`;
+  `--help` prints them and exits.
 
   Every error exits with "error: ..." and the usage line: an unknown or malformed flag,
   a missing `required` one, a `--config.key` that names no field (with the closest).
   """
   argv = [f"minilm_jax {command}", *argv]
   fv = flags.FlagValues()
-  define(fv, argv)
+  if config is not None:
+    if dataclasses.is_dataclass(config) and (unknown := _unknown_override(argv, config)):
+      sys.exit(f"error: {unknown}\n{usage}")  # ml_collections fails on it while defining the flag
+    _define_config(fv, argv, config)
+  define(fv)
   if "--help" in argv or "-h" in argv:
     print(f"{usage}\n\n{fv.get_help()}")
     sys.exit(0)
@@ -74,9 +83,9 @@ def parse(command: str, argv: list[str], define: Callable[[flags.FlagValues, lis
     sys.exit(f"error: {_flag_error(e)}\n{usage}")
   except (KeyError, AttributeError) as e:  # ml_collections: an override naming no field
     bare, plain = flags.FlagValues(), [a for a in argv if not a.startswith("--config.")]
-    define_config(bare, plain)  # the config file's dataclass, without the overrides
+    _define_config(bare, plain, CONFIG_FILE)  # the config file's dataclass, without the overrides
     bare(plain, known_only=True)
-    sys.exit(f"error: {unknown_override(argv, bare.config) or e}\n{usage}")
+    sys.exit(f"error: {_unknown_override(argv, bare.config) or e}\n{usage}")
   if rest:
     sys.exit(f"error: unexpected arguments {' '.join(rest)}: flags are --name value\n{usage}")
   if missing := [f"--{name}" for name in required if fv[name].value is None]:

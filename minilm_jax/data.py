@@ -252,8 +252,8 @@ def batch_iterator(examples: grain.MapDataset, *, global_batch_size: int, seed: 
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
     # grain 0.2.18 reads an absl flag when it starts workers, which fails before absl parsed
-    # the command line (pytest, notebooks, our CLI, whose flags live in their own FlagValues): use the
-    # flag defaults then.
+    # the command line (pytest, notebooks, our CLI, whose flags live in their own FlagValues):
+    # use the flag defaults then.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(

@@ -4,6 +4,7 @@ command line, `python -m minilm_jax benchmark` / `python experiments/benchmark.p
 import datetime
 import json
 import pathlib
+import sys
 from collections.abc import Sequence
 
 from minilm_jax.benchmark import harness, report
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
            "[--shapes BxS,...] [--out-dir DIR] [--max-batch] [--[no]isolate] [--timed N] "
            "[--timeout S] [--table JSONL]")
 
-  def define(fv, _):
+  def define(fv):
     flags.DEFINE_enum("mode", "cpu", sorted(MODES), "cpu: tiny, seconds; gpu: the real workload",
                       flag_values=fv)
     flags.DEFINE_list("routes", list(ROUTES), f"comma list of {', '.join(ROUTES)}", flag_values=fv)
@@ -112,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     flags.DEFINE_string("table", None, "only rewrite the markdown table of these rows (a .jsonl)",
                         flag_values=fv)
 
-  fv = cli_flags.parse("benchmark", list(argv if argv is not None else []), define, usage)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  fv = cli_flags.parse("benchmark", argv, define, usage)
   if fv.table:
     print(report.write_table(fv.table, fv.mode))
     return []
