@@ -64,18 +64,61 @@ def _cell(rows, label, task):
   return f"{r['mean']:.1f}{std} ({len(r['scores'])})", r["mean"]
 
 
+def average(rows: list[dict], label: str) -> float | None:
+  """The average over the four tasks of a model's per-task means (over seeds); None until
+  every task has a run."""
+  means = [_cell(rows, label, t)[1] for t in TASK_ORDER]
+  return float(np.mean(means)) if all(m is not None for m in means) else None
+
+
 def table(rows: list[dict], labels: list[str], pre: dict, steps: int) -> str:
   lines = ["| model | pre-training tokens | SST-2 acc | RTE acc | CoLA mcc | SQuAD 2.0 split F1 | average |",
            "|---|---|---|---|---|---|---|"]
   for label in labels:
-    cells, means = zip(*(_cell(rows, label, t) for t in TASK_ORDER))
-    avg = f"{np.mean(means):.1f}" if all(m is not None for m in means) else "—"
+    cells = [_cell(rows, label, t)[0] for t in TASK_ORDER]
+    avg = average(rows, label)
+    avg = f"{avg:.1f}" if avg is not None else "—"
     info = pre.get(label)
     tokens = f"{info['tokens'] / 1e6:.2f} M" if info and info.get("steps") else (
         "—" if label in pre else "none (baseline)" if "teacher" not in label else "teacher")
     if info and 0 < info.get("steps", 0) < steps:
       tokens += f" (running, step {info['steps']} of {steps})"
     lines.append(f"| {label} | {tokens} | " + " | ".join(cells) + f" | {avg} |")
+  return "\n".join(lines)
+
+
+TARGET_OVER_RANDOM = 5.0  # the issue's target: students >= 5 points above random init on the average
+
+
+def targets(rows: list[dict], layers: int) -> str:
+  """The issue's targets, computed from the table: each student's average minus random
+  init's (target >= +5) and minus the MLM baseline's (target > 0), with the truncated
+  teacher beside them; then the spread of the L`layers` models on each task, which shows
+  the tasks whose read-out cannot separate them (every model at the same floor)."""
+  random, truncated = f"random-L{layers}", f"truncated-L{layers}"
+  lines = [f"| student | minus {random} (target >= +{TARGET_OVER_RANDOM:.0f}) | minus mlm (target > 0) "
+           f"| minus {truncated} |", "|---|---|---|---|"]
+  for student in ("minilm-v1", "minilm-v2"):
+    mine = average(rows, student)
+    cells = []
+    for other, passes in ((random, lambda d: d >= TARGET_OVER_RANDOM), ("mlm", lambda d: d > 0),
+                          (truncated, None)):
+      theirs = average(rows, other)
+      if mine is None or theirs is None:
+        cells.append("—")
+        continue
+      d = mine - theirs
+      cells.append(f"{d:+.1f}" + ("" if passes is None else " met" if passes(d) else " **not met**"))
+    lines.append(f"| {student} | " + " | ".join(cells) + " |")
+  models = [truncated, random, "mlm", "minilm-v1", "minilm-v2"]
+  spread = []
+  for t in TASK_ORDER:
+    means = [m for m in (_cell(rows, label, t)[1] for label in models) if m is not None]
+    if means:
+      spread.append(f"{t} {max(means) - min(means):.1f} ({min(means):.1f} to {max(means):.1f})")
+  if spread:
+    lines += ["", f"Spread of the L{layers} models' dev scores per task (max - min, points): "
+              + "; ".join(spread) + "."]
   return "\n".join(lines)
 
 
@@ -94,12 +137,15 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
            f"{budget.steps} steps x {budget.batch} x {budget.seq_len} = {budget.tokens / 1e6:.2f} M token "
            "positions each (the same batches for every method), then fine-tuned. Cells: mean ± std "
            "over seeds (the seed count in brackets), best dev epoch, in percent; — = not run yet.",
-           "", table(rows, labels, pre, budget.steps), "", "Pre-training runs:", ""]
+           "", table(rows, labels, pre, budget.steps), "",
+           "Targets (the issue's; computed from the table above, averages of the four tasks):", "",
+           targets(rows, layers), "", "Pre-training runs:", ""]
   for method, info in pre.items():
     if info.get("steps"):
       lines.append(f"- {method}: {info['steps']} of {budget.steps} steps, loss {info['first_loss']:.3f} -> "
                    f"{info['last_loss']:.3f}, median {info['tokens_per_sec']:,.0f} tokens/s, "
-                   f"{info['minutes']:.1f} min of steps (compilation excluded)")
+                   f"{info['minutes']:.1f} min of steps (compilation excluded; "
+                   f"{info['tokens'] / info['tokens_per_sec'] / 60:.1f} min at the median rate)")
     else:
       lines.append(f"- {method}: not started")
   lines += ["", f"Hardware: {platform.machine()} CPU ({_cpus()} cores visible), float32; runs "

@@ -49,16 +49,21 @@ def test_plan_puts_the_headline_first_and_skips_finished_runs(tmp_path):
   assert done == {"pretrain minilm-v1"}
 
 
+def _write_runs(root, label, seed, scores):
+  """Fine-tuning summaries as `finetune.run_seeds` writes them, one per task."""
+  for task, score in zip(study_report.TASK_ORDER, scores):
+    path = root / label / task / f"seed-{seed}" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({
+        "task": task, "metric": "accuracy", "model": "m", "layers": 3, "hidden": 384,
+        "params": 1e7, "seeds": [seed], "scores": [score], "wall_time_s": [60.0],
+        "data": {"max_seq_len": 64, "train_examples": 100, "eval_examples": 50},
+        "config": {"epochs": 2, "batch_size": 32, "learning_rate": 1e-4}}))
+
+
 def test_table_merges_seeds_and_averages_four_tasks(tmp_path):
   for seed, scores in ((0, (0.8, 0.6, 0.2, 0.5)), (1, (0.9, 0.5, 0.3, 0.6))):
-    for task, score in zip(study_report.TASK_ORDER, scores):
-      path = tmp_path / "minilm-v1" / task / f"seed-{seed}" / "summary.json"
-      path.parent.mkdir(parents=True)
-      path.write_text(json.dumps({
-          "task": task, "metric": "accuracy", "model": "m", "layers": 3, "hidden": 384,
-          "params": 1e7, "seeds": [seed], "scores": [score], "wall_time_s": [60.0],
-          "data": {"max_seq_len": 64, "train_examples": 100, "eval_examples": 50},
-          "config": {"epochs": 2, "batch_size": 32, "learning_rate": 1e-4}}))
+    _write_runs(tmp_path, "minilm-v1", seed, scores)
   rows = study_report._rows(tmp_path)
   sst2 = next(r for r in rows if r["task"] == "sst2")
   assert sst2["seeds"] == [0, 1] and sst2["mean"] == pytest.approx(85.0)
@@ -67,6 +72,23 @@ def test_table_merges_seeds_and_averages_four_tasks(tmp_path):
   assert "| minilm-v1 | — | 85.0 ± 7.1 (2) |" in text
   assert f"| {np.mean([85, 55, 25, 55]):.1f} |" in text   # the four tasks' average
   assert "| random-L3 | none (baseline) | — |" in text
+
+
+def test_targets_are_computed_from_the_averages(tmp_path):
+  """Each student's average minus random init's (>= +5 to pass) and minus MLM's (> 0)."""
+  for label, scores in (("random-L3", (0.70, 0.50, 0.00, 0.50)),   # average 42.5
+                        ("truncated-L3", (0.80, 0.56, 0.10, 0.50)),  # 49.0
+                        ("mlm", (0.74, 0.54, 0.00, 0.50)),          # 44.5
+                        ("minilm-v1", (0.80, 0.58, 0.06, 0.50)),    # 48.5: +6.0 over random
+                        ("minilm-v2", (0.72, 0.54, 0.00, 0.50))):   # 44.0: +1.5, -0.5 vs mlm
+    _write_runs(tmp_path, label, 0, scores)
+  text = study_report.targets(study_report._rows(tmp_path), layers=3)
+  assert "| minilm-v1 | +6.0 met | +4.0 met | -0.5 |" in text
+  assert "| minilm-v2 | +1.5 **not met** | -0.5 **not met** | -5.0 |" in text
+  assert "squad2 0.0 (50.0 to 50.0)" in text and "sst2 10.0 (70.0 to 80.0)" in text
+  _write_runs(tmp_path / "partial", "minilm-v1", 0, (0.8, 0.58, 0.06, 0.50))
+  partial = study_report.targets(study_report._rows(tmp_path / "partial"), layers=3)
+  assert "| minilm-v1 | — | — | — |" in partial   # nothing claimed before the baselines exist
 
 
 def test_attention_maps_read_the_packaged_teacher_by_name():
