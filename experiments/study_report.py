@@ -15,6 +15,13 @@ import numpy as np
 import report
 
 TASK_ORDER = ("sst2", "rte", "cola", "squad2")
+STUDENTS = ("minilm-v1", "minilm-v2")  # the distilled students, as `study.METHODS` names them
+
+
+def student_shaped(layers: int) -> list[str]:
+  """The labels of the models of the students' shape, in the table's order: the two
+  baselines without pre-training, MLM from scratch, the students."""
+  return [f"truncated-L{layers}", f"random-L{layers}", "mlm", *STUDENTS]
 SENTENCE = "it 's a charming and often affecting journey ."  # SST-2 dev, first row
 
 
@@ -98,7 +105,7 @@ def targets(rows: list[dict], layers: int) -> str:
   random, truncated = f"random-L{layers}", f"truncated-L{layers}"
   lines = [f"| student | minus {random} (target >= +{TARGET_OVER_RANDOM:.0f}) | minus mlm (target > 0) "
            f"| minus {truncated} |", "|---|---|---|---|"]
-  for student in ("minilm-v1", "minilm-v2"):
+  for student in STUDENTS:
     mine = average(rows, student)
     cells = []
     for other, passes in ((random, lambda d: d >= TARGET_OVER_RANDOM), ("mlm", lambda d: d > 0),
@@ -110,10 +117,9 @@ def targets(rows: list[dict], layers: int) -> str:
       d = mine - theirs
       cells.append(f"{d:+.1f}" + ("" if passes is None else " met" if passes(d) else " **not met**"))
     lines.append(f"| {student} | " + " | ".join(cells) + " |")
-  models = [truncated, random, "mlm", "minilm-v1", "minilm-v2"]
   spread = []
   for t in TASK_ORDER:
-    means = [m for m in (_cell(rows, label, t)[1] for label in models) if m is not None]
+    means = [m for m in (_cell(rows, label, t)[1] for label in student_shaped(layers)) if m is not None]
     if means:
       spread.append(f"{t} {max(means) - min(means):.1f} ({min(means):.1f} to {max(means):.1f})")
   if spread:
@@ -130,8 +136,7 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
   curve = _rows(paths.out / "curve")
   layers = budget.student[0]
   pre = {m: pretrain_summary(budget, paths, m) for m in study.METHODS}
-  labels = (["teacher-L6"] if budget.teacher_reference else []) + [
-      f"truncated-L{layers}", f"random-L{layers}", "mlm", "minilm-v1", "minilm-v2"]
+  labels = (["teacher-L6"] if budget.teacher_reference else []) + student_shaped(layers)
   lines = [f"# MiniLM study, `{name}` budget", "",
            f"Students L{layers}-H{budget.student[1]} ({budget.student[2]} heads) pre-trained for "
            f"{budget.steps} steps x {budget.batch} x {budget.seq_len} = {budget.tokens / 1e6:.2f} M token "
@@ -188,7 +193,7 @@ def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   tokens = lambda recs: [r["step"] * budget.batch * budget.seq_len / 1e6 for r in recs]
-  for m in ("minilm-v1", "minilm-v2"):
+  for m in STUDENTS:
     if runs[m]:
       axes[0].plot(tokens(runs[m]), [r["loss/total"] for r in runs[m]], label=m)
   axes[0].set_title("distillation loss (KL, sum of terms)")
@@ -263,7 +268,7 @@ def _attention(model, sentence):
 
 def _attention_plot(study, budget, paths, rows, curve, path) -> bool:
   models = {"teacher (layer 6)": paths.teacher}
-  for m in ("minilm-v1", "minilm-v2"):
+  for m in STUDENTS:
     if (paths.out / "pretrain" / m / "hf" / "config.json").is_file():
       models[f"{m} student (last layer)"] = paths.out / "pretrain" / m / "hf"
   if len(models) == 1:
