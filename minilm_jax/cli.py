@@ -111,6 +111,12 @@ def benchmark(argv: list[str]) -> None:
   benchmark_main.main(argv)
 
 
+def compile_step(argv: list[str]) -> None:
+  """The distillation step compiled for TPU slices: memory, roofline, collectives."""
+  from minilm_jax.aot import main as aot_main
+  aot_main.main(argv)
+
+
 def _distill_flags(argv: list[str]) -> flags.FlagValues:
   """`--config FILE [--config.key=value ...] --workdir DIR`, the cluster, `--resume-from-step`."""
   usage = ("usage: python -m minilm_jax distill --config experiments/NAME.py --workdir DIR "
@@ -255,7 +261,7 @@ def evaluate(argv: list[str]) -> None:
 
 
 COMMANDS = {"distill": distill, "data": data, "convert": convert, "benchmark": benchmark,
-            "finetune": finetune, "evaluate": evaluate}
+            "compile": compile_step, "finetune": finetune, "evaluate": evaluate}
 
 
 def main(argv: list[str] | None = None) -> None:

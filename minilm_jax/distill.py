@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
 
-from minilm_jax import checkpoint, convert, data, mlm, optimizer as optimizer_lib, sharding, train
+from minilm_jax import checkpoint, convert, data, mlm, sharding, train
 from minilm_jax import workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import MetricWriter, read_metrics
@@ -197,10 +197,7 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   workdir_lib.check_corpus(workdir, corpus)
   iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
-  schedule = optimizer_lib.warmup_linear_decay(cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
-  optimizer = optimizer_lib.for_distillation(cfg, schedule)
-  step_fn = train.make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps,
-                                  train.make_loss_fn(cfg, setup, teacher_dir))
+  schedule, optimizer, step_fn = train.make_step(cfg, setup, mesh, teacher_dir)
   export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
   if resume_from_step is not None:
     _resume_from(workdir, resume_from_step)
@@ -211,10 +208,8 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
 
   replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          jax.eval_shape(lambda: train.init_state(cfg, setup, optimizer)))
   if mngr.latest_step() is not None:
-    state = _restore(mngr, abstract, iterator)
+    state = _restore(mngr, train.abstract_inputs(cfg, setup, optimizer, mesh)[0], iterator)
     _truncate_metrics(workdir, int(state.step))
   else:
     state = jax.device_put(train.init_state(cfg, setup, optimizer), replicated)

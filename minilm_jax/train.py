@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minilm_jax import internals_loss, losses, mlm, sharding
+from minilm_jax import optimizer as optimizer_lib
 from minilm_jax import model as model_lib
 
 OBJECTIVES = ("distill", "mlm")
@@ -104,15 +105,17 @@ class DistillConfig:
   keep_checkpoints: int = 3           # checkpoints kept
   export_hf: bool = True              # write the student as a Hugging Face directory at the end
 
-  def resolved_prng(self) -> str:
+  def resolved_prng(self, platform: str | None = None) -> str:
+    """`dropout_prng` on `platform`, the one the step is compiled for (default: this host's)."""
     if self.dropout_prng != "auto":
       return self.dropout_prng
-    return "threefry2x32" if jax.default_backend() == "cpu" else "rbg"
+    return "threefry2x32" if (platform or jax.default_backend()) == "cpu" else "rbg"
 
-  def resolved_dtype(self) -> str:
+  def resolved_dtype(self, platform: str | None = None) -> str:
+    """`compute_dtype` on `platform`, the one the step is compiled for (default: this host's)."""
     if self.compute_dtype != "auto":
       return self.compute_dtype
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -196,8 +199,14 @@ class Setup:
   dropout_prng: str = "threefry2x32"  # jax.random implementation of the step's dropout keys
 
 
-def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup:
-  """Checks the run's configuration against the teacher, before any compute."""
+def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
+               platform: str | None = None) -> Setup:
+  """Checks the run's configuration against the teacher, before any compute.
+
+  Every "auto" (compute dtype, dropout PRNG) is resolved for `platform`, the platform the
+  step is compiled for: this host's by default, "tpu" when compiling for a pod slice from
+  a machine without one (`minilm_jax.aot`).
+  """
   check_config(cfg)
   if cfg.teacher_assistant not in ("auto", "on", "off"):
     raise ValueError(f"teacher_assistant {cfg.teacher_assistant!r} is unknown: use 'auto' (MiniLM's "
@@ -212,7 +221,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
                                                 "teacher")
   student_layers = internals_loss.layer_indices(cfg.loss_student_layers, cfg.student_layers,
                                                 cfg.student_layers, "student")
-  dtype = cfg.resolved_dtype()
+  dtype = cfg.resolved_dtype(platform)
   student = teacher_full.replace(
       num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
       intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
@@ -223,7 +232,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig) -> Setup
   loss, heads = (None, student.num_heads) if cfg.objective == "mlm" else internals_loss.choose(cfg, teacher, student)
   teacher.check_max_seq_len(cfg.max_seq_len, "the teacher")  # the student shares its table
   return Setup(teacher, student, cfg.version, heads, loss, teacher_layers, student_layers,
-               return_logits=bool(cfg.internals_loss), dropout_prng=cfg.resolved_prng())
+               return_logits=bool(cfg.internals_loss), dropout_prng=cfg.resolved_prng(platform))
 
 
 def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
@@ -288,6 +297,8 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
   `terms["tokens"]` when it returns one (masked LM: the predicted tokens), else the
   real tokens of `attention_mask` (distillation). The step weights each micro-batch by
   that count, so the accumulated loss and gradient are the whole batch's exact mean.
+  The step is traced under `mesh`'s abstract mesh, so every layer picks its attention route
+  for the platform it is compiled for (`attention.target_platform`).
   """
   loss_fn = loss_fn or functools.partial(distill_loss, setup=setup)
 
@@ -296,6 +307,10 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, sharding.DATA_AXIS)))
 
   def step(state: TrainState, teacher_params, batch):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # attention routes see the target
+      return update(state, teacher_params, batch)
+
+  def update(state: TrainState, teacher_params, batch):
     key = dropout_key(state.rng, state.step, setup.dropout_prng)
 
     def grads_of(micro, index):  # token-weighted sums, so micro-batches add up exactly
@@ -328,4 +343,35 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
   replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(step, in_shardings=(replicated, replicated, batched),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def make_step(cfg: DistillConfig, setup: Setup, mesh, tokenizer_dir=None):
+  """What a distillation run compiles: (schedule, optimizer, jitted step).
+
+  `distill` trains with it and `minilm_jax.aot` compiles it for a TPU slice, so both see
+  the same step. `tokenizer_dir` is read only by the masked-LM objective.
+  """
+  schedule = optimizer_lib.warmup_linear_decay(cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)
+  optimizer = optimizer_lib.for_distillation(cfg, schedule)
+  step = make_train_step(setup, optimizer, mesh, cfg.grad_accum_steps,
+                         make_loss_fn(cfg, setup, tokenizer_dir))
+  return schedule, optimizer, step
+
+
+BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def abstract_inputs(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation, mesh):
+  """The step's arguments (state, teacher parameters, batch) as shapes placed on `mesh`:
+  what a checkpoint restores into and what ahead-of-time compilation lowers with."""
+  def placed(tree, where):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
+  replicated = sharding.replicated(mesh)
+  state = placed(jax.eval_shape(lambda: init_state(cfg, setup, optimizer)), replicated)
+  teacher = {} if cfg.objective == "mlm" else placed(  # masked LM has no teacher
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setup.teacher.dtype),
+                   model_lib.abstract_params(setup.teacher)), replicated)
+  shape = jax.ShapeDtypeStruct((cfg.global_batch_size, cfg.max_seq_len), jnp.int32,
+                               sharding=sharding.batch_sharded(mesh))
+  return state, teacher, {k: shape for k in BATCH_KEYS}
 

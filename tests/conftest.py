@@ -1,8 +1,12 @@
 """Shared fixtures: the packaged teacher, loaded once per test session."""
 
+import os
 import pathlib
 
 import pytest
+
+# libtpu (the `tpu` extra) lets one process load it at a time; pytest's workers each may.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -6,12 +6,20 @@ from minilm_jax.benchmark.workloads import ADAMW, DROPOUT, Built, Workload, make
 
 
 def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
-  """(DistillConfig, Setup, full teacher ModelConfig) of `minilm_jax.train` for a workload.
+  """(DistillConfig, Setup, full teacher ModelConfig) of `minilm_jax.train` for a workload."""
+  from minilm_jax import train
+  cfg, teacher_full = jax_config(w, batch, seq, dtype)
+  return cfg, train.make_setup(cfg, teacher_full), teacher_full
+
+
+def jax_config(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
+  """(DistillConfig, full teacher ModelConfig) of a workload.
 
   As in the PyTorch routes: the workload's dropouts, the attention dropout fused in cuDNN on
   a GPU (`fused_attention_dropout`, as PyTorch's SDPA fuses its own); AdamW(b1 .9, b2 .999, eps 1e-6, wd .01)
   with no gradient clipping (train.py's default clips at norm 1; the workload has no
-  clipping), at the constant rate `jax_optimizer` gives it.
+  clipping), at the constant rate `jax_optimizer` gives it; one step, teacher to student
+  (no teacher assistant).
   """
   from minilm_jax import train
   from minilm_jax.model import ModelConfig
@@ -26,8 +34,8 @@ def jax_setup(w: Workload, batch: int, seq: int, dtype: str = "bfloat16"):
       student_attention_dropout=w.attention_dropout, fused_attention_dropout=True, compute_dtype=dtype,
       max_seq_len=seq, global_batch_size=batch, learning_rate=ADAMW["lr"], warmup_steps=0,
       weight_decay=ADAMW["weight_decay"], adam_b1=ADAMW["b1"], adam_b2=ADAMW["b2"],
-      adam_eps=ADAMW["eps"], clip_grad_norm=0.0)
-  return cfg, train.make_setup(cfg, teacher_full), teacher_full
+      adam_eps=ADAMW["eps"], clip_grad_norm=0.0, teacher_assistant="off")
+  return cfg, teacher_full
 
 
 def jax_optimizer(cfg):

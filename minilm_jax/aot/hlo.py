@@ -1,0 +1,110 @@
+"""What a compiled program says about itself: memory per device, XLA's counts, collectives
+and the fusions that move the most bytes.
+
+`memory_analysis()` and `cost_analysis()` are XLA's own; the collectives and fusions are
+read from the optimized HLO text (`compiled.as_text()`), where each executed instruction
+(in the entry computation and the bodies of its loops, not inside a fused computation) is
+`%name = <shape> <opcode>(%operand, ...)`. A fusion's bytes are its operands' and result's
+logical sizes (the tiles' padding not counted), once per appearance in the program: a
+loop body's fusions are listed once, however many iterations run.
+"""
+
+import collections
+import dataclasses
+import math
+import re
+
+_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+          "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_CALLED = re.compile(r"\b(?:calls|to_apply)=%([\w.\-]+)")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of every array in an HLO shape string (a tuple adds its elements)."""
+  return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in _ARRAY.findall(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: tuple[str, ...]
+  attributes: str
+
+  @property
+  def label(self) -> str:
+    """What the instruction computes: the JAX operation it came from, else its opcode."""
+    found = re.search(r'op_name="([^"]*)"', self.attributes)
+    return found.group(1) if found else self.opcode
+
+
+def executed(hlo_text: str) -> list[Instruction]:
+  """The instructions that run as kernels: those of every computation that no fusion or
+  reduction calls (the entry computation, loop bodies and conditions)."""
+  computations: dict[str, list[Instruction]] = {}
+  called: set[str] = set()
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      head = line.split()
+      current = (head[1] if head[0] == "ENTRY" else head[0]).lstrip("%")
+      computations[current] = []
+      continue
+    found = _INSTRUCTION.match(line)
+    if found and current is not None:
+      name, shape, opcode, rest = found.groups()
+      args, _, attributes = rest.partition(")")
+      computations[current].append(Instruction(name, shape, opcode, tuple(re.findall(r"%([\w.\-]+)", args)),
+                                               attributes))
+      called.update(_CALLED.findall(attributes))
+  return [i for name, body in computations.items() if name not in called for i in body]
+
+
+def collectives(instructions: list[Instruction]) -> dict[str, int]:
+  """How many of each collective the program runs (async start/done pairs count once)."""
+  counts = collections.Counter()
+  for i in instructions:
+    kind = i.opcode.removesuffix("-start")
+    if kind in COLLECTIVES and not i.opcode.endswith("-done"):
+      counts[kind] += 1
+  return dict(sorted(counts.items()))
+
+
+def heaviest(instructions: list[Instruction], n: int = 10) -> list[dict]:
+  """The `n` kernels (fusions, custom calls, copies, collectives...) that move the most bytes."""
+  shapes = {i.name: i.shape for i in instructions}
+  skip = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+          "call", "after-all", "partition-id", "replica-id")
+  moved = []
+  for i in instructions:
+    if i.opcode in skip or i.opcode.endswith("-done"):
+      continue
+    nbytes = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+    moved.append({"bytes": nbytes, "opcode": i.opcode, "shape": re.sub(r"\{[^}]*\}", "", i.shape),
+                  "op": i.label})
+  return sorted(moved, key=lambda m: -m["bytes"])[:n]
+
+
+def analyse(compiled) -> dict:
+  """Memory per device, XLA's FLOPs and bytes, collectives and the heaviest kernels of `compiled`."""
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  instructions = executed(compiled.as_text())
+  outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # donated buffers are reused
+  return {
+      "hbm": {"arguments": memory.argument_size_in_bytes, "temporaries": memory.temp_size_in_bytes,
+              "outputs": outputs, "code": memory.generated_code_size_in_bytes,
+              "total": memory.argument_size_in_bytes + memory.temp_size_in_bytes + outputs
+              + memory.generated_code_size_in_bytes},
+      "xla_flops": float(cost.get("flops", 0.0)),
+      "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+      "collectives": collectives(instructions),
+      "heaviest": heaviest(instructions),
+  }

@@ -1,0 +1,144 @@
+"""The step `distill` would run for a config, compiled for a TPU slice by the real compiler.
+
+Nothing runs: `jax.jit(step).lower(<shapes placed on the slice's mesh>).compile()` is the
+same call a TPU host makes before its first step, so the memory per device it reports is
+what that host would allocate, and XLA's FLOP and byte counts are the program's own. The
+step is `train.make_step`'s (the run's `Setup`, optimizer, shardings and micro-batches),
+every "auto" resolved for a TPU; a config that `distill` runs through a teacher assistant
+compiles as its two stages.
+
+A roofline bounds the step: it takes at least max(FLOPs / peak, bytes / bandwidth), which
+bounds tokens/s per device and the model-FLOP utilisation (MFU: the step's matmul FLOPs,
+`benchmark.workloads.step_flops`, over that time at peak). A bound, not a measurement.
+"""
+
+import dataclasses
+import pathlib
+import time
+
+from minilm_jax import convert, sharding, teacher_assistant, train
+from minilm_jax import model as model_lib
+from minilm_jax.aot import hlo
+from minilm_jax.aot.chips import Slice
+from minilm_jax.benchmark import workloads
+from minilm_jax.teachers import resolve_model_dir
+
+# The `config.json` fields of public teachers the paper configs name, so that they compile
+# without their weights: https://huggingface.co/<name>/blob/main/config.json
+PUBLIC_TEACHERS = {
+    "bert-base-uncased": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512),
+    "bert-large-uncased": dict(vocab_size=30522, hidden_size=1024, num_hidden_layers=24,
+                               num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512),
+    "roberta-large": dict(model_type="roberta", vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
+                          num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
+                          type_vocab_size=1, pad_token_id=1, layer_norm_eps=1e-5),
+    "xlm-roberta-base": dict(model_type="xlm-roberta", vocab_size=250002, hidden_size=768,
+                             num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                             max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
+                             layer_norm_eps=1e-5),
+}
+
+
+def read_teacher(name: str) -> tuple[model_lib.ModelConfig, pathlib.Path | None]:
+  """The teacher's shape (and its directory when local): a local or packaged teacher's
+  `config.json`, else a public teacher's known fields (nothing is downloaded)."""
+  try:
+    directory = resolve_model_dir(name)
+  except FileNotFoundError:
+    if name in PUBLIC_TEACHERS:
+      return model_lib.ModelConfig.from_hf(PUBLIC_TEACHERS[name]), None
+    raise
+  return convert.read_hf_config(directory)[0], directory
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One distillation the config runs: its config and its teacher's shape."""
+  name: str                          # "" (a single run), "assistant" or "student"
+  cfg: train.DistillConfig
+  teacher: model_lib.ModelConfig
+
+
+def stages(cfg: train.DistillConfig, teacher: model_lib.ModelConfig) -> list[Stage]:
+  """What `distill` runs for `cfg`: itself, or the assistant stage then the student stage,
+  whose teacher is the assistant as exported (`teacher_assistant.stage_configs`)."""
+  if not teacher_assistant.uses_assistant(cfg, teacher):
+    return [Stage("", cfg, teacher)]
+  assistant, student = teacher_assistant.stage_configs(cfg, teacher, pathlib.Path("."))
+  exported = train.make_setup(assistant, teacher, platform="tpu").student
+  return [Stage(teacher_assistant.ASSISTANT, assistant, teacher),
+          Stage(teacher_assistant.STUDENT, student, model_lib.ModelConfig.from_hf(exported.to_hf()))]
+
+
+def model_flops(setup: train.Setup, cfg: train.DistillConfig, batch: int) -> float | None:
+  """Matmul FLOPs of one step over `batch` sequences (the benchmark's formula); None for an
+  objective or loss it does not describe (masked LM, your own loss)."""
+  if cfg.objective != "distill" or cfg.internals_loss:
+    return None
+  def bert(c: model_lib.ModelConfig) -> workloads.Bert:
+    return workloads.Bert(c.num_layers, c.hidden_size, c.num_heads, c.intermediate_size)
+  w = workloads.Workload("", bert(setup.teacher), bert(setup.student), setup.teacher.num_layers,
+                         cfg.version, setup.relation_heads)
+  return float(workloads.step_flops(w, batch, cfg.max_seq_len)["total"])
+
+
+def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None = None) -> dict:
+  """Compiles `stage`'s step for `pod` at the stage config's global batch; one row."""
+  cfg = stage.cfg
+  mesh = sharding.make_mesh(list(pod.devices))
+  sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps)
+  if cfg.objective == "mlm" and tokenizer_dir is None:
+    raise ValueError(f"objective 'mlm' reads the teacher's tokenizer: {cfg.teacher!r} must be a local directory")
+  setup = train.make_setup(cfg, stage.teacher, platform="tpu")
+  _, optimizer, step = train.make_step(cfg, setup, mesh, tokenizer_dir)
+  start = time.perf_counter()
+  compiled = step.lower(*train.abstract_inputs(cfg, setup, optimizer, mesh)).compile()
+  seconds = time.perf_counter() - start
+  got = hlo.analyse(compiled)
+  per_device = cfg.global_batch_size // mesh.size
+  flops = model_flops(setup, cfg, per_device)
+  flop_time = got["xla_flops"] / pod.peak_flops
+  byte_time = got["bytes_accessed"] / pod.hbm_bandwidth
+  bound = max(flop_time, byte_time)
+  return {
+      "stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips, "hosts": pod.hosts,
+      "batch_per_device": per_device, "seq": cfg.max_seq_len, "global_batch": cfg.global_batch_size,
+      "micro_batches": cfg.grad_accum_steps, "student_attention_dropout": cfg.student_attention_dropout,
+      "capacity": pod.hbm_bytes, "fits": got["hbm"]["total"] <= pod.hbm_bytes,
+      "model_flops": flops, "flop_time": flop_time, "byte_time": byte_time,
+      "tokens_per_sec_bound": per_device * cfg.max_seq_len / bound,
+      "mfu_bound": None if flops is None else flops / (bound * pod.peak_flops),
+      "compile_seconds": seconds, **got}
+
+
+def at_batch(stage: Stage, per_device: int, pod: Slice, seq: int | None = None) -> Stage:
+  """`stage` with `per_device` sequences per device on `pod` (and `seq` tokens each)."""
+  cfg = dataclasses.replace(stage.cfg, global_batch_size=per_device * len(pod.devices),
+                            max_seq_len=seq or stage.cfg.max_seq_len)
+  return dataclasses.replace(stage, cfg=cfg)
+
+
+def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, step: int = 8) -> dict:
+  """The row of the largest per-device batch (a multiple of `step`) whose compiled step fits.
+
+  Doubles from `start` until a batch does not fit, then bisects on compiled memory.
+  """
+  fits, rows = {}, {}
+
+  def fit(batch: int) -> bool:
+    if batch not in fits:
+      rows[batch] = compile_stage(at_batch(stage, batch, pod), pod, tokenizer_dir)
+      fits[batch] = rows[batch]["fits"]
+    return fits[batch]
+
+  if not fit(start):
+    raise ValueError(f"not even {start} sequences per device fit {pod.name}: use a larger chip "
+                     "or a shorter seq")
+  low, high = start, 2 * start
+  while fit(high):
+    low, high = high, 2 * high
+  while high - low > step:
+    middle = (low + high) // 2 // step * step
+    low, high = (middle, high) if fit(middle) else (low, middle)
+  return rows[low] | {"largest_batch": True}

@@ -1,0 +1,125 @@
+"""The distillation step compiled for TPU slices by libtpu (no TPU needed), and what is read
+off the compiled program."""
+
+import importlib.util
+import json
+
+import jax
+import pytest
+
+from minilm_jax import model as model_lib, sharding, train
+from minilm_jax.aot import chips, hlo, main as aot_main, step as step_lib
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="the TPU compiler is the `tpu` extra: pip install -e .[tpu]")
+
+TEACHER = model_lib.ModelConfig(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4,
+                                intermediate_size=128, max_position_embeddings=128)
+TINY = train.DistillConfig(teacher="tiny", student_layers=2, student_hidden=64, student_heads=4,
+                           teacher_assistant="off", max_seq_len=128, global_batch_size=8)
+
+
+def _bytes_per_device(tree, devices: int) -> int:
+  """What each device holds of `tree`: replicated leaves whole, batch-sharded ones a share."""
+  return sum(x.size * x.dtype.itemsize // (devices if x.sharding.spec else 1)
+             for x in jax.tree.leaves(tree))
+
+
+@needs_libtpu
+def test_the_step_compiles_for_a_tpu_with_every_auto_resolved_for_it():
+  pod = chips.pod_slice("v5e:2x2")
+  row = step_lib.compile_stage(step_lib.Stage("", TINY, TEACHER), pod)
+  assert (pod.chips, pod.hosts, row["devices"], row["batch_per_device"]) == (4, 1, 4, 2)
+  setup = train.make_setup(TINY, TEACHER, platform="tpu")
+  # "auto" is bf16 compute and rbg dropout keys on a TPU, though this host is a CPU.
+  assert (setup.teacher.dtype, setup.student.dtype, setup.dropout_prng) == ("bfloat16", "bfloat16", "rbg")
+  # XLA's argument bytes are the state and teacher (replicated) and a quarter of the batch,
+  # plus the padding of TPU tiles (8 x 128 for matrices: up to a quarter at these widths).
+  mesh = sharding.make_mesh(list(pod.devices))
+  _, optimizer, _ = train.make_step(TINY, setup, mesh)
+  logical = _bytes_per_device(train.abstract_inputs(TINY, setup, optimizer, mesh), 4)
+  assert logical <= row["hbm"]["arguments"] <= 1.3 * logical
+  assert row["fits"] and row["hbm"]["total"] > row["hbm"]["arguments"]
+  assert row["collectives"].get("all-reduce", 0) >= 1  # the gradients' mean over the data axis
+  assert row["xla_flops"] >= row["model_flops"] == step_lib.model_flops(setup, TINY, 2) > 0
+  bound = max(row["flop_time"], row["byte_time"])
+  assert row["mfu_bound"] == pytest.approx(row["model_flops"] / bound / pod.peak_flops)
+  assert row["tokens_per_sec_bound"] == pytest.approx(2 * 128 / bound)
+  moved = [h["bytes"] for h in row["heaviest"]]
+  assert len(moved) == 10 and moved == sorted(moved, reverse=True)
+
+
+@needs_libtpu
+def test_the_compile_command_prints_and_records_a_row_per_slice(tmp_path, capsys):
+  out = tmp_path / "rows.jsonl"
+  aot_main.main(["--config", "experiments/demo.py:smoke", "--slice", "v5e:2x2",
+                 "--out", str(out), "--markdown", str(tmp_path / "rows.md")])
+  [row] = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (row["config"], row["slice"], row["batch_per_device"], row["seq"]) == (
+      "experiments/demo.py:smoke", "v5e:2x2", 2, 32)
+  assert "experiments/demo.py:smoke on v5e:2x2 (4 devices, 1 hosts), 2 x 32 per device" in capsys.readouterr().out
+  assert "| experiments/demo.py:smoke | - | v5e:2x2 | 4 / 1 | 2 x 32 |" in (tmp_path / "rows.md").read_text()
+
+
+def test_a_config_that_uses_an_assistant_compiles_as_its_two_stages():
+  cfg = train.DistillConfig(teacher="bert-base-uncased", student_layers=6, student_hidden=384)
+  teacher, directory = step_lib.read_teacher(cfg.teacher)
+  assistant, student = step_lib.stages(cfg, teacher)
+  assert directory is None and teacher.hidden_size == 768
+  assert (assistant.name, assistant.cfg.student_layers, assistant.cfg.student_hidden) == ("assistant", 12, 384)
+  assert (student.name, student.teacher.num_layers, student.teacher.hidden_size) == ("student", 12, 384)
+  assert student.cfg.student_layers == 6
+
+
+def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
+  """A fake compiler whose memory fits up to 44 sequences: the search lands on 40."""
+  asked = []
+
+  def fake(stage, pod, tokenizer_dir=None):
+    asked.append(stage.cfg.global_batch_size // 4)
+    return {"fits": asked[-1] <= 44, "batch_per_device": asked[-1]}
+  monkeypatch.setattr(step_lib, "compile_stage", fake)
+  pod = chips.Slice("v5e:2x2", chips.CHIPS["v5e"], tuple(range(4)), 4, 1)
+  row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
+  assert row["batch_per_device"] == 40 and asked == [8, 16, 32, 64, 48, 40]
+
+
+HLO = """\
+HloModule jit_step, entry_computation_layout={(f32[8,4]{1,0})->f32[8,4]{1,0}}
+
+%fused_computation (param_0: f32[8,4]) -> f32[8,4] {
+  %param_0 = f32[8,4]{1,0} parameter(0)
+  ROOT %multiply.1 = f32[8,4]{1,0} multiply(%param_0, %param_0)
+}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+ENTRY %main (p: f32[8,4]) -> f32[8,4] {
+  %p = f32[8,4]{1,0:T(8,128)} parameter(0)
+  %fusion = bf16[8,4]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step)/mul"}
+  %all-reduce-start = f32[8,4]{1,0} all-reduce-start(%p), to_apply=%add
+  %all-reduce-done = f32[8,4]{1,0} all-reduce-done(%all-reduce-start)
+  ROOT %tuple = (f32[8,4]{1,0}, bf16[8,4]{1,0}) tuple(%all-reduce-done, %fusion)
+}
+"""
+
+
+def test_the_hlo_reader_counts_kernels_collectives_and_their_bytes():
+  executed = hlo.executed(HLO)
+  assert [i.name for i in executed] == ["p", "fusion", "all-reduce-start", "all-reduce-done", "tuple"]
+  assert hlo.collectives(executed) == {"all-reduce": 1}
+  assert hlo.shape_bytes("(f32[8,4]{1,0}, bf16[8,4]{1,0}, s32[])") == 128 + 64 + 4
+  heaviest = hlo.heaviest(executed)
+  assert [(h["opcode"], h["bytes"], h["op"]) for h in heaviest] == [
+      ("all-reduce-start", 256, "all-reduce-start"), ("fusion", 128 + 64, "jit(step)/mul")]
+
+
+def test_a_slice_is_named_by_generation_and_shape():
+  with pytest.raises(ValueError, match="unknown TPU generation 'v7x': use one of v4, v5e, v5p, v6e"):
+    chips.pod_slice("v7x:2x2")
+  with pytest.raises(ValueError, match="has no shape: name one such as v5e:2x2"):
+    chips.pod_slice("v5e")
