@@ -1,14 +1,16 @@
-"""Scaled dot-product attention and the route it takes: cuDNN flash attention or XLA.
+"""Scaled dot-product attention and the route it takes: cuDNN, Pallas splash or XLA.
 
     Attention(q, k, v) = dropout(softmax(q k^T / sqrt(H))) v, per head, over unpadded keys.
 
 `fused_attention` is every encoder layer's attention: one function
-(`attention_implementation`) picks cuDNN flash attention on a GPU in bf16/fp16, in
-training with the attention-probability dropout fused into the kernel when
-`cudnn_dropout` is set (opt-in: those masks do not follow the JAX key), so no [T, S]
-tensor is kept; XLA elsewhere, where a layer whose probabilities are dropped out
-computes them explicitly (`explicit_attention`, [B, N, T, S] float32) and
-`attention_dropout=0` keeps every layer fused in training too.
+(`attention_implementation`) picks, for the platform the step is compiled for
+(`target_platform`), cuDNN flash attention on a GPU in bf16/fp16, in training with the
+attention-probability dropout fused into the kernel when `cudnn_dropout` is set (opt-in:
+those masks do not follow the JAX key); Pallas splash attention (`splash_attention`) on a
+TPU for every layer without attention dropout; XLA elsewhere. The fused routes keep no
+[T, S] tensor; on XLA a layer whose probabilities are dropped out computes them
+explicitly (`explicit_attention`, [B, N, T, S] float32), and `attention_dropout=0` keeps
+every layer fused in training too.
 
 Dimension legend: B batch, T query positions, S key positions, N heads, H head size.
 """
@@ -20,6 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
+
+from minilm_jax.sharding import DATA_AXIS
 
 
 def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -28,17 +35,42 @@ def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
   return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1, where=keep)
 
 
+def target_platform() -> str:
+  """The platform the computation being traced is compiled for: "cpu", "gpu" or "tpu".
+
+  The device platform of the abstract mesh in context (`jax.sharding.use_abstract_mesh`,
+  under which the training step is traced), else this host's backend: a step compiled
+  ahead of time for a TPU on a CPU host takes the TPU's route.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 @functools.cache
-def attention_implementation(dtype: Any, head_dim: int, dropout: bool = False) -> str:
-  """The route `fused_attention` takes: "cudnn" or "xla".
+def attention_implementation(dtype: Any, head_dim: int, dropout: bool = False,
+                             platform: str | None = None, seq_len: int | None = None) -> str:
+  """The route `fused_attention` takes on `platform` (default: this host's backend):
+  "cudnn", "splash" or "xla".
 
   "cudnn" (flash attention, no [T, S] tensor in memory, dropout fused when `dropout`) on a
   GPU for bf16/fp16 inputs whose shape cuDNN takes (head size a multiple of 8, at most 128,
-  or 256 from Hopper on, on a recent enough cuDNN; JAX checks these when tracing); "xla"
-  otherwise. JAX's own default (None) is XLA everywhere, which on a GPU writes the whole
-  [B, N, T, S] probability tensor.
+  or 256 from Hopper on, on a recent enough cuDNN; JAX checks these when tracing).
+  "splash" (Pallas flash attention, the Mosaic kernel) on a TPU without dropout, which
+  the kernel does not draw, for any head size (32 and 64 compile, bf16 and float32) and a
+  `seq_len` it tiles (a multiple of 128; None: not checked); other lengths warn once and
+  take XLA. "xla" otherwise, with dropout on a TPU too. JAX's own default (None) is XLA
+  everywhere, which on a GPU writes the whole [B, N, T, S] probability tensor.
   """
-  if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+  platform = platform or jax.default_backend()
+  if platform == "tpu" and not dropout:
+    if seq_len is None or _block_size(seq_len):
+      return "splash"
+    warnings.warn(f"splash attention tiles sequences by {splash.NUM_LANES}, not {seq_len}; using "
+                  "XLA's attention", stacklevel=2)
+    return "xla"
+  if platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return "xla"
   x = jax.ShapeDtypeStruct((1, 8, 1, head_dim), jnp.dtype(dtype))
   lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
@@ -51,6 +83,60 @@ def attention_implementation(dtype: Any, head_dim: int, dropout: bool = False) -
                   "attention", stacklevel=2)
     return "xla"
   return "cudnn"
+
+
+def _block_size(seq_len: int) -> int | None:
+  """Splash's tile along a sequence of `seq_len`: all of it up to 512, else the largest of
+  512, 256, 128 that divides it (tiles are whole multiples of 128 lanes); None if none."""
+  if seq_len % splash.NUM_LANES:
+    return None
+  return seq_len if seq_len <= 512 else next(b for b in (512, 256, 128) if seq_len % b == 0)
+
+
+def splash_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
+                     attention_mask_BS: jax.Array, *, interpret: bool = False) -> jax.Array:
+  """softmax(q k^T / sqrt(H)) v per head over the unpadded keys, in the splash kernel: [B, T, N, H].
+
+  Exactly XLA's route (`jax.nn.dot_product_attention` with the key mask), at every
+  position and in the gradients: every query, padded or not, attends to the unpadded keys
+  of its row, as segment ids (queries 1, keys the mask). A row with no unpadded key (only
+  filler) gets XLA's uniform average of all its values, with no gradient to its q and k:
+  its queries enter as 0 and its keys all count, since the kernel's own fully masked row
+  has a backward pass inconsistent with its forward (its log-sum-exp loses the log S).
+  The kernel does not scale, so q is scaled by 1/sqrt(H) first (in q's dtype).
+
+  T and S must be multiples of 128. Under an abstract mesh with a `data` axis the kernel
+  runs per device in `jax.shard_map` (Mosaic calls are not partitioned automatically);
+  without one it runs on the whole batch. `interpret` runs it in Pallas's interpreter
+  (tests on a CPU).
+  """
+  (_, t, n, h), s = q_BTNH.shape, k_BSNH.shape[1]
+  block_q, block_kv = _block_size(t), _block_size(s)
+  if not (block_q and block_kv):
+    raise ValueError(f"splash attention needs sequence lengths that are multiples of "
+                     f"{splash.NUM_LANES}, not {t} queries and {s} keys")
+  blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_q_dkv=block_q,
+                             block_kv_dkv=block_kv, use_fused_bwd_kernel=True)
+
+  def attend(q_BTNH, k_BSNH, v_BSNH, attention_mask_BS):
+    mask = splash_mask.MultiHeadMask([splash_mask.FullMask((t, s))] * n)
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    real_B = attention_mask_BS.any(axis=-1)
+    q_BTNH = jnp.where(real_B[:, None, None, None], q_BTNH * (1 / math.sqrt(h)), 0)
+    kv_ids_BS = jnp.where(real_B[:, None], attention_mask_BS, 1).astype(jnp.int32)
+    ids = splash.SegmentIds(q=jnp.ones(q_BTNH.shape[:2], jnp.int32), kv=kv_ids_BS)
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, H] <-> [B, N, T, H]
+    out_BNTH = jax.vmap(kernel)(heads_first(q_BTNH), heads_first(k_BSNH), heads_first(v_BSNH),
+                                segment_ids=ids)
+    return heads_first(out_BNTH)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and DATA_AXIS in mesh.axis_names and DATA_AXIS not in mesh.manual_axes:
+    # check_vma=False: the kernel's pallas_call declares its outputs without varying axes
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS),
+                           check_vma=False)
+  return attend(q_BTNH, k_BSNH, v_BSNH, attention_mask_BS)
 
 
 def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths_B, *, dropout_rate: float, seed: int):
@@ -77,11 +163,13 @@ def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
                     cudnn_seed: int = 0) -> jax.Array:
   """dropout(softmax(q k^T / sqrt(H))) v per head over the unpadded keys: [B, T, N, H].
 
-  On cuDNN the padding goes in as key lengths (the count of 1s in each mask row, at least
-  1 so that an all-padding filler row stays finite), which equals the mask for
-  right-padded rows, the only kind the tokenizers and packers here write; XLA takes the
-  mask itself. Dropout on the probabilities (`dropout_rate > 0`, with `dropout_rng`) takes
-  cuDNN only when `cudnn_dropout` is set, since only XLA's masks resume exactly:
+  On a TPU without dropout it is `splash_attention` (padding as segment ids, XLA's numbers
+  at every position). On cuDNN the padding goes in as key lengths (the count of 1s in each
+  mask row, at least 1 so that an all-padding filler row stays finite), which equals the
+  mask for right-padded rows, the only kind the tokenizers and packers here write; XLA
+  takes the mask itself. Dropout on the probabilities (`dropout_rate > 0`, with
+  `dropout_rng`) takes cuDNN only when `cudnn_dropout` is set, since only XLA's masks
+  resume exactly (splash draws none):
 
   - XLA: the masks come from `dropout_rng`, so they are the same on every run, after an
     exact resume and on any device count (the step's keys are identical across shardings).
@@ -95,7 +183,11 @@ def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
   """
   h = q_BTNH.shape[-1]
   dropout = dropout_rate > 0
-  impl = attention_implementation(q_BTNH.dtype, h, dropout) if cudnn_dropout or not dropout else "xla"
+  impl = "xla"
+  if cudnn_dropout or not dropout:
+    impl = attention_implementation(q_BTNH.dtype, h, dropout, target_platform(), q_BTNH.shape[1])
+  if impl == "splash":
+    return splash_attention(q_BTNH, k_BSNH, v_BSNH, attention_mask_BS)
   if impl == "cudnn":
     lengths = jnp.maximum(attention_mask_BS.sum(axis=-1, dtype=jnp.int32), 1)
     return _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths, dropout_rate=dropout_rate, seed=cudnn_seed)

@@ -1,0 +1,115 @@
+"""The TPU attention route: Pallas splash attention against XLA's, and its choice.
+
+The kernel runs here in Pallas's interpreter (CPU); the compile test builds the real
+Mosaic kernel for a TPU topology with libtpu's compiler, running nothing.
+"""
+
+import importlib.util
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from minilm_jax import attention, model as model_lib
+from minilm_jax.sharding import DATA_AXIS
+
+
+def _inputs(b=3, t=128, n=2, h=32, lengths=(128, 17, 0)):
+  """float32 q, k, v [B, T, N, H] and a right-padded mask whose last row is all padding."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray(np.arange(t)[None] < np.asarray(lengths)[:, None], jnp.int32)
+  return (q, k, v), mask
+
+
+def _xla(q, k, v, mask):
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :].astype(bool), implementation="xla")
+
+
+def _splash(q, k, v, mask):
+  return attention.splash_attention(q, k, v, mask, interpret=True)
+
+
+@pytest.mark.parametrize("h", [32, 64])
+def test_splash_equals_xla_everywhere(h):
+  """Forward at every position (padded queries and the all-padding row included) and the
+  gradients w.r.t. q, k, v of a weighting of every output position, to 1e-5: the
+  padding semantics (queries attend the unpadded keys of their row; a row with none
+  averages all its values, with no gradient to its q and k) are XLA's exactly."""
+  (q, k, v), mask = _inputs(h=h)
+  with jax.default_matmul_precision("float32"):
+    got, want = _splash(q, k, v, mask), _xla(q, k, v, mask)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[2], jnp.broadcast_to(v[2].mean(0), got[2].shape), rtol=0, atol=1e-5)
+    w = jax.random.normal(jax.random.key(1), q.shape)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, mask) * w)
+    got_grads = jax.grad(loss(_splash), argnums=(0, 1, 2))(q, k, v)
+    want_grads = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", got_grads, want_grads):
+    assert np.abs(np.asarray(r)).max() > 0.1, name  # gradients of real size, not 0 == 0
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-5, err_msg=f"d{name}")
+  np.testing.assert_array_equal(got_grads[0][2], 0)  # the filler row: no gradient to q or k
+  np.testing.assert_array_equal(got_grads[1][2], 0)
+
+
+def test_splash_under_a_data_mesh_equals_xla():
+  """With a `data` mesh in context the kernel runs per device in shard_map: the same numbers."""
+  (q, k, v), mask = _inputs(b=2, lengths=(128, 40))
+  mesh = Mesh(np.asarray(jax.devices()[:1]), (DATA_AXIS,))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), jax.default_matmul_precision("float32"):
+    got = jax.jit(_splash)(q, k, v, mask)
+  np.testing.assert_allclose(got, _xla(q, k, v, mask), rtol=0, atol=1e-5)
+
+
+def test_route_follows_the_compile_target_not_the_host():
+  """On this CPU host, tracing under a TPU topology's abstract mesh picks splash for
+  attention without dropout and XLA with it, or for a length splash cannot tile, which
+  warns once and gives XLA's numbers."""
+  (q, k, v), mask = _inputs(t=40, lengths=(40, 17, 0))
+  assert attention.target_platform() == jax.default_backend()
+  cpu_mesh = Mesh(np.asarray(jax.devices()[:1]), (DATA_AXIS,))
+  with jax.sharding.use_abstract_mesh(cpu_mesh.abstract_mesh):
+    assert attention.target_platform() == "cpu"
+  tpu = jax.sharding.AbstractMesh((4,), (DATA_AXIS,), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+  with jax.sharding.use_abstract_mesh(tpu):
+    assert attention.target_platform() == "tpu"
+  assert attention.attention_implementation(jnp.bfloat16, 32, False, "tpu", 512) == "splash"
+  assert attention.attention_implementation(jnp.bfloat16, 32, True, "tpu", 512) == "xla"
+  attention.attention_implementation.cache_clear()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with jax.sharding.use_abstract_mesh(tpu), jax.default_matmul_precision("float32"):
+      first = attention.fused_attention(q, k, v, mask)
+      again = attention.fused_attention(q, k, v, mask)
+  assert [str(w.message) for w in caught] == [
+      "splash attention tiles sequences by 128, not 40; using XLA's attention"]
+  np.testing.assert_allclose(first, _xla(q, k, v, mask), rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(first, again)
+  with pytest.raises(ValueError, match="multiples of 128, not 40 queries"):
+    _splash(q, k, v, mask)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu's TPU compiler")
+def test_encoder_compiles_to_the_mosaic_kernel_for_a_tpu():
+  """A tiny bf16 encoder (head size 32), forward and backward, jitted for a v5e 2x2 under
+  its mesh: the attention is the Mosaic kernel (forward and fused backward calls)."""
+  from jax.experimental import topologies  # noqa: PLC0415 - only this test needs a topology
+  topology = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+  mesh = Mesh(np.asarray(topology.devices), (DATA_AXIS,))
+  config = model_lib.ModelConfig(vocab_size=64, hidden_size=64, num_layers=1, num_heads=2,
+                                 intermediate_size=128, max_position_embeddings=128, dtype="bfloat16")
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())),
+                        model_lib.abstract_params(config))
+  ids = jax.ShapeDtypeStruct((8, 128), jnp.int32, sharding=NamedSharding(mesh, P(DATA_AXIS)))
+
+  def loss(params, ids):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      out = model_lib.apply(config, params, ids, (ids > 0).astype(jnp.int32))
+      return jnp.sum(out.last_hidden_state.astype(jnp.float32))
+
+  hlo = jax.jit(jax.grad(loss)).lower(params, ids).compile().as_text()
+  assert hlo.count("tpu_custom_call") >= 2, "no Mosaic kernel: the attention took XLA's route"
