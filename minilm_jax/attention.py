@@ -26,6 +26,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
+from minilm_jax.dropout import drop
 from minilm_jax.sharding import DATA_AXIS
 
 
@@ -201,8 +202,5 @@ def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
 def explicit_attention(logits_BNTS: jax.Array, v_BSNH: jax.Array, attention_mask_BS: jax.Array,
                        dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
   """dropout(softmax(logits)) v with the probabilities in memory: XLA's route with dropout."""
-  probs = attention_probs(logits_BNTS, attention_mask_BS)
-  if dropout_rate > 0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  probs = drop(attention_probs(logits_BNTS, attention_mask_BS), dropout_rate, dropout_rng)
   return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v_BSNH.dtype), v_BSNH)

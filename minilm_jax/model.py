@@ -8,7 +8,8 @@ MiniLM distils the self-attention of one layer, so the encoder exposes, for the 
 named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
 before any dropout) and on request the attention logits (computed beside the layer's
 attention, which XLA merges with its own). Every layer's attention goes through
-`attention.fused_attention` (cuDNN flash attention on a GPU in bf16/fp16, XLA elsewhere;
+`attention.fused_attention` (cuDNN flash attention on a GPU in bf16/fp16, Pallas splash
+attention on a TPU without attention dropout, XLA elsewhere;
 `attention.py` says which route a layer takes and how its dropout works).
 
 Dimension legend (einsums and shape names):

@@ -259,7 +259,7 @@ def test_attention_route_off_a_gpu_is_xla():
 
 def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
   """Rate 0 with a key is exactly the no-dropout path (1e-6); rate r zeroes probabilities
-  where a Bernoulli(1 - r) draw of the key is 0 and scales the rest by 1 / (1 - r)."""
+  whose 8 random bits of the key are >= (1 - r) 256 and scales the rest by 1 / (1 - r)."""
   (q, k, v), mask = _random_attention_inputs(jnp.float32)
   key = jax.random.key(3)
   with jax.default_matmul_precision("float32"):
@@ -272,7 +272,7 @@ def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
   logits = np.where(mask[:, None, None, :] == 1, logits, -np.inf)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  keep = np.asarray(jax.random.bernoulli(key, 0.75, probs.shape))
+  keep = np.asarray(jax.random.bits(key, probs.shape, jnp.uint8)) < 192  # 0.75 * 256
   want = np.einsum("bnts,bsnh->btnh", np.where(keep, probs / 0.75, 0.0), np.float64(v))
   np.testing.assert_allclose(dropped, want, rtol=1e-5, atol=1e-5)
 
