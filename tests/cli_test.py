@@ -4,7 +4,7 @@ import pytest
 
 from minilm_jax import cli
 
-COMMANDS = ("distill", "data", "convert", "finetune", "evaluate", "benchmark")
+COMMANDS = ("distill", "data", "convert", "finetune", "evaluate", "benchmark", "compile")
 
 
 def exit_of(argv) -> tuple[object, str]:
@@ -41,3 +41,15 @@ def test_missing_and_conflicting_flags_name_the_fix():
   assert "is not BATCHxSEQ" in exit_of(["benchmark", "--shapes", "4x"])[1]
   assert "did you mean --config.epochs?" in exit_of(
       ["finetune", "--task", "rte", "--model", "m", "--workdir", "w", "--config.epoch=2"])[1]
+
+
+def test_the_compile_command_names_what_is_missing_or_wrong():
+  assert "--slice is required" in exit_of(["compile", "--workload", "base-v1"])[1]
+  assert "exactly one of --config and --workload" in exit_of(["compile", "--slice", "v5e:2x2"])[1]
+  assert "two questions" in exit_of(["compile", "--workload", "base-v1", "--slice", "v5e",
+                                     "--smallest", "--max-batch"])[1]
+  assert "unknown TPU generation 'v9': use one of v4, v5e, v5p, v6e" in exit_of(
+      ["compile", "--workload", "base-v1", "--slice", "v9:2x2"])[1]
+  assert "pass --out too" in exit_of(["compile", "--workload", "base-v1", "--slice", "v5e:2x2",
+                                      "--markdown", "t.md"])[1]
+  assert "unknown config 'base-v3'" in exit_of(["compile", "--workload", "base-v3", "--slice", "v5e:2x2"])[1]

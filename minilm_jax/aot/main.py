@@ -151,10 +151,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     sys.exit(f"error: pass exactly one of --config and --workload\n{usage}")
   if fv["max-batch"].value and fv.smallest:
     sys.exit(f"error: --max-batch and --smallest are two questions: ask one at a time\n{usage}")
+  if fv.markdown and not fv.out:
+    sys.exit(f"error: --markdown tabulates the rows of --out: pass --out too\n{usage}")
   found = rows(fv)
   if fv.markdown:
-    if not fv.out:
-      sys.exit("error: --markdown tabulates the rows of --out: pass --out too")
     every = [json.loads(x) for x in pathlib.Path(fv.out).read_text().splitlines() if x.strip()]
     pathlib.Path(fv.markdown).write_text(table(every))
   return found
