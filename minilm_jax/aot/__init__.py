@@ -10,5 +10,6 @@ its roofline lets it go. MaxText (`train_compile.py`) checks its pods the same w
              largest batch that fits.
   hlo.py     what the compiled program says: memory, XLA's counts, collectives, the
              kernels that move the most bytes.
+  report.py  rows as a line, markdown tables, before / after.
   main.py    `python -m minilm_jax compile`.
 """

@@ -15,9 +15,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from minilm_jax.aot import chips, step as step_lib
+from minilm_jax.aot import chips, report, step as step_lib
 
-GIB = 2**30
 
 
 def _stages(fv) -> list[tuple[str, list[step_lib.Stage], pathlib.Path | None]]:
@@ -46,7 +45,7 @@ def rows(fv) -> list[dict]:
         for seq in [int(s) for s in fv.seq or [stage.cfg.max_seq_len]]:
           for row in _compile(fv, stage, name, seq, tokenizer_dir):
             row = {"config": label, **row}
-            print(line(row), flush=True)
+            print(report.line(row), flush=True)
             if fv.out:
               with open(fv.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -77,47 +76,6 @@ def _compile(fv, stage: step_lib.Stage, name: str, seq: int, tokenizer_dir):
   return [step_lib.compile_stage(step_lib.at_batch(
       stage, int(b) if b else stage.cfg.global_batch_size // len(pod.devices), pod, seq), pod, tokenizer_dir)
       for b in batches]
-
-
-def line(row: dict) -> str:
-  """One row as a line of text: what a person reads first."""
-  hbm = row["hbm"]
-  mfu = "-" if row["mfu_bound"] is None else f"{100 * row['mfu_bound']:.0f}%"
-  return (f"{row['config']}{':' + row['stage'] if row['stage'] else ''} on {row['slice']} "
-          f"({row['devices']} devices, {row['hosts']} hosts), {row['batch_per_device']} x {row['seq']} "
-          f"per device: HBM {hbm['total'] / GIB:.2f} of {row['capacity'] / GIB:.0f} GiB "
-          f"({'fits' if row['fits'] else 'DOES NOT FIT'}), FLOP time {1e3 * row['flop_time']:.1f} ms, "
-          f"byte time {1e3 * row['byte_time']:.1f} ms, <= {row['tokens_per_sec_bound']:,.0f} tokens/s/device, "
-          f"MFU <= {mfu}; compiled in {row['compile_seconds']:.0f} s")
-
-
-def table(rows: Sequence[dict]) -> str:
-  """A markdown table of `rows` (the report's shape)."""
-  head = ("| config | stage | slice | chips / hosts | batch x seq per device | attn dropout | HBM GiB "
-          "(args / temp / total of capacity) | fits | XLA TFLOP | model TFLOP | GB accessed | FLOP ms | "
-          "byte ms | tokens/s/device bound | MFU bound | collectives | compile s |")
-  out = [head, "|" + "---|" * (head.count("|") - 1)]
-  for r in rows:
-    hbm = r["hbm"]
-    coll = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
-    mfu = "-" if r["mfu_bound"] is None else f"{100 * r['mfu_bound']:.0f}%"
-    model = "-" if r["model_flops"] is None else f"{r['model_flops'] / 1e12:.2f}"
-    out.append(
-        f"| {r['config']} | {r['stage'] or '-'} | {r['slice']} | {r['chips']} / {r['hosts']} | "
-        f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | "
-        f"{hbm['arguments'] / GIB:.2f} / {hbm['temporaries'] / GIB:.2f} / {hbm['total'] / GIB:.2f} of "
-        f"{r['capacity'] / GIB:.0f} | {'yes' if r['fits'] else 'no'} | {r['xla_flops'] / 1e12:.2f} | {model} | "
-        f"{r['bytes_accessed'] / 1e9:.1f} | {1e3 * r['flop_time']:.1f} | {1e3 * r['byte_time']:.1f} | "
-        f"{r['tokens_per_sec_bound']:,.0f} | {mfu} | {coll} | {r['compile_seconds']:.0f} |")
-  return "\n".join(out) + "\n"
-
-
-def heaviest_table(row: dict) -> str:
-  """The kernels of one row that move the most bytes."""
-  out = ["| MB | kernel | result | from |", "|---|---|---|---|"]
-  out += [f"| {h['bytes'] / 1e6:,.0f} | {h['opcode']} | `{h['shape'][:60]}` | `{h['op'][-90:]}` |"
-          for h in row["heaviest"]]
-  return "\n".join(out) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -156,5 +114,5 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   found = rows(fv)
   if fv.markdown:
     every = [json.loads(x) for x in pathlib.Path(fv.out).read_text().splitlines() if x.strip()]
-    pathlib.Path(fv.markdown).write_text(table(every))
+    pathlib.Path(fv.markdown).write_text(report.table(every))
   return found

@@ -1,0 +1,109 @@
+"""experiments/results/tpu-compile.md from the compile rows that `experiments/tpu_compile.sh` writes.
+
+    python experiments/tpu_compile_report.py --rows experiments/results/tpu-compile-rows \
+        --out experiments/results/tpu-compile.md
+
+Rows: before.jsonl (the step before the TPU attention route and the HBM cuts), after.jsonl
+(the benchmark's workloads on v5e:2x2), paper.jsonl (the paper configs at the papers' global
+batch, smallest slice per generation), maxbatch.jsonl (largest batch per generation). The
+targets are computed from the rows.
+"""
+
+import pathlib
+import sys
+
+from absl import flags
+
+from minilm_jax import cli_flags
+from minilm_jax.aot import report
+from minilm_jax.aot.report import GIB
+
+# (workload, batch per chip, seq, MFU bound the target asks for, attention dropout 0, on v5e).
+TARGETS = (("base-v1", 64, 128, 0.5), ("base-v2", 64, 128, 0.5), ("base-v1", 16, 512, 0.5),
+           ("base-v2", 16, 512, 0.5), ("base-v2", 64, 512, 0.4))
+
+
+def targets(after: list[dict]) -> str:
+  found = {(r["config"], r["batch_per_device"], r["seq"]): r for r in after
+           if r["slice"] == "v5e:2x2" and r["student_attention_dropout"] == 0}
+  out = ["| workload (attention dropout 0, v5e) | batch x seq per chip | MFU bound | target | met |",
+         "|---|---|---|---|---|"]
+  for name, batch, seq, want in TARGETS:
+    r = found.get((name, batch, seq))
+    got = "not compiled" if r is None else f"{100 * r['mfu_bound']:.0f}%"
+    met = "-" if r is None else ("yes" if r["mfu_bound"] >= want else "no")
+    out.append(f"| {name} | {batch} x {seq} | {got} | >= {100 * want:.0f}% | {met} |")
+  return "\n".join(out) + "\n"
+
+
+def paper(rows: list[dict]) -> str:
+  out = ["| config | stage | generation | smallest slice that fits | chips / hosts | batch x seq per device | "
+         "HBM GiB of capacity | MFU bound | collectives | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    fits = r["slice"] if r["fits"] else f"none up to {r['slice']}"
+    collectives = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
+    mfu = "-" if r["mfu_bound"] is None else f"{100 * r['mfu_bound']:.0f}%"
+    out.append(f"| {r['config'].removeprefix('experiments/')} | {r['stage'] or '-'} | {r['slice'].split(':')[0]} | "
+               f"{fits} | {r['chips']} / {r['hosts']} | {r['batch_per_device']} x {r['seq']} | "
+               f"{r['hbm']['total'] / GIB:.2f} of {r['capacity'] / GIB:.0f} | {mfu} | {collectives} | "
+               f"{r['compile_seconds']:.0f} |")
+  return "\n".join(out) + "\n"
+
+
+def largest(rows: list[dict]) -> str:
+  out = ["| workload | slice | seq | largest batch per device | HBM GiB of capacity | tokens/s/device bound | "
+         "MFU bound |", "|---|---|---|---|---|---|---|"]
+  out += [f"| {r['config']} | {r['slice']} | {r['seq']} | {r['batch_per_device']} | "
+          f"{r['hbm']['total'] / GIB:.2f} of {r['capacity'] / GIB:.0f} | {r['tokens_per_sec_bound']:,.0f} | "
+          f"{100 * r['mfu_bound']:.0f}% |" for r in rows]
+  return "\n".join(out) + "\n"
+
+
+def write(rows_dir: pathlib.Path) -> str:
+  before, after = report.read(rows_dir / "before.jsonl"), report.read(rows_dir / "after.jsonl")
+  papers, biggest = report.read(rows_dir / "paper.jsonl"), report.read(rows_dir / "maxbatch.jsonl")
+  heavy = [r for r in after if (r["config"], r["batch_per_device"], r["seq"], r["student_attention_dropout"])
+           == ("base-v2", 64, 512, 0)]
+  parts = [
+      "# The distillation step compiled for TPU pods\n",
+      "Compiled by libtpu's TPU compiler on a CPU host (`bash experiments/tpu_compile.sh`): **nothing "
+      "ran on a TPU**. Memory per device is the compiled program's (`memory_analysis()`); FLOPs and "
+      "bytes are XLA's counts (`cost_analysis()`); step times, tokens/s and MFU are roofline bounds "
+      "from them (the step takes at least max(FLOPs / peak, bytes / bandwidth)), not measurements. "
+      "MFU counts the step's matmul FLOPs (`benchmark.workloads.step_flops`).\n",
+      "## Chips\n", report.chip_table(),
+      "## The benchmark's workloads on v5e:2x2, before and after\n",
+      "Before: the step as it was (XLA attention everywhere, 32-bit dropout masks); after: Pallas splash "
+      "attention for every layer without attention dropout, 8-bit attention-dropout masks.\n",
+      report.before_after(before, after),
+      "### Targets\n", targets(after),
+  ]
+  if papers:
+    parts += ["## Paper configs at the papers' global batch (1024 x 512): the smallest slice per generation\n",
+              "A config that `distill` runs through a teacher assistant compiles as its two stages. The "
+              "slices of each generation are tried smallest first; the first that fits is shown.\n",
+              paper(papers)]
+  if biggest:
+    parts += ["## The largest batch per device (base-v2, attention dropout 0)\n", largest(biggest)]
+  if heavy:
+    parts += ["## Where the bytes go: the ten heaviest kernels of base-v2 at 64 x 512 per chip, after\n",
+              "Logical bytes of each kernel's operands and result in the optimized HLO (async copies and "
+              "slices are XLA's prefetches into on-chip memory).\n", report.heaviest(heavy[-1])]
+  parts += ["## Every row\n", report.table(before + after + papers + biggest)]
+  return "\n".join(parts)
+
+
+def main(argv=None):
+  usage = "usage: python experiments/tpu_compile_report.py --rows DIR --out FILE.md"
+
+  def define(fv):
+    flags.DEFINE_string("rows", None, "folder of before / after / paper / maxbatch .jsonl", flag_values=fv)
+    flags.DEFINE_string("out", None, "the markdown page to write", flag_values=fv)
+
+  fv = cli_flags.parse("tpu_compile_report", sys.argv[1:] if argv is None else argv, define, usage,
+                       required=("rows", "out"))
+  pathlib.Path(fv.out).write_text(write(pathlib.Path(fv.rows)))
+
+
+if __name__ == "__main__":
+  main()
