@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from minilm_jax import model as model_lib, sharding, train
-from minilm_jax.aot import chips, hlo, main as aot_main, step as step_lib
+from minilm_jax.aot import chips, hlo, main as aot_main, report, step as step_lib
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="the TPU compiler is the `tpu` extra: pip install -e .[tpu]")
@@ -123,3 +123,25 @@ def test_a_slice_is_named_by_generation_and_shape():
     chips.pod_slice("v7x:2x2")
   with pytest.raises(ValueError, match="has no shape: name one such as v5e:2x2"):
     chips.pod_slice("v5e")
+
+
+def _row(config, dropout, mfu, gb, batch=64, seq=128):
+  return {"config": config, "stage": "", "slice": "v5e:2x2", "batch_per_device": batch, "seq": seq,
+          "student_attention_dropout": dropout, "hbm": {"total": 2 * 2**30}, "bytes_accessed": gb * 1e9,
+          "flop_time": 0.0095, "byte_time": gb * 1e9 / 819e9, "mfu_bound": mfu}
+
+
+def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets():
+  import importlib.util as iu
+  spec = iu.spec_from_file_location("tpu_compile_report", "experiments/tpu_compile_report.py")
+  page = iu.module_from_spec(spec)
+  spec.loader.exec_module(page)
+  before = [_row("base-v1-attn0", 0, 0.29, 26.3)]
+  after = [_row("base-v1", 0, 0.34, 22.3), _row("base-v2", 0, 0.55, 12.0)]
+  table = report.before_after(before, after)
+  assert "| base-v1 | 64 x 128 | 0 | 2.00 -> 2.00 | 26.3 -> 22.3 | 9.5 | 32.1 -> 27.2 | 29% -> 34% |" in table
+  assert "| base-v2 | 64 x 128 | 0 | (not compiled) -> 2.00 |" in table
+  targets = page.targets(after)
+  assert "| base-v1 | 64 x 128 | 34% | >= 50% | no |" in targets
+  assert "| base-v2 | 64 x 128 | 55% | >= 50% | yes |" in targets
+  assert "| base-v2 | 64 x 512 | not compiled | >= 40% | - |" in targets
