@@ -22,12 +22,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
 
 from minilm_jax.dropout import drop
 from minilm_jax.sharding import DATA_AXIS
+
+
+LANES = 128  # a TPU vector register's lanes: splash tiles sequences by multiples of it
+
+
+def _splash_modules():
+  """Pallas's splash attention kernel and masks, imported when a TPU route needs them."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+      splash_attention_kernel, splash_attention_mask)
+  return splash_attention_kernel, splash_attention_mask
 
 
 def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -66,9 +74,14 @@ def attention_implementation(dtype: Any, head_dim: int, dropout: bool = False,
   """
   platform = platform or jax.default_backend()
   if platform == "tpu" and not dropout:
+    try:
+      _splash_modules()
+    except ImportError as e:  # a jax without Pallas's TPU ops
+      warnings.warn(f"splash attention is unavailable ({e}); using XLA's attention", stacklevel=2)
+      return "xla"
     if seq_len is None or _block_size(seq_len):
       return "splash"
-    warnings.warn(f"splash attention tiles sequences by {splash.NUM_LANES}, not {seq_len}; using "
+    warnings.warn(f"splash attention tiles sequences by {LANES}, not {seq_len}; using "
                   "XLA's attention", stacklevel=2)
     return "xla"
   if platform != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
@@ -89,7 +102,7 @@ def attention_implementation(dtype: Any, head_dim: int, dropout: bool = False,
 def _block_size(seq_len: int) -> int | None:
   """Splash's tile along a sequence of `seq_len`: all of it up to 512, else the largest of
   512, 256, 128 that divides it (tiles are whole multiples of 128 lanes); None if none."""
-  if seq_len % splash.NUM_LANES:
+  if seq_len % LANES:
     return None
   return seq_len if seq_len <= 512 else next(b for b in (512, 256, 128) if seq_len % b == 0)
 
@@ -111,11 +124,12 @@ def splash_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
   without one it runs on the whole batch. `interpret` runs it in Pallas's interpreter
   (tests on a CPU).
   """
+  splash, splash_mask = _splash_modules()
   (_, t, n, h), s = q_BTNH.shape, k_BSNH.shape[1]
   block_q, block_kv = _block_size(t), _block_size(s)
   if not (block_q and block_kv):
     raise ValueError(f"splash attention needs sequence lengths that are multiples of "
-                     f"{splash.NUM_LANES}, not {t} queries and {s} keys")
+                     f"{LANES}, not {t} queries and {s} keys")
   blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_q_dkv=block_q,
                              block_kv_dkv=block_kv, use_fused_bwd_kernel=True)
 
