@@ -61,6 +61,22 @@ def test_the_compile_command_prints_and_records_a_row_per_slice(tmp_path, capsys
   assert "| experiments/demo.py:smoke | - | v5e:2x2 | 4 / 1 | 2 x 32 |" in (tmp_path / "rows.md").read_text()
 
 
+@needs_libtpu
+def test_two_compiles_at_once_share_libtpu(tmp_path):
+  """libtpu admits one process unless ALLOW_MULTIPLE_LIBTPU_LOAD is set: the command sets it."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"} | {"JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, "-m", "minilm_jax", "compile", "--config", "experiments/demo.py:smoke",
+             "--slice", "v5e:2x2"]
+  both = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for _ in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in both]
+  assert [p.returncode for p in both] == [0, 0], outs
+  assert all("experiments/demo.py:smoke on v5e:2x2" in out for out in outs)
+
+
 def test_a_config_that_uses_an_assistant_compiles_as_its_two_stages():
   cfg = train.DistillConfig(teacher="bert-base-uncased", student_layers=6, student_hidden=384)
   teacher, directory = step_lib.read_teacher(cfg.teacher)

@@ -86,9 +86,11 @@ def pod_slice(name: str) -> Slice:
   try:
     from jax.experimental import topologies  # noqa: PLC0415 - loads libtpu
     devices = topologies.get_topology_desc(topology_name=name, platform="tpu").devices
-  except Exception as e:  # noqa: BLE001 - libtpu missing, or a shape it refuses
-    raise ValueError(f"cannot describe TPU slice {name!r} ({type(e).__name__}: {str(e)[:200]}): "
-                     "install the TPU compiler with `pip install -e .[tpu]`, and use a shape of "
-                     f"{', '.join(spec.slices)}") from e
+  except Exception as e:  # noqa: BLE001 - libtpu missing, held by another process, or a shape it refuses
+    import importlib.util  # noqa: PLC0415
+    fix = ("install the TPU compiler with `pip install -e .[tpu]`" if importlib.util.find_spec("libtpu") is None
+           else "another process holds libtpu: set ALLOW_MULTIPLE_LIBTPU_LOAD=1 before jax starts"
+           if "lockfile" in str(e) else f"use a shape of {', '.join(spec.slices)}")
+    raise ValueError(f"cannot describe TPU slice {name!r} ({type(e).__name__}: {str(e)[:200]}): {fix}") from e
   chips = math.prod(int(n) for n in shape.split("x"))
   return Slice(name, spec, tuple(devices), chips, len({d.process_index for d in devices}))

@@ -11,6 +11,7 @@ rewrites a table of every row in `--out`.
 
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -79,6 +80,9 @@ def _compile(fv, stage: step_lib.Stage, name: str, seq: int, tokenizer_dir):
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
+  # libtpu lets one process load it unless told otherwise; compiling never drives a TPU, so
+  # several compiles (and a run beside them) may share it. Set before jax starts its backends.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from absl import flags
   from minilm_jax import cli_flags
   usage = ("usage: python -m minilm_jax compile (--config FILE[:VARIANT] | --workload NAME,...) "
