@@ -23,6 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from minilm_jax import loops
+
 MASKED = -1e9  # logit of a padded key: exp underflows to exactly 0, yet stays finite.
 QUERY_BLOCK = 64   # queries per block (at most)
 KEY_BLOCK = 512    # keys per block (at most; a multiple of QUERY_BLOCK)
@@ -43,9 +45,9 @@ def _logits(a_BRQH: jax.Array, b_BRKH: jax.Array, keep_BK: jax.Array) -> jax.Arr
 
 
 def _scan(f, init, xs):
-  """`lax.scan(f, init, xs)`, or one call of `f` where xs holds a single block."""
+  """`lax.scan(f, init, xs)` (`loops.scan`), or one call of `f` where xs holds a single block."""
   if jax.tree.leaves(xs)[0].shape[0] > 1:
-    return jax.lax.scan(f, init, xs)
+    return loops.scan(f, init, xs)
   carry, y = f(init, jax.tree.map(lambda x: x[0], xs))
   return carry, jax.tree.map(lambda x: x[None], y)
 

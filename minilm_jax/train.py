@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minilm_jax import internals_loss, losses, mlm, sharding
+from minilm_jax import internals_loss, loops, losses, mlm, sharding
 from minilm_jax import optimizer as optimizer_lib
 from minilm_jax import model as model_lib
 
@@ -329,7 +329,7 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
       micro = jax.tree.map(split_micro, batch)
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                            jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), 0))
-      (grads, terms, tokens, real_tokens), _ = jax.lax.scan(
+      (grads, terms, tokens, real_tokens), _ = loops.scan(
           lambda carry, inputs: (jax.tree.map(jnp.add, carry, grads_of(*inputs)), None),
           zeros, (micro, jnp.arange(micro_batches)))
     tokens = jnp.maximum(tokens, 1.0)  # the count the loss means are over

@@ -47,6 +47,13 @@ def test_the_step_compiles_for_a_tpu_with_every_auto_resolved_for_it():
   assert row["tokens_per_sec_bound"] == pytest.approx(2 * 128 / bound)
   moved = [h["bytes"] for h in row["heaviest"]]
   assert len(moved) == 10 and moved == sorted(moved, reverse=True)
+  # The teacher's attention is the splash kernel; the relation KL's key blocks are a loop,
+  # which XLA's counts take once: the row's counts are the unrolled step's, and larger.
+  assert row["custom_calls"].get("tpu_custom_call", 0) >= 1
+  assert row["loops"] == [2, 2, 2, 2] and row["counted"] == "unrolled"  # 2 relations, fwd and bwd
+  looped = step_lib.compile_stage(step_lib.Stage("", TINY, TEACHER), pod, counted=False)
+  assert looped["counted"] == "loops counted once" and looped["hbm"] == row["hbm"]
+  assert row["xla_flops"] > looped["xla_flops"] and row["bytes_accessed"] > looped["bytes_accessed"]
 
 
 @needs_libtpu
@@ -91,9 +98,9 @@ def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
   """A fake compiler whose memory fits up to 44 sequences: the search lands on 40."""
   asked = []
 
-  def fake(stage, pod, tokenizer_dir=None):
+  def fake(stage, pod, tokenizer_dir=None, counted=True):
     asked.append(stage.cfg.global_batch_size // 4)
-    return {"fits": asked[-1] <= 44, "batch_per_device": asked[-1]}
+    return {"fits": asked[-1] <= 44, "batch_per_device": asked[-1], "loops": []}
   monkeypatch.setattr(step_lib, "compile_stage", fake)
   pod = chips.Slice("v5e:2x2", chips.CHIPS["v5e"], tuple(range(4)), 4, 1)
   row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
@@ -127,6 +134,12 @@ ENTRY %main (p: f32[8,4]) -> f32[8,4] {
 def test_the_hlo_reader_counts_kernels_collectives_and_their_bytes():
   executed = hlo.executed(HLO)
   assert [i.name for i in executed] == ["p", "fusion", "all-reduce-start", "all-reduce-done", "tuple"]
+  assert hlo.loops(HLO) == [] and hlo.custom_calls(HLO) == {}
+  loop = ("%c (i: s32[]) -> pred[] {\n  %i = s32[] parameter(0)\n  %n = s32[]{:T(128)} constant(8)\n"
+          "  ROOT %lt = pred[] compare(%i, %n), direction=LT\n}\n\n"
+          "ENTRY %e (p: s32[]) -> s32[] {\n  %p = s32[] parameter(0)\n"
+          "  ROOT %w = s32[] while(%p), condition=%c, body=%b\n}\n")
+  assert hlo.loops(loop) == [8]
   assert hlo.collectives(executed) == {"all-reduce": 1}
   assert hlo.shape_bytes("(f32[8,4]{1,0}, bf16[8,4]{1,0}, s32[])") == 128 + 64 + 4
   heaviest = hlo.heaviest(executed)

@@ -36,6 +36,7 @@ class Instruction:
   opcode: str
   operands: tuple[str, ...]
   attributes: str
+  args: str = ""          # the text between the opcode's parentheses
 
   @property
   def label(self) -> str:
@@ -44,9 +45,8 @@ class Instruction:
     return found.group(1) if found else self.opcode
 
 
-def executed(hlo_text: str) -> list[Instruction]:
-  """The instructions that run as kernels: those of every computation that no fusion or
-  reduction calls (the entry computation, loop bodies and conditions)."""
+def _computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], set[str]]:
+  """Every computation's instructions, and the names of those a fusion or reduction calls."""
   computations: dict[str, list[Instruction]] = {}
   called: set[str] = set()
   current = None
@@ -61,9 +61,32 @@ def executed(hlo_text: str) -> list[Instruction]:
       name, shape, opcode, rest = found.groups()
       args, _, attributes = rest.partition(")")
       computations[current].append(Instruction(name, shape, opcode, tuple(re.findall(r"%([\w.\-]+)", args)),
-                                               attributes))
+                                               attributes, args))
       called.update(_CALLED.findall(attributes))
+  return computations, called
+
+
+def executed(hlo_text: str) -> list[Instruction]:
+  """The instructions that run as kernels: those of every computation that no fusion or
+  reduction calls (the entry computation, loop bodies and conditions)."""
+  computations, called = _computations(hlo_text)
   return [i for name, body in computations.items() if name not in called for i in body]
+
+
+def loops(hlo_text: str) -> list[int]:
+  """The trip count of each while loop in the program (0 where it is not a constant): the
+  bound its condition compares with. XLA's cost analysis counts a loop's body once."""
+  computations, _ = _computations(hlo_text)
+  found = []
+  for body in computations.values():
+    for i in body:
+      if i.opcode != "while":
+        continue
+      condition = re.search(r"condition=%([\w.\-]+)", i.attributes)
+      bounds = [int(j.args) for j in computations.get(condition.group(1) if condition else "", [])
+                if j.opcode == "constant" and j.args.lstrip("-").isdigit()]
+      found.append(bounds[0] if bounds else 0)
+  return found
 
 
 def collectives(instructions: list[Instruction]) -> dict[str, int]:
@@ -74,6 +97,11 @@ def collectives(instructions: list[Instruction]) -> dict[str, int]:
     if kind in COLLECTIVES and not i.opcode.endswith("-done"):
       counts[kind] += 1
   return dict(sorted(counts.items()))
+
+
+def custom_calls(hlo_text: str) -> dict[str, int]:
+  """Custom calls by target: `tpu_custom_call` is a Pallas (Mosaic) kernel."""
+  return dict(collections.Counter(re.findall(r'custom_call_target="([\w.\-]+)"', hlo_text)))
 
 
 def heaviest(instructions: list[Instruction], n: int = 10) -> list[dict]:
@@ -94,17 +122,24 @@ def heaviest(instructions: list[Instruction], n: int = 10) -> list[dict]:
 def analyse(compiled) -> dict:
   """Memory per device, XLA's FLOPs and bytes, collectives and the heaviest kernels of `compiled`."""
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  instructions = executed(compiled.as_text())
+  text = compiled.as_text()
+  instructions = executed(text)
   outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # donated buffers are reused
   return {
       "hbm": {"arguments": memory.argument_size_in_bytes, "temporaries": memory.temp_size_in_bytes,
               "outputs": outputs, "code": memory.generated_code_size_in_bytes,
               "total": memory.argument_size_in_bytes + memory.temp_size_in_bytes + outputs
               + memory.generated_code_size_in_bytes},
-      "xla_flops": float(cost.get("flops", 0.0)),
-      "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+      **counts(compiled),
       "collectives": collectives(instructions),
+      "loops": loops(text),
+      "custom_calls": custom_calls(text),
       "heaviest": heaviest(instructions),
   }
+
+
+def counts(compiled) -> dict:
+  """XLA's FLOPs and bytes of `compiled`."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return {"xla_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}

@@ -64,9 +64,10 @@ def _compile(fv, stage: step_lib.Stage, name: str, seq: int, tokenizer_dir):
       pod = chips.pod_slice(f"{generation.name}:{shape}")
       if stage.cfg.global_batch_size % (len(pod.devices) * stage.cfg.grad_accum_steps):
         continue
-      row = step_lib.compile_stage(step_lib.at_batch(
-          stage, stage.cfg.global_batch_size // len(pod.devices), pod, seq), pod, tokenizer_dir)
+      sized = step_lib.at_batch(stage, stage.cfg.global_batch_size // len(pod.devices), pod, seq)
+      row = step_lib.compile_stage(sized, pod, tokenizer_dir, counted=False)
       if row["fits"]:
+        row = step_lib.recount(row, sized, pod, tokenizer_dir)
         break
     return [row | {"smallest": True}] if row else []
   pod = chips.pod_slice(name)

@@ -27,7 +27,8 @@ def line(row: dict) -> str:
           f"per device: HBM {hbm['total'] / GIB:.2f} of {row['capacity'] / GIB:.0f} GiB "
           f"({'fits' if row['fits'] else 'DOES NOT FIT'}), FLOP time {1e3 * row['flop_time']:.1f} ms, "
           f"byte time {1e3 * row['byte_time']:.1f} ms, <= {row['tokens_per_sec_bound']:,.0f} tokens/s/device, "
-          f"MFU <= {_mfu(row)}; compiled in {row['compile_seconds']:.0f} s")
+          f"MFU <= {_mfu(row)}; compiled in {row['compile_seconds']:.0f} s"
+          + (f", loops x{row['loops']} counted unrolled" if row.get("counted") == "unrolled" else ""))
 
 
 def table(rows: Sequence[dict]) -> str:

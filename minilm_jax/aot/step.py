@@ -16,7 +16,7 @@ import dataclasses
 import pathlib
 import time
 
-from minilm_jax import convert, sharding, teacher_assistant, train
+from minilm_jax import convert, loops, sharding, teacher_assistant, train
 from minilm_jax import model as model_lib
 from minilm_jax.aot import hlo
 from minilm_jax.aot.chips import Slice
@@ -83,33 +83,60 @@ def model_flops(setup: train.Setup, cfg: train.DistillConfig, batch: int) -> flo
   return float(workloads.step_flops(w, batch, cfg.max_seq_len)["total"])
 
 
-def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None = None) -> dict:
-  """Compiles `stage`'s step for `pod` at the stage config's global batch; one row."""
+def _lower(stage: Stage, mesh, tokenizer_dir):
+  cfg = stage.cfg
+  setup = train.make_setup(cfg, stage.teacher, platform="tpu")
+  _, optimizer, step = train.make_step(cfg, setup, mesh, tokenizer_dir)
+  return setup, step.lower(*train.abstract_inputs(cfg, setup, optimizer, mesh))
+
+
+def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None = None, *,
+                  counted: bool = True) -> dict:
+  """Compiles `stage`'s step for `pod` at the stage config's global batch; one row.
+
+  Memory, collectives and kernels are the step's as it runs. Its FLOPs and bytes are XLA's
+  counts of the same step with every loop unrolled (`recount`), since XLA counts a loop's
+  body once; `counted=False` keeps the as-compiled counts (enough for a memory search).
+  """
   cfg = stage.cfg
   mesh = sharding.make_mesh(list(pod.devices))
   sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps)
   if cfg.objective == "mlm" and tokenizer_dir is None:
     raise ValueError(f"objective 'mlm' reads the teacher's tokenizer: {cfg.teacher!r} must be a local directory")
-  setup = train.make_setup(cfg, stage.teacher, platform="tpu")
-  _, optimizer, step = train.make_step(cfg, setup, mesh, tokenizer_dir)
   start = time.perf_counter()
-  compiled = step.lower(*train.abstract_inputs(cfg, setup, optimizer, mesh)).compile()
-  seconds = time.perf_counter() - start
-  got = hlo.analyse(compiled)
+  setup, lowered = _lower(stage, mesh, tokenizer_dir)
+  got = hlo.analyse(lowered.compile())
   per_device = cfg.global_batch_size // mesh.size
-  flops = model_flops(setup, cfg, per_device)
-  flop_time = got["xla_flops"] / pod.peak_flops
-  byte_time = got["bytes_accessed"] / pod.hbm_bandwidth
-  bound = max(flop_time, byte_time)
-  return {
+  row = {
       "stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips, "hosts": pod.hosts,
       "batch_per_device": per_device, "seq": cfg.max_seq_len, "global_batch": cfg.global_batch_size,
       "micro_batches": cfg.grad_accum_steps, "student_attention_dropout": cfg.student_attention_dropout,
       "capacity": pod.hbm_bytes, "fits": got["hbm"]["total"] <= pod.hbm_bytes,
-      "model_flops": flops, "flop_time": flop_time, "byte_time": byte_time,
-      "tokens_per_sec_bound": per_device * cfg.max_seq_len / bound,
-      "mfu_bound": None if flops is None else flops / (bound * pod.peak_flops),
-      "compile_seconds": seconds, **got}
+      "model_flops": model_flops(setup, cfg, per_device), "compile_seconds": time.perf_counter() - start,
+      "counted": "loops counted once" if got["loops"] else "as compiled", **got}
+  row = _roofline(row, pod)
+  return recount(row, stage, pod, tokenizer_dir) if counted else row
+
+
+def recount(row: dict, stage: Stage, pod: Slice, tokenizer_dir=None) -> dict:
+  """`row` with XLA's FLOPs and bytes of its step compiled again with every loop unrolled
+  (`loops.counting`), where it has loops; the roofline follows."""
+  if not row["loops"] or row["counted"] == "unrolled":
+    return row
+  start = time.perf_counter()
+  with loops.counting():
+    counts = hlo.counts(_lower(stage, sharding.make_mesh(list(pod.devices)), tokenizer_dir)[1].compile())
+  return _roofline(row | counts | {"counted": "unrolled", "counting_seconds": time.perf_counter() - start}, pod)
+
+
+def _roofline(row: dict, pod: Slice) -> dict:
+  """The step time bound max(FLOPs / peak, bytes / bandwidth) and what it bounds."""
+  flop_time = row["xla_flops"] / pod.peak_flops
+  byte_time = row["bytes_accessed"] / pod.hbm_bandwidth
+  bound = max(flop_time, byte_time)
+  return row | {"flop_time": flop_time, "byte_time": byte_time,
+                "tokens_per_sec_bound": row["batch_per_device"] * row["seq"] / bound,
+                "mfu_bound": None if row["model_flops"] is None else row["model_flops"] / (bound * pod.peak_flops)}
 
 
 def at_batch(stage: Stage, per_device: int, pod: Slice, seq: int | None = None) -> Stage:
@@ -128,7 +155,7 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
 
   def fit(batch: int) -> bool:
     if batch not in fits:
-      rows[batch] = compile_stage(at_batch(stage, batch, pod), pod, tokenizer_dir)
+      rows[batch] = compile_stage(at_batch(stage, batch, pod), pod, tokenizer_dir, counted=False)
       fits[batch] = rows[batch]["fits"]
     return fits[batch]
 
@@ -141,4 +168,4 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
   while high - low > step:
     middle = (low + high) // 2 // step * step
     low, high = (middle, high) if fit(middle) else (low, middle)
-  return rows[low] | {"largest_batch": True}
+  return recount(rows[low], at_batch(stage, low, pod), pod, tokenizer_dir) | {"largest_batch": True}
