@@ -126,7 +126,9 @@ def recount(row: dict, stage: Stage, pod: Slice, tokenizer_dir=None) -> dict:
   start = time.perf_counter()
   with loops.counting():
     counts = hlo.counts(_lower(stage, sharding.make_mesh(list(pod.devices)), tokenizer_dir)[1].compile())
-  return _roofline(row | counts | {"counted": "unrolled", "counting_seconds": time.perf_counter() - start}, pod)
+  as_compiled = {k: row[k] for k in counts}  # comparable with rows of steps without loops
+  return _roofline(row | counts | {"counted": "unrolled", "as_compiled": as_compiled,
+                                   "counting_seconds": time.perf_counter() - start}, pod)
 
 
 def _roofline(row: dict, pod: Slice) -> dict:
