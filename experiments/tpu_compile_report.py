@@ -15,7 +15,7 @@ import sys
 from absl import flags
 
 from minilm_jax import cli_flags
-from minilm_jax.aot import report
+from minilm_jax.aot import chips, report
 from minilm_jax.aot.report import GIB
 
 # (workload, batch per chip, seq, MFU bound the target asks for, attention dropout 0, on v5e).
@@ -74,8 +74,12 @@ def write(rows_dir: pathlib.Path) -> str:
       "## Chips\n", report.chip_table(),
       "## The benchmark's workloads on v5e:2x2, before and after\n",
       "Before: the step as it was (XLA attention everywhere, 32-bit dropout masks); after: Pallas splash "
-      "attention for every layer without attention dropout, 8-bit attention-dropout masks.\n",
-      report.before_after(before, after),
+      "attention for every layer without attention dropout, 8-bit attention-dropout masks. XLA's cost "
+      "analysis counts a while loop's body once, and the step has loops (the blockwise relation KL's "
+      "query blocks): \"loops once\" compares before and after as XLA counts them, \"unrolled\" "
+      "counts the same step with every loop unrolled, the bytes it really moves, and the targets "
+      "read those.\n",
+      report.before_after(before, after, chips.CHIPS["v5e"].peak_flops, chips.CHIPS["v5e"].hbm_bandwidth),
       "### Targets\n", targets(after),
   ]
   if papers:
