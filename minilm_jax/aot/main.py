@@ -67,17 +67,17 @@ def _compile(fv, stage: step_lib.Stage, name: str, seq: int, tokenizer_dir):
       sized = step_lib.at_batch(stage, stage.cfg.global_batch_size // len(pod.devices), pod, seq)
       row = step_lib.compile_stage(sized, pod, tokenizer_dir, counted=False)
       if row["fits"]:
-        row = step_lib.recount(row, sized, pod, tokenizer_dir)
+        row = step_lib.recount(row, sized, pod, tokenizer_dir) if fv["count-loops"].value else row
         break
     return [row | {"smallest": True}] if row else []
   pod = chips.pod_slice(name)
   if fv["max-batch"].value:
     return [step_lib.largest_batch(dataclasses.replace(stage, cfg=dataclasses.replace(
-        stage.cfg, max_seq_len=seq)), pod, tokenizer_dir)]
+        stage.cfg, max_seq_len=seq)), pod, tokenizer_dir, counted=fv["count-loops"].value)]
   batches = fv["batch-per-chip"].value or [None]
   return [step_lib.compile_stage(step_lib.at_batch(
-      stage, int(b) if b else stage.cfg.global_batch_size // len(pod.devices), pod, seq), pod, tokenizer_dir)
-      for b in batches]
+      stage, int(b) if b else stage.cfg.global_batch_size // len(pod.devices), pod, seq), pod, tokenizer_dir,
+      counted=fv["count-loops"].value) for b in batches]
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   from minilm_jax import cli_flags
   usage = ("usage: python -m minilm_jax compile (--config FILE[:VARIANT] | --workload NAME,...) "
            "--slice GEN:SHAPE,... [--batch-per-chip N,...] [--seq T,...] [--max-batch | --smallest] "
-           "[--student-attention-dropout P] [--out ROWS.jsonl] [--markdown TABLE.md]")
+           "[--nocount-loops] [--student-attention-dropout P] [--out ROWS.jsonl] [--markdown TABLE.md]")
 
   def define(fv):
     flags.DEFINE_list("workload", None, "the benchmark's workloads (gpu mode) to compile instead of "
@@ -103,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       "compiled memory)", flag_values=fv)
     flags.DEFINE_bool("smallest", False, "the smallest slice of each --slice generation where the "
                       "config's global batch fits", flag_values=fv)
+    flags.DEFINE_bool("count-loops", True, "count FLOPs and bytes with every loop unrolled (a second "
+                      "compile of steps with loops; XLA counts a loop's body once)", flag_values=fv)
     flags.DEFINE_float("student-attention-dropout", None, "override the student's attention dropout",
                        flag_values=fv)
     flags.DEFINE_string("out", None, "append each row (JSON) to this file", flag_values=fv)

@@ -148,7 +148,8 @@ def at_batch(stage: Stage, per_device: int, pod: Slice, seq: int | None = None) 
   return dataclasses.replace(stage, cfg=cfg)
 
 
-def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, step: int = 8) -> dict:
+def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, step: int = 8, *,
+                  counted: bool = True) -> dict:
   """The row of the largest per-device batch (a multiple of `step`) whose compiled step fits.
 
   Doubles from `start` until a batch does not fit, then bisects on compiled memory.
@@ -170,4 +171,5 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
   while high - low > step:
     middle = (low + high) // 2 // step * step
     low, high = (middle, high) if fit(middle) else (low, middle)
-  return recount(rows[low], at_batch(stage, low, pod), pod, tokenizer_dir) | {"largest_batch": True}
+  row = recount(rows[low], at_batch(stage, low, pod), pod, tokenizer_dir) if counted else rows[low]
+  return row | {"largest_batch": True}
