@@ -23,9 +23,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import loops
+from minilm_jax import attention, loops, relation_kernel
+from minilm_jax.relation_kernel import MASKED
 
-MASKED = -1e9  # logit of a padded key: exp underflows to exactly 0, yet stays finite.
 QUERY_BLOCK = 64   # queries per block (at most)
 KEY_BLOCK = 512    # keys per block (at most; a multiple of QUERY_BLOCK)
 
@@ -121,6 +121,18 @@ def blockwise_relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_
       raise ValueError(f"{num_relation_heads} relation heads do not divide the hidden size "
                        f"{x.shape[-1]}: choose num_relation_heads that divides both teacher and "
                        "student widths")
+  if attention.target_platform() == "tpu" and relation_kernel.supported(teacher_a, student_a, mask,
+                                                                      num_relation_heads):
+    kl_BRT = relation_kernel.relation_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, num_relation_heads)
+  else:
+    kl_BRT = _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, num_relation_heads)
+  queries = mask.astype(jnp.float32)
+  per_query = jnp.sum(kl_BRT * queries[:, None, :]) / num_relation_heads
+  return per_query / jnp.maximum(jnp.sum(queries), 1.0)
+
+
+def _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, num_relation_heads):
+  """The per-row KL [B, R, T] in XLA: blocks of queries and keys, `_relation_kl_rows`."""
   b, t = mask.shape
   q_block = min(t, QUERY_BLOCK)
   k_block = min(KEY_BLOCK, q_block * -(-t // q_block))  # a multiple of q_block
@@ -130,7 +142,4 @@ def blockwise_relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_
   keep = jnp.pad(mask.astype(bool), ((0, 0), (0, length - t))).reshape(b, length // k_block, k_block).swapaxes(0, 1)
   ta, tb = jax.lax.stop_gradient(teacher_a), jax.lax.stop_gradient(teacher_b)
   kl = _relation_kl_rows(queries(ta), keys(tb), queries(student_a), keys(student_b), keep)  # [n, B, R, Q]
-  kl_BRT = kl.transpose(1, 2, 0, 3).reshape(b, num_relation_heads, length)[:, :, :t]
-  queries = mask.astype(jnp.float32)
-  per_query = jnp.sum(kl_BRT * queries[:, None, :]) / num_relation_heads
-  return per_query / jnp.maximum(jnp.sum(queries), 1.0)
+  return kl.transpose(1, 2, 0, 3).reshape(b, num_relation_heads, length)[:, :, :t]

@@ -99,6 +99,32 @@ def collectives(instructions: list[Instruction]) -> dict[str, int]:
   return dict(sorted(counts.items()))
 
 
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_memory(message: str) -> dict | None:
+  """What the TPU compiler's refusal says: {"temporaries": bytes it needs, "available": bytes
+  of HBM it has}, or None for any other error. A program that does not fit does not compile."""
+  found = re.search(r"Ran out of memory.*?HLO temporaries \(([\d.]+)([KMGT])\).*?available HBM "
+                    r"\(([\d.]+)([KMGT])\)", message, flags=re.S)
+  if found is None:
+    return None
+  need, need_unit, have, have_unit = found.groups()
+  return {"temporaries": float(need) * _UNITS[need_unit], "available": float(have) * _UNITS[have_unit]}
+
+
+def undeclared_kernel_bytes(hlo_text: str) -> float:
+  """Bytes of the Pallas (Mosaic) kernels that declare no cost: XLA counts none of their
+  traffic, so each is taken to read its operands and write its results once (a flash
+  kernel's blocks are read once). Kernels with a `pl.CostEstimate` are in XLA's count."""
+  instructions = executed(hlo_text)
+  shapes = {i.name: i.shape for i in instructions}
+  return sum(shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+             for i in instructions
+             if i.opcode == "custom-call" and "tpu_custom_call" in i.attributes
+             and "cost_estimate" not in i.attributes)
+
+
 def custom_calls(hlo_text: str) -> dict[str, int]:
   """Custom calls by target: `tpu_custom_call` is a Pallas (Mosaic) kernel."""
   return dict(collections.Counter(re.findall(r'custom_call_target="([\w.\-]+)"', hlo_text)))
@@ -130,7 +156,7 @@ def analyse(compiled) -> dict:
               "outputs": outputs, "code": memory.generated_code_size_in_bytes,
               "total": memory.argument_size_in_bytes + memory.temp_size_in_bytes + outputs
               + memory.generated_code_size_in_bytes},
-      **counts(compiled),
+      **counts(compiled, text),
       "collectives": collectives(instructions),
       "loops": loops(text),
       "custom_calls": custom_calls(text),
@@ -138,8 +164,9 @@ def analyse(compiled) -> dict:
   }
 
 
-def counts(compiled) -> dict:
-  """XLA's FLOPs and bytes of `compiled`."""
+def counts(compiled, text: str | None = None) -> dict:
+  """XLA's FLOPs and bytes of `compiled`, and the bytes of its kernels that declare none."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return {"xla_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+  return {"xla_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+          "kernel_bytes": undeclared_kernel_bytes(compiled.as_text() if text is None else text)}

@@ -21,6 +21,12 @@ def _mfu(row: dict) -> str:
 
 def line(row: dict) -> str:
   """One row as a line of text: what a person reads first."""
+  if "out_of_memory" in row:
+    oom = row["out_of_memory"]
+    return (f"{row['config']}{':' + row['stage'] if row['stage'] else ''} on {row['slice']} "
+            f"({row['devices']} devices, {row['hosts']} hosts), {row['batch_per_device']} x {row['seq']} "
+            f"per device: DOES NOT FIT, the compiler needs {oom['temporaries'] / GIB:.2f} GiB of "
+            f"temporaries and has {oom['available'] / GIB:.2f} GiB of HBM; {row['compile_seconds']:.0f} s")
   hbm = row["hbm"]
   return (f"{row['config']}{':' + row['stage'] if row['stage'] else ''} on {row['slice']} "
           f"({row['devices']} devices, {row['hosts']} hosts), {row['batch_per_device']} x {row['seq']} "
@@ -38,6 +44,12 @@ def table(rows: Sequence[dict]) -> str:
           "byte ms | tokens/s/device bound | MFU bound | collectives | compile s |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
+    if "out_of_memory" in r:
+      out.append(f"| {r['config']} | {r['stage'] or '-'} | {r['slice']} | {r['chips']} / {r['hosts']} | "
+                 f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | needs "
+                 f"{r['out_of_memory']['temporaries'] / GIB:.1f} of temporaries, {r['capacity'] / GIB:.2f} "
+                 f"available | no |" + " - |" * 8 + f" {r['compile_seconds']:.0f} |")
+      continue
     hbm = r["hbm"]
     collectives = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
     model = "-" if r["model_flops"] is None else f"{r['model_flops'] / 1e12:.2f}"
@@ -73,8 +85,11 @@ def _key(row: dict) -> tuple:
 
 
 def _once(row: dict) -> dict:
-  """XLA's counts with each loop body counted once (as every row counted before `recount`)."""
-  return row.get("as_compiled", row)
+  """The counts with each loop body counted once (as every row counted before `recount`):
+  XLA's FLOPs, and its bytes with those of the kernels that declare none."""
+  counts = row.get("as_compiled", row)
+  return {"xla_flops": max(counts["xla_flops"], row["model_flops"] or 0.0),
+          "bytes_accessed": counts["bytes_accessed"] + counts.get("kernel_bytes", 0.0)}
 
 
 def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, bandwidth: float) -> str:
@@ -99,6 +114,7 @@ def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, ban
     out.append(f"| {r['config'].removesuffix('-attn0')} | {r['batch_per_device']} x {r['seq']} | "
                f"{r['student_attention_dropout']:g} | {pair(lambda x: format(x['hbm']['total'] / GIB, '.2f'))} | "
                f"{pair(lambda x: format(_once(x)['bytes_accessed'] / 1e9, '.1f'))} | {pair(mfu_once)} | "
-               f"{r['bytes_accessed'] / 1e9:.1f} | {1e3 * r['flop_time']:.1f} / {1e3 * r['byte_time']:.1f} | "
+               f"{(r['bytes_accessed'] + r.get('kernel_bytes', 0.0)) / 1e9:.1f} | "
+               f"{1e3 * r['flop_time']:.1f} / {1e3 * r['byte_time']:.1f} | "
                f"{_mfu(r)} |")
   return "\n".join(out) + "\n"

@@ -105,8 +105,18 @@ def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None =
     raise ValueError(f"objective 'mlm' reads the teacher's tokenizer: {cfg.teacher!r} must be a local directory")
   start = time.perf_counter()
   setup, lowered = _lower(stage, mesh, tokenizer_dir)
-  got = hlo.analyse(lowered.compile())
   per_device = cfg.global_batch_size // mesh.size
+  try:
+    got = hlo.analyse(lowered.compile())
+  except Exception as e:  # noqa: BLE001 - the compiler's "does not fit" is a runtime error
+    if (needed := hlo.out_of_memory(str(e))) is None:
+      raise
+    return {"stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips,
+            "hosts": pod.hosts, "batch_per_device": per_device, "seq": cfg.max_seq_len,
+            "global_batch": cfg.global_batch_size, "micro_batches": cfg.grad_accum_steps,
+            "student_attention_dropout": cfg.student_attention_dropout, "capacity": needed["available"],
+            "fits": False, "model_flops": model_flops(setup, cfg, per_device),
+            "compile_seconds": time.perf_counter() - start, "out_of_memory": needed, "loops": []}
   row = {
       "stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips, "hosts": pod.hosts,
       "batch_per_device": per_device, "seq": cfg.max_seq_len, "global_batch": cfg.global_batch_size,
@@ -121,7 +131,7 @@ def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None =
 def recount(row: dict, stage: Stage, pod: Slice, tokenizer_dir=None) -> dict:
   """`row` with XLA's FLOPs and bytes of its step compiled again with every loop unrolled
   (`loops.counting`), where it has loops; the roofline follows."""
-  if not row["loops"] or row["counted"] == "unrolled":
+  if not row["loops"] or row.get("counted") == "unrolled":
     return row
   start = time.perf_counter()
   with loops.counting():
@@ -132,9 +142,13 @@ def recount(row: dict, stage: Stage, pod: Slice, tokenizer_dir=None) -> dict:
 
 
 def _roofline(row: dict, pod: Slice) -> dict:
-  """The step time bound max(FLOPs / peak, bytes / bandwidth) and what it bounds."""
-  flop_time = row["xla_flops"] / pod.peak_flops
-  byte_time = row["bytes_accessed"] / pod.hbm_bandwidth
+  """The step time bound max(FLOPs / peak, bytes / bandwidth) and what it bounds.
+
+  FLOPs: XLA's, but at least the model's (XLA does not count a Pallas kernel's FLOPs
+  unless it declares them). Bytes: XLA's and those of the kernels that declare none.
+  """
+  flop_time = max(row["xla_flops"], row["model_flops"] or 0.0) / pod.peak_flops
+  byte_time = (row["bytes_accessed"] + row.get("kernel_bytes", 0.0)) / pod.hbm_bandwidth
   bound = max(flop_time, byte_time)
   return row | {"flop_time": flop_time, "byte_time": byte_time,
                 "tokens_per_sec_bound": row["batch_per_device"] * row["seq"] / bound,
