@@ -127,7 +127,8 @@ def init_params(config: model_lib.ModelConfig, seed: int = 0) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _head_graphdef(config: model_lib.ModelConfig):
-  return nnx.split(nnx.eval_shape(lambda: MaskedLMHead(config, rngs=nnx.Rngs(0))), nnx.Param)
+  return model_lib.shapes_only(nnx.split(nnx.eval_shape(lambda: MaskedLMHead(config, rngs=nnx.Rngs(0))),
+                                         nnx.Param))
 
 
 def abstract_params(config: model_lib.ModelConfig) -> dict:

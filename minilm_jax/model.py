@@ -335,7 +335,15 @@ def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:
 
 @functools.lru_cache(maxsize=64)
 def _abstract(config: ModelConfig):
-  return nnx.split(nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0))), nnx.Param)
+  return shapes_only(nnx.split(nnx.eval_shape(lambda: Encoder(config, rngs=nnx.Rngs(0))), nnx.Param))
+
+
+def shapes_only(split: tuple) -> tuple:
+  """(graphdef, state) with the state's leaves bare shapes and dtypes: traced inside a step
+  (under its mesh) `eval_shape` also records that mesh's sharding, which a checkpoint
+  restore of the cached result would then take for its own."""
+  graphdef, state = split
+  return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
 
 def graphdef(config: ModelConfig):
