@@ -39,6 +39,8 @@ def rows(fv) -> list[dict]:
   found = []
   for label, stages, tokenizer_dir in _stages(fv):
     for stage in stages:
+      if fv.stage is not None and stage.name != fv.stage:
+        continue
       if fv["student-attention-dropout"].value is not None:
         stage = dataclasses.replace(stage, cfg=dataclasses.replace(
             stage.cfg, student_attention_dropout=fv["student-attention-dropout"].value))
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   from minilm_jax import cli_flags
   usage = ("usage: python -m minilm_jax compile (--config FILE[:VARIANT] | --workload NAME,...) "
            "--slice GEN:SHAPE,... [--batch-per-chip N,...] [--seq T,...] [--max-batch | --smallest] "
-           "[--nocount-loops] [--student-attention-dropout P] [--out ROWS.jsonl] [--markdown TABLE.md]")
+           "[--stage assistant|student] [--nocount-loops] [--student-attention-dropout P] [--out ROWS.jsonl] [--markdown TABLE.md]")
 
   def define(fv):
     flags.DEFINE_list("workload", None, "the benchmark's workloads (gpu mode) to compile instead of "
@@ -103,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                       "compiled memory)", flag_values=fv)
     flags.DEFINE_bool("smallest", False, "the smallest slice of each --slice generation where the "
                       "config's global batch fits", flag_values=fv)
+    flags.DEFINE_enum("stage", None, ["assistant", "student"], "only this stage of a config that "
+                      "distils through a teacher assistant", flag_values=fv)
     flags.DEFINE_bool("count-loops", True, "count FLOPs and bytes with every loop unrolled (a second "
                       "compile of steps with loops; XLA counts a loop's body once)", flag_values=fv)
     flags.DEFINE_float("student-attention-dropout", None, "override the student's attention dropout",
