@@ -41,13 +41,17 @@ def paper(rows: list[dict]) -> str:
   out = ["| config | stage | generation | smallest slice that fits | chips / hosts | batch x seq per device | "
          "HBM GiB of capacity | MFU bound | collectives | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    fits = r["slice"] if r["fits"] else f"none up to {r['slice']}"
-    collectives = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
-    mfu = "-" if r["mfu_bound"] is None else f"{100 * r['mfu_bound']:.0f}%"
+    if not r.get("smallest"):
+      fits = f"{r['slice']} ({'fits' if r['fits'] else 'does not fit'}; smaller slices not tried)"
+    else:
+      fits = r["slice"] if r["fits"] else f"none up to {r['slice']}"
+    collectives = ", ".join(f"{k} x{v}" for k, v in r.get("collectives", {}).items()) or "-"
+    mfu = "-" if r.get("mfu_bound") is None else f"{100 * r['mfu_bound']:.0f}%"
+    memory = (f"needs {r['out_of_memory']['temporaries'] / GIB:.1f} of {r['capacity'] / GIB:.2f}"
+              if "out_of_memory" in r else f"{r['hbm']['total'] / GIB:.2f} of {r['capacity'] / GIB:.0f}")
     out.append(f"| {r['config'].removeprefix('experiments/')} | {r['stage'] or '-'} | {r['slice'].split(':')[0]} | "
                f"{fits} | {r['chips']} / {r['hosts']} | {r['batch_per_device']} x {r['seq']} | "
-               f"{r['hbm']['total'] / GIB:.2f} of {r['capacity'] / GIB:.0f} | {mfu} | {collectives} | "
-               f"{r['compile_seconds']:.0f} |")
+               f"{memory} | {mfu} | {collectives} | {r['compile_seconds']:.0f} |")
   return "\n".join(out) + "\n"
 
 
