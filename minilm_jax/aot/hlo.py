@@ -69,14 +69,20 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], set[str]
 def executed(hlo_text: str) -> list[Instruction]:
   """The instructions that run as kernels: those of every computation that no fusion or
   reduction calls (the entry computation, loop bodies and conditions)."""
-  computations, called = _computations(hlo_text)
+  return _executed(*_computations(hlo_text))
+
+
+def _executed(computations: dict[str, list[Instruction]], called: set[str]) -> list[Instruction]:
   return [i for name, body in computations.items() if name not in called for i in body]
 
 
 def loops(hlo_text: str) -> list[int]:
   """The trip count of each while loop in the program (0 where it is not a constant): the
   bound its condition compares with. XLA's cost analysis counts a loop's body once."""
-  computations, _ = _computations(hlo_text)
+  return _loops(_computations(hlo_text)[0])
+
+
+def _loops(computations: dict[str, list[Instruction]]) -> list[int]:
   found = []
   for body in computations.values():
     for i in body:
@@ -113,14 +119,18 @@ def out_of_memory(message: str) -> dict | None:
   return {"temporaries": float(need) * _UNITS[need_unit], "available": float(have) * _UNITS[have_unit]}
 
 
-def undeclared_kernel_bytes(hlo_text: str) -> float:
+def _moved(instructions: list[Instruction]):
+  """Bytes an instruction moves: its result's and its operands' logical sizes."""
+  shapes = {i.name: i.shape for i in instructions}
+  return lambda i: shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
+
+
+def undeclared_kernel_bytes(instructions: list[Instruction]) -> float:
   """Bytes of the Pallas (Mosaic) kernels that declare no cost: XLA counts none of their
   traffic, so each is taken to read its operands and write its results once (a flash
   kernel's blocks are read once). Kernels with a `pl.CostEstimate` are in XLA's count."""
-  instructions = executed(hlo_text)
-  shapes = {i.name: i.shape for i in instructions}
-  return sum(shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
-             for i in instructions
+  moved = _moved(instructions)
+  return sum(moved(i) for i in instructions
              if i.opcode == "custom-call" and "tpu_custom_call" in i.attributes
              and "cost_estimate" not in i.attributes)
 
@@ -132,15 +142,14 @@ def custom_calls(hlo_text: str) -> dict[str, int]:
 
 def heaviest(instructions: list[Instruction], n: int = 10) -> list[dict]:
   """The `n` kernels (fusions, custom calls, copies, collectives...) that move the most bytes."""
-  shapes = {i.name: i.shape for i in instructions}
+  bytes_of = _moved(instructions)
   skip = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
           "call", "after-all", "partition-id", "replica-id")
   moved = []
   for i in instructions:
     if i.opcode in skip or i.opcode.endswith("-done"):
       continue
-    nbytes = shape_bytes(i.shape) + sum(shape_bytes(shapes.get(o, "")) for o in i.operands)
-    moved.append({"bytes": nbytes, "opcode": i.opcode, "shape": re.sub(r"\{[^}]*\}", "", i.shape),
+    moved.append({"bytes": bytes_of(i), "opcode": i.opcode, "shape": re.sub(r"\{[^}]*\}", "", i.shape),
                   "op": i.label})
   return sorted(moved, key=lambda m: -m["bytes"])[:n]
 
@@ -149,24 +158,27 @@ def analyse(compiled) -> dict:
   """Memory per device, XLA's FLOPs and bytes, collectives and the heaviest kernels of `compiled`."""
   memory = compiled.memory_analysis()
   text = compiled.as_text()
-  instructions = executed(text)
+  computations, called = _computations(text)
+  instructions = _executed(computations, called)
   outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # donated buffers are reused
   return {
       "hbm": {"arguments": memory.argument_size_in_bytes, "temporaries": memory.temp_size_in_bytes,
               "outputs": outputs, "code": memory.generated_code_size_in_bytes,
               "total": memory.argument_size_in_bytes + memory.temp_size_in_bytes + outputs
               + memory.generated_code_size_in_bytes},
-      **counts(compiled, text),
+      **counts(compiled, instructions),
       "collectives": collectives(instructions),
-      "loops": loops(text),
+      "loops": _loops(computations),
       "custom_calls": custom_calls(text),
       "heaviest": heaviest(instructions),
   }
 
 
-def counts(compiled, text: str | None = None) -> dict:
-  """XLA's FLOPs and bytes of `compiled`, and the bytes of its kernels that declare none."""
+def counts(compiled, instructions: list[Instruction] | None = None) -> dict:
+  """XLA's FLOPs and bytes of `compiled`, and the bytes of its kernels that declare none
+  (`instructions`: its executed instructions, when already read)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
+  instructions = executed(compiled.as_text()) if instructions is None else instructions
   return {"xla_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-          "kernel_bytes": undeclared_kernel_bytes(compiled.as_text() if text is None else text)}
+          "kernel_bytes": undeclared_kernel_bytes(instructions)}
