@@ -6,6 +6,7 @@ import pathlib
 from collections.abc import Sequence
 
 from minilm_jax.aot import chips
+from minilm_jax.aot.step import moved_bytes, roofline
 
 GIB = 2**30
 
@@ -85,11 +86,8 @@ def _key(row: dict) -> tuple:
 
 
 def _once(row: dict) -> dict:
-  """The counts with each loop body counted once (as every row counted before `recount`):
-  XLA's FLOPs, and its bytes with those of the kernels that declare none."""
-  counts = row.get("as_compiled", row)
-  return {"xla_flops": max(counts["xla_flops"], row["model_flops"] or 0.0),
-          "bytes_accessed": counts["bytes_accessed"] + counts.get("kernel_bytes", 0.0)}
+  """The counts with each loop body counted once (as every row counted before `recount`)."""
+  return row.get("as_compiled", row)
 
 
 def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, bandwidth: float) -> str:
@@ -104,17 +102,15 @@ def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, ban
          "|---|---|---|---|---|---|---|---|---|"]
 
   def mfu_once(r: dict) -> str:
-    counts = _once(r)
-    bound = max(counts["xla_flops"] / peak, counts["bytes_accessed"] / bandwidth)
-    return "-" if r["mfu_bound"] is None else f"{100 * r['model_flops'] / bound / peak:.0f}%"
+    return _mfu(roofline(_once(r), r["model_flops"], peak, bandwidth))
 
   for r in {_key(r): r for r in after}.values():
     b = old.get(_key(r))
     pair = lambda f: f"{f(b)} -> {f(r)}" if b else f"(not compiled) -> {f(r)}"
     out.append(f"| {r['config'].removesuffix('-attn0')} | {r['batch_per_device']} x {r['seq']} | "
                f"{r['student_attention_dropout']:g} | {pair(lambda x: format(x['hbm']['total'] / GIB, '.2f'))} | "
-               f"{pair(lambda x: format(_once(x)['bytes_accessed'] / 1e9, '.1f'))} | {pair(mfu_once)} | "
-               f"{(r['bytes_accessed'] + r.get('kernel_bytes', 0.0)) / 1e9:.1f} | "
+               f"{pair(lambda x: format(moved_bytes(_once(x)) / 1e9, '.1f'))} | {pair(mfu_once)} | "
+               f"{moved_bytes(r) / 1e9:.1f} | "
                f"{1e3 * r['flop_time']:.1f} / {1e3 * r['byte_time']:.1f} | "
                f"{_mfu(r)} |")
   return "\n".join(out) + "\n"

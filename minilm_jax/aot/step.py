@@ -106,24 +106,20 @@ def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None =
   start = time.perf_counter()
   setup, lowered = _lower(stage, mesh, tokenizer_dir)
   per_device = cfg.global_batch_size // mesh.size
+  row = {"stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips, "hosts": pod.hosts,
+         "batch_per_device": per_device, "seq": cfg.max_seq_len, "global_batch": cfg.global_batch_size,
+         "micro_batches": cfg.grad_accum_steps, "student_attention_dropout": cfg.student_attention_dropout,
+         "model_flops": model_flops(setup, cfg, per_device)}
   try:
     got = hlo.analyse(lowered.compile())
   except Exception as e:  # noqa: BLE001 - the compiler's "does not fit" is a runtime error
     if (needed := hlo.out_of_memory(str(e))) is None:
       raise
-    return {"stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips,
-            "hosts": pod.hosts, "batch_per_device": per_device, "seq": cfg.max_seq_len,
-            "global_batch": cfg.global_batch_size, "micro_batches": cfg.grad_accum_steps,
-            "student_attention_dropout": cfg.student_attention_dropout, "capacity": needed["available"],
-            "fits": False, "model_flops": model_flops(setup, cfg, per_device),
-            "compile_seconds": time.perf_counter() - start, "out_of_memory": needed, "loops": []}
-  row = {
-      "stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips, "hosts": pod.hosts,
-      "batch_per_device": per_device, "seq": cfg.max_seq_len, "global_batch": cfg.global_batch_size,
-      "micro_batches": cfg.grad_accum_steps, "student_attention_dropout": cfg.student_attention_dropout,
-      "capacity": pod.hbm_bytes, "fits": got["hbm"]["total"] <= pod.hbm_bytes,
-      "model_flops": model_flops(setup, cfg, per_device), "compile_seconds": time.perf_counter() - start,
-      "counted": "loops counted once" if got["loops"] else "as compiled", **got}
+    return row | {"capacity": needed["available"], "fits": False, "out_of_memory": needed, "loops": [],
+                  "compile_seconds": time.perf_counter() - start}
+  row |= {"capacity": pod.hbm_bytes, "fits": got["hbm"]["total"] <= pod.hbm_bytes,
+          "compile_seconds": time.perf_counter() - start,
+          "counted": "loops counted once" if got["loops"] else "as compiled", **got}
   row = _roofline(row, pod)
   return recount(row, stage, pod, tokenizer_dir) if counted else row
 
@@ -141,18 +137,29 @@ def recount(row: dict, stage: Stage, pod: Slice, tokenizer_dir=None) -> dict:
                                    "counting_seconds": time.perf_counter() - start}, pod)
 
 
-def _roofline(row: dict, pod: Slice) -> dict:
-  """The step time bound max(FLOPs / peak, bytes / bandwidth) and what it bounds.
+def moved_bytes(counts: dict) -> float:
+  """XLA's bytes and those of the Pallas kernels that declare none (`hlo.undeclared_kernel_bytes`)."""
+  return counts["bytes_accessed"] + counts.get("kernel_bytes", 0.0)
+
+
+def roofline(counts: dict, model_flops: float | None, peak: float, bandwidth: float) -> dict:
+  """The step time bound max(FLOPs / peak, bytes / bandwidth) and the MFU it bounds.
 
   FLOPs: XLA's, but at least the model's (XLA does not count a Pallas kernel's FLOPs
   unless it declares them). Bytes: XLA's and those of the kernels that declare none.
   """
-  flop_time = max(row["xla_flops"], row["model_flops"] or 0.0) / pod.peak_flops
-  byte_time = (row["bytes_accessed"] + row.get("kernel_bytes", 0.0)) / pod.hbm_bandwidth
+  flop_time = max(counts["xla_flops"], model_flops or 0.0) / peak
+  byte_time = moved_bytes(counts) / bandwidth
   bound = max(flop_time, byte_time)
-  return row | {"flop_time": flop_time, "byte_time": byte_time,
-                "tokens_per_sec_bound": row["batch_per_device"] * row["seq"] / bound,
-                "mfu_bound": None if row["model_flops"] is None else row["model_flops"] / (bound * pod.peak_flops)}
+  return {"flop_time": flop_time, "byte_time": byte_time, "bound": bound,
+          "mfu_bound": None if model_flops is None else model_flops / (bound * peak)}
+
+
+def _roofline(row: dict, pod: Slice) -> dict:
+  """`row` with its roofline on `pod` and the tokens/s per device it bounds."""
+  got = roofline(row, row["model_flops"], pod.peak_flops, pod.hbm_bandwidth)
+  bound = got.pop("bound")
+  return row | got | {"tokens_per_sec_bound": row["batch_per_device"] * row["seq"] / bound}
 
 
 def at_batch(stage: Stage, per_device: int, pod: Slice, seq: int | None = None) -> Stage:
