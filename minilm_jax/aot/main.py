@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from minilm_jax.aot import chips, report, step as step_lib
 
 
-
 def _stages(fv) -> list[tuple[str, list[step_lib.Stage], pathlib.Path | None]]:
   """(label, stages, tokenizer dir) of `--config` or of each `--workload`."""
   from minilm_jax.benchmark import jax_routes, workloads

@@ -90,15 +90,17 @@ def _once(row: dict) -> dict:
   return row.get("as_compiled", row)
 
 
-def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, bandwidth: float) -> str:
+def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, bandwidth: float, *,
+                 compared: str = "loops once") -> str:
   """The same compile before and after a change, side by side (latest row of each key).
 
   Before and after compare XLA's as-compiled counts (a loop's body counted once, as the
-  rows before this report counted); the after row's unrolled counts, the true ones, follow.
+  rows before this report counted; `compared` names them in the header); the after row's
+  unrolled counts, the true ones, follow.
   """
   old = {_key(r): r for r in before}
-  out = ["| workload | batch x seq per chip | attn dropout | HBM GiB | GB accessed, loops once | "
-         "MFU bound, loops once | GB accessed, unrolled | FLOP / byte ms, unrolled | MFU bound, unrolled |",
+  out = [f"| workload | batch x seq per chip | attn dropout | HBM GiB | GB accessed, {compared} | "
+         f"MFU bound, {compared} | GB accessed, unrolled | FLOP / byte ms, unrolled | MFU bound, unrolled |",
          "|---|---|---|---|---|---|---|---|---|"]
 
   def mfu_once(r: dict) -> str:
