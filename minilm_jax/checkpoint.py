@@ -76,9 +76,15 @@ def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
             async_save: bool = True) -> ocp.CheckpointManager:
-  """The Orbax `CheckpointManager` over a checkpoint directory's steps."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                         enable_async_checkpointing=async_save)
+  """The Orbax `CheckpointManager` over a checkpoint directory's steps.
+
+  A step's directory is made in `save` itself, not on Orbax's writer thread: there a lost
+  permission or a full disk stops the thread while `save` waits the coordination timeout
+  (minutes) for a directory that never comes; here it raises at once.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 

@@ -44,27 +44,27 @@ from minilm_jax.teachers import resolve_model_dir
 PREEMPTED_EXIT_CODE = 75
 
 
-def _check_writable(directory: pathlib.Path, last: int | None) -> None:
-  """Fails at once, naming the path, where Orbax would wait 300 s for a step directory."""
+def _save(mngr: ocp.CheckpointManager, state: train.TrainState, iterator, *, force: bool = False):
+  """Saves a step; a checkpoint directory that cannot be written fails at once, naming it.
+
+  A small file is written and synced first, so that a full disk fails here too, not only a
+  lost permission (Orbax writes the arrays on its own thread, after `save` returns).
+  """
+  directory, last = pathlib.Path(mngr.directory), mngr.latest_step()
   try:
     with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
-      f.write(b"\0" * 4096)  # a full disk fails here, not only a lost permission
+      f.write(b"\0" * 4096)
       f.flush()
       os.fsync(f.fileno())
+    mngr.save(int(state.step), force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        data=grain.checkpoint.CheckpointSave(iterator)))
   except OSError as e:
     raise type(e)(e.errno, f"checkpoint directory {directory} is not writable ({e.strerror}): free "
                   "disk space or restore write permission, then rerun to resume from the last "
                   f"checkpoint (step {last}), which is intact") from e
-
-
-def _save(mngr: ocp.CheckpointManager, state: train.TrainState, iterator, *, force: bool = False):
-  step = int(state.step)
-  _check_writable(pathlib.Path(mngr.directory), mngr.latest_step())
-  mngr.save(step, force=force, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state.params),
-      opt_state=ocp.args.StandardSave(state.opt_state),
-      train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
-      data=grain.checkpoint.CheckpointSave(iterator)))
 
 
 def _resume_from(workdir: pathlib.Path, step: int) -> None:

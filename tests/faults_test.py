@@ -343,7 +343,8 @@ def _without_root_override():
 
 
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child only calls prctl, then exec
-def test_unwritable_checkpoint_dir_fails_in_seconds_naming_it(corpus, tmp_path):
+def _losing_permissions(tmp_path: pathlib.Path):
+  """A `preexec_fn` under which a child process honours a read-only directory; else skips."""
   preexec = _without_root_override if os.geteuid() == 0 else None
   probe = tmp_path / "probe"
   probe.mkdir()
@@ -353,6 +354,11 @@ def test_unwritable_checkpoint_dir_fails_in_seconds_naming_it(corpus, tmp_path):
   if check.returncode == 0:
     pytest.skip("this user writes into a read-only directory (root without a droppable "
                 "CAP_DAC_OVERRIDE): a lost permission cannot be simulated")
+  return preexec
+
+
+def test_unwritable_checkpoint_dir_fails_in_seconds_naming_it(corpus, tmp_path):
+  preexec = _losing_permissions(tmp_path)
   workdir = tmp_path / "run"
   proc = subprocess.Popen(
       [sys.executable, "-m", "minilm_jax", "distill", f"--config={DEMO}:smoke", f"--workdir={workdir}",
@@ -375,6 +381,42 @@ def test_unwritable_checkpoint_dir_fails_in_seconds_naming_it(corpus, tmp_path):
   assert "rerun to resume from the last checkpoint" in err
   _, params, _, step = checkpoint.restore_params(ckpt)  # the last complete one reads back
   assert step >= 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+_LOST_AFTER_THE_PROBE = """
+import dataclasses, pathlib, sys
+import grain, jax.numpy as jnp
+from minilm_jax import checkpoint, distill, train
+directory, elsewhere = pathlib.Path(sys.argv[1]), sys.argv[2]
+mngr = checkpoint.manager(directory)
+state = train.TrainState(step=jnp.int32(2), params={"w": jnp.ones(3)}, opt_state={"m": jnp.ones(3)},
+                         rng=jnp.zeros(2, jnp.uint32))
+iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
+distill._save(mngr, state, iterator)
+mngr.wait_until_finished()
+directory.chmod(0o555)
+probe = distill.tempfile.NamedTemporaryFile  # the write probe passes: it writes elsewhere
+distill.tempfile.NamedTemporaryFile = lambda dir, **kw: probe(dir=elsewhere, **kw)
+distill._save(mngr, dataclasses.replace(state, step=jnp.int32(4)), iterator)
+"""
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child only calls prctl, then exec
+def test_permission_lost_after_the_write_probe_still_fails_in_seconds(tmp_path):
+  """Orbax made a step's directory on its writer thread, and `save` waited minutes for it."""
+  preexec = _losing_permissions(tmp_path)
+  directory = tmp_path / "checkpoints"
+  directory.mkdir()
+  started = time.time()
+  try:
+    proc = subprocess.run([sys.executable, "-c", _LOST_AFTER_THE_PROBE, str(directory), str(tmp_path)],
+                          preexec_fn=preexec, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  finally:
+    directory.chmod(0o755)
+  assert proc.returncode != 0 and time.time() - started < 60, proc.stderr[-2000:]
+  assert (f"checkpoint directory {directory} is not writable (Permission denied)" in proc.stderr
+          and "resume from the last checkpoint (step 2)" in proc.stderr), proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------ 8. corrupt latest checkpoint
