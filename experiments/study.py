@@ -57,7 +57,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from minilm_jax import checkpoint, convert, distill, documents, finetune, train  # noqa: E402
+from minilm_jax import checkpoint, convert, distill, documents, finetune, tokenization, train  # noqa: E402
 from minilm_jax.teachers import resolve_model_dir  # noqa: E402
 import study_report  # noqa: E402
 
@@ -273,7 +273,7 @@ def prepare_inputs(budget: Budget, inputs: pathlib.Path) -> None:
   safetensors.numpy.save_file({k: v.astype(ml_dtypes.bfloat16) if v.dtype == np.float32 else v
                                for k, v in tensors.items()}, inputs / "teacher" / "model.safetensors",
                               metadata={"format": "pt"})
-  for name in ("config.json",) + convert.TOKENIZER_FILES:
+  for name in ("config.json",) + tokenization.TOKENIZER_FILES:
     if (teacher_dir / name).is_file():
       shutil.copy2(teacher_dir / name, inputs / "teacher" / name)
   for src in sorted((SHARED / "corpus").rglob("*.txt")):

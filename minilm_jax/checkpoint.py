@@ -32,7 +32,8 @@ from flax import nnx
 
 from minilm_jax import mlm
 from minilm_jax import model as model_lib
-from minilm_jax.convert import TOKENIZER_FILES, write_dir_atomically, write_file_atomically
+from minilm_jax import atomic
+from minilm_jax.tokenization import TOKENIZER_FILES
 
 MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
@@ -64,14 +65,14 @@ def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
                       tokenizer_dir: str | os.PathLike) -> None:
   """Writes model.json and tokenizer/ into a checkpoint directory (idempotent, atomic per file)."""
   directory.mkdir(parents=True, exist_ok=True)
-  write_file_atomically(directory / MODEL_FILE,
-                        json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+  atomic.write_file(directory / MODEL_FILE,
+                    json.dumps(dataclasses.asdict(config), indent=2) + "\n")
   tok = directory / TOKENIZER_DIR
   tok.mkdir(exist_ok=True)
   src = pathlib.Path(tokenizer_dir)
   for name in TOKENIZER_FILES:
     if (src / name).is_file() and src != tok:
-      write_file_atomically(tok / name, (src / name).read_bytes())
+      atomic.write_file(tok / name, (src / name).read_bytes())
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
@@ -95,8 +96,8 @@ def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, para
     write_model_files(tmp, config, tokenizer_dir)
     with manager(tmp, async_save=False) as m:
       m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
-  return write_dir_atomically(pathlib.Path(directory), write, overwrite=overwrite,
-                              sources=(pathlib.Path(tokenizer_dir),))
+  return atomic.write_dir(pathlib.Path(directory), write, overwrite=overwrite,
+                          sources=(pathlib.Path(tokenizer_dir),))
 
 
 def restore_params(directory: str | os.PathLike, step: int | None = None, *,

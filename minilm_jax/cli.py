@@ -40,20 +40,20 @@ def convert(argv: list[str]) -> None:
 
   fv = parse("convert", argv, define, usage)
   source = one_of(fv, ("from-hf", "from-checkpoint"), usage)
-  from minilm_jax import checkpoint, convert as convert_lib
+  from minilm_jax import atomic, checkpoint, convert as convert_lib
   from minilm_jax.teachers import resolve_model_dir
   if source == "from-hf":
     if fv.to is None:
       sys.exit(f"error: --from-hf needs --to CKPT_DIR\n{usage}")
     model_dir = resolve_model_dir(fv["from-hf"].value)
-    convert_lib.check_not_overlapping([model_dir], fv.to)
+    atomic.check_not_overlapping([model_dir], fv.to)
     config, params = convert_lib.load_hf(model_dir)
     out = checkpoint.save_model(fv.to, config, params, model_dir, overwrite=fv.overwrite)
   else:
     run, out_dir = fv["from-checkpoint"].value, fv["to-hf"].value
     if out_dir is None:
       sys.exit(f"error: --from-checkpoint needs --to-hf OUT_DIR\n{usage}")
-    convert_lib.check_not_overlapping([run, checkpoint.resolve(run)], out_dir)
+    atomic.check_not_overlapping([run, checkpoint.resolve(run)], out_dir)
     config, params, tokenizer, _ = checkpoint.restore_params(run, fv.step)
     out = convert_lib.save_hf(out_dir, config, params, tokenizer, overwrite=fv.overwrite)
   print(f"wrote {out}")

@@ -18,12 +18,10 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from minilm_jax import model as model_lib, tokenization
+from minilm_jax import atomic, tokenization
+from minilm_jax import model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
-                   "added_tokens.json")
 # Prefixes of the encoder inside task models (BertForMaskedLM: "bert.", RobertaFor*: "roberta.").
 ENCODER_PREFIXES = ("", "bert.", "roberta.", "xlm_roberta.", "model.")
 
@@ -207,64 +205,11 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: n
   def write(tmp: pathlib.Path):
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     safetensors.numpy.save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
+    for name in tokenization.TOKENIZER_FILES:
       if (tokenizer_dir / name).is_file():
         shutil.copy2(tokenizer_dir / name, tmp / name)
 
-  return write_dir_atomically(out_dir, write, overwrite=overwrite, sources=(tokenizer_dir,))
-
-
-def check_not_overlapping(sources, out_dir: str | os.PathLike) -> None:
-  """Refuses an output directory that is a source, lies inside one, or contains one."""
-  out = pathlib.Path(out_dir).expanduser().resolve()
-  for src in sources:
-    src = pathlib.Path(src).expanduser().resolve()
-    if out == src or src in out.parents or out in src.parents:
-      relation = ("is" if out == src else "is inside" if src in out.parents else "contains")
-      raise ValueError(f"output {out_dir} {relation} the input {src}: writing it would replace "
-                       "what is being read; choose an output directory outside the input")
-
-
-def write_file_atomically(path: pathlib.Path, data: str | bytes) -> None:
-  """Writes `path` through a temporary sibling and `os.replace`.
-
-  A reader (another host polling a shared file system) sees the old file or the new one,
-  never a torn one.
-  """
-  path = pathlib.Path(path)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-  os.replace(tmp, path)
-
-
-def write_dir_atomically(out_dir: pathlib.Path, write, *, overwrite: bool,
-                         sources=()) -> pathlib.Path:
-  """Runs `write(tmp)` into a temporary sibling, then renames it to `out_dir`.
-
-  A failure leaves `out_dir` as it was; with `overwrite`, the old directory is removed
-  only after the new one is complete. An `out_dir` overlapping one of `sources` (the
-  directories read) is refused before anything is written.
-  """
-  out_dir = pathlib.Path(out_dir)
-  check_not_overlapping(sources, out_dir)
-  if out_dir.exists() and not overwrite:
-    raise FileExistsError(f"{out_dir} already exists: choose another output directory or pass "
-                          "--overwrite to replace it")
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir()
-  try:
-    write(tmp)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-  if out_dir.exists():
-    out_dir.rename(old)
-  tmp.rename(out_dir)
-  shutil.rmtree(old, ignore_errors=True)
-  return out_dir
+  return atomic.write_dir(out_dir, write, overwrite=overwrite, sources=(tokenizer_dir,))
 
 
 # ---------------------------------------------------------------------------------- pytrees

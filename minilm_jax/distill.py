@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 import tqdm
 from jax.experimental import multihost_utils
 
-from minilm_jax import checkpoint, convert, data, mlm, sharding, train
+from minilm_jax import atomic, checkpoint, convert, data, mlm, sharding, train
 from minilm_jax import workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.metric_writer import MetricWriter, read_metrics
@@ -104,7 +104,7 @@ def _truncate_metrics(workdir: pathlib.Path, step: int) -> None:
   path = workdir / "metrics.jsonl"
   if path.is_file() and jax.process_index() == 0:
     records = read_metrics(workdir, drop_torn_tail=True)
-    convert.write_file_atomically(
+    atomic.write_file(
         path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 

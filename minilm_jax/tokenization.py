@@ -11,6 +11,10 @@ import pathlib
 
 import tokenizers
 
+# The files of a Hugging Face tokenizer that an export or a checkpoint copies (those present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
+                   "added_tokens.json")
 # Special tokens tried when the model dir names none: BERT WordPiece, then XLM-R SentencePiece.
 _SPECIAL_CANDIDATES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>")}
 

@@ -16,7 +16,7 @@ import pathlib
 import jax
 import numpy as np
 
-from minilm_jax import convert, data, documents, train
+from minilm_jax import atomic, data, documents, train
 
 CONFIG_FILE = "config.json"
 CORPUS_FILE = "corpus.json"
@@ -119,6 +119,6 @@ def write(workdir: pathlib.Path, cfg: train.DistillConfig, record: dict) -> None
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() != 0:
     return
-  convert.write_file_atomically(workdir / CONFIG_FILE,
-                                json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-  convert.write_file_atomically(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
+  atomic.write_file(workdir / CONFIG_FILE,
+                    json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+  atomic.write_file(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")

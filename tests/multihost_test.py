@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from minilm_jax import checkpoint, cli, convert, distill, train
+from minilm_jax import atomic, checkpoint, cli, convert, distill, train
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import train as finetune_train
 from minilm_jax.metric_writer import read_metrics
@@ -262,7 +262,7 @@ def _torn_reads(path: pathlib.Path, write, rewrites: int = 300) -> int:
 
 
 def test_shared_files_are_replaced_whole_and_written_by_process_zero(tmp_path, monkeypatch):
-  assert _torn_reads(tmp_path / "config.json", convert.write_file_atomically) == 0
+  assert _torn_reads(tmp_path / "config.json", atomic.write_file) == 0
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   workdir_lib.write(tmp_path / "run", train.DistillConfig(), {"sha256": "0"})

@@ -1,0 +1,63 @@
+"""Atomic writes: a reader sees a file or directory whole, old or new, never half-written.
+
+Exports, checkpoint directories and a run's config files are written through a
+temporary sibling that is renamed into place (`os.replace` for a file, a directory
+rename for a directory), so a crash or a host polling a shared file system never finds
+a torn one.
+"""
+
+import os
+import pathlib
+import shutil
+
+
+def check_not_overlapping(sources, out_dir: str | os.PathLike) -> None:
+  """Refuses an output directory that is a source, lies inside one, or contains one."""
+  out = pathlib.Path(out_dir).expanduser().resolve()
+  for src in sources:
+    src = pathlib.Path(src).expanduser().resolve()
+    if out == src or src in out.parents or out in src.parents:
+      relation = ("is" if out == src else "is inside" if src in out.parents else "contains")
+      raise ValueError(f"output {out_dir} {relation} the input {src}: writing it would replace "
+                       "what is being read; choose an output directory outside the input")
+
+
+def write_file(path: pathlib.Path, data: str | bytes) -> None:
+  """Writes `path` through a temporary sibling and `os.replace`.
+
+  A reader (another host polling a shared file system) sees the old file or the new one,
+  never a torn one.
+  """
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+  os.replace(tmp, path)
+
+
+def write_dir(out_dir: pathlib.Path, write, *, overwrite: bool, sources=()) -> pathlib.Path:
+  """Runs `write(tmp)` into a temporary sibling, then renames it to `out_dir`.
+
+  A failure leaves `out_dir` as it was; with `overwrite`, the old directory is removed
+  only after the new one is complete. An `out_dir` overlapping one of `sources` (the
+  directories read) is refused before anything is written.
+  """
+  out_dir = pathlib.Path(out_dir)
+  check_not_overlapping(sources, out_dir)
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f"{out_dir} already exists: choose another output directory or pass "
+                          "--overwrite to replace it")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir()
+  try:
+    write(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+  if out_dir.exists():
+    out_dir.rename(old)
+  tmp.rename(out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+  return out_dir
