@@ -30,7 +30,6 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from minilm_jax import mlm
 from minilm_jax import model as model_lib
 from minilm_jax import atomic
 from minilm_jax.tokenization import TOKENIZER_FILES
@@ -119,9 +118,10 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       step = max(steps)
     elif step not in steps:
       raise FileNotFoundError(f"{directory} has no step {step}; it has steps {sorted(steps)}")
-    with_head = abstract is None and _saved_with_mlm_head(directory / str(step) / "params")
+    beside = {} if abstract is not None else _saved_beside_encoder(directory / str(step) / "params")
     if abstract is None:
-      abstract = mlm.abstract_params(config) if with_head else model_lib.abstract_params(config)
+      abstract = model_lib.abstract_params(config)
+      abstract = {"encoder": abstract, **beside} if beside else abstract
     abstract = on_one_device(abstract)
     try:
       restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
@@ -129,17 +129,21 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       raise ValueError(f"{directory}/{step} could not be restored ({type(e).__name__}: {e}): the "
                        "checkpoint is corrupt or was written for another model; pick another --step "
                        "or re-create it") from e
-  params = mlm.encoder_params(restored["params"]) if with_head else restored["params"]
+  params = restored["params"]["encoder"] if beside else restored["params"]
   return config, params, directory / TOKENIZER_DIR, step
 
 
-def _saved_with_mlm_head(params_dir: pathlib.Path) -> bool:
-  """Whether a step holds a masked-LM run's `{"encoder", "head"}` (its encoder is read)."""
+def _saved_beside_encoder(params_dir: pathlib.Path) -> dict:
+  """Shapes of what a step saved beside an "encoder" (a masked-LM run's `{"encoder",
+  "head"}`: its head), read to restore the step whole; {} for the encoder alone."""
   try:
     tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
   except Exception:  # no readable metadata: restore as the encoder and report what fails
-    return False
-  return set(tree) == {"encoder", "head"}
+    return {}
+  if "encoder" not in tree:
+    return {}
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                      {k: v for k, v in tree.items() if k != "encoder"})
 
 
 def on_one_device(abstract: Any) -> Any:
