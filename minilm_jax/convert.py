@@ -1,6 +1,6 @@
-"""Hugging Face <-> Flax conversion of BERT-family encoders: one name table, both ways.
+"""Hugging Face <-> Flax conversion of BERT-family encoders and task models.
 
-Import reads any local Hugging Face BERT / RoBERTa / XLM-R directory (`config.json`,
+Tensors are named by `hf_names`, the one table used both ways. Import reads any local Hugging Face BERT / RoBERTa / XLM-R directory (`config.json`,
 `model.safetensors` or `pytorch_model.bin` loaded with `weights_only=True`, tokenizer
 files); export writes a directory that `transformers.AutoModel.from_pretrained` and
 `AutoTokenizer.from_pretrained` load with no missing or unexpected weights. Nothing is
@@ -12,58 +12,15 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from minilm_jax import atomic, tokenization
+from minilm_jax import atomic, hf_names, tokenization
 from minilm_jax import model as model_lib
 from minilm_jax.teachers import resolve_model_dir
-
-# Prefixes of the encoder inside task models (BertForMaskedLM: "bert.", RobertaFor*: "roberta.").
-ENCODER_PREFIXES = ("", "bert.", "roberta.", "xlm_roberta.", "model.")
-
-# (Hugging Face module, our module, kind). The kind says how tensors map:
-#   linear: weight [out, in] <-> kernel [in, out]; bias <-> bias
-#   norm:   weight <-> scale; bias <-> bias
-#   embed:  weight <-> embedding
-_EMBEDDINGS = [
-    ("embeddings.word_embeddings", ("embeddings", "word_embeddings"), "embed"),
-    ("embeddings.position_embeddings", ("embeddings", "position_embeddings"), "embed"),
-    ("embeddings.token_type_embeddings", ("embeddings", "token_type_embeddings"), "embed"),
-    ("embeddings.LayerNorm", ("embeddings", "layer_norm"), "norm"),
-]
-_LAYER = [
-    ("attention.self.query", "query", "linear"),
-    ("attention.self.key", "key", "linear"),
-    ("attention.self.value", "value", "linear"),
-    ("attention.output.dense", "attention_out", "linear"),
-    ("attention.output.LayerNorm", "attention_norm", "norm"),
-    ("intermediate.dense", "intermediate", "linear"),
-    ("output.dense", "output", "linear"),
-    ("output.LayerNorm", "output_norm", "norm"),
-]
-_TENSORS = {"linear": (("weight", "kernel"), ("bias", "bias")),
-            "norm": (("weight", "scale"), ("bias", "bias")),
-            "embed": (("weight", "embedding"),)}
-
-
-def _modules(config: model_lib.ModelConfig) -> Iterator[tuple[str, tuple, str]]:
-  yield from _EMBEDDINGS
-  for i in range(config.num_layers):
-    for hf, ours, kind in _LAYER:
-      yield f"encoder.layer.{i}.{hf}", ("layers", i, ours), kind
-  if config.use_pooler:
-    yield "pooler.dense", ("pooler",), "linear"
-
-
-def name_table(config: model_lib.ModelConfig) -> Iterator[tuple[str, tuple, bool]]:
-  """Yields (Hugging Face tensor name, our parameter path, transposed?) for every tensor."""
-  for hf, ours, kind in _modules(config):
-    for hf_leaf, our_leaf in _TENSORS[kind]:
-      yield f"{hf}.{hf_leaf}", ours + (our_leaf,), kind == "linear" and hf_leaf == "weight"
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -129,37 +86,12 @@ def check_tokenizer(config: model_lib.ModelConfig, model_dir: str | os.PathLike)
   return path
 
 
-def _strip_prefix(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> dict[str, np.ndarray]:
-  for prefix in ENCODER_PREFIXES:
-    if f"{prefix}embeddings.word_embeddings.weight" in tensors:
-      renamed = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-      # Old TensorFlow-era checkpoints name LayerNorm parameters gamma / beta.
-      return {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
-              for k, v in renamed.items()}
-  raise ValueError(f"{path} has no embeddings.word_embeddings.weight (under any of the prefixes "
-                   f"{[p for p in ENCODER_PREFIXES if p]}): it is not a BERT-family encoder")
-
-
 def hf_to_params(config: model_lib.ModelConfig, tensors: Mapping[str, np.ndarray],
                  path: pathlib.Path) -> nnx.State:
   """Maps Hugging Face tensors onto our parameter pytree, checking names and shapes."""
-  tensors = _strip_prefix(tensors, path)
   abstract = model_lib.abstract_params(config)
-  flat = dict(_flatten(abstract.to_pure_dict()))
-  missing = [hf for hf, _, _ in name_table(config) if hf not in tensors]
-  if missing:
-    raise ValueError(f"{path} lacks {len(missing)} tensors that config.json implies, e.g. "
-                     f"{missing[:3]}: the weights do not match config.json (layers, pooler)")
-  out = {}
-  for hf, ours, transposed in name_table(config):
-    value = np.asarray(tensors[hf], dtype=np.float32)
-    value = value.T if transposed else value
-    if value.shape != flat[ours].shape:
-      raise ValueError(f"{path}: {hf} has shape {tuple(tensors[hf].shape)}, but config.json implies "
-                       f"{flat[ours].shape[::-1] if transposed else flat[ours].shape}: the weights "
-                       "and config.json disagree")
-    out[ours] = value
-  nnx.replace_by_pure_dict(abstract, _unflatten(out))
+  table = hf_names.encoder(config, hf_names.encoder_prefix(tensors, path))
+  nnx.replace_by_pure_dict(abstract, hf_names.from_hf(table, tensors, abstract.to_pure_dict(), path))
   return abstract
 
 
@@ -176,31 +108,28 @@ def load_hf(name_or_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, nnx.
 # ---------------------------------------------------------------------------------- writing
 
 
-def params_to_hf(config: model_lib.ModelConfig, params: nnx.State | dict,
-                 prefix: str = "") -> dict[str, np.ndarray]:
-  """Our parameters as Hugging Face tensors (`prefix` "bert." for task models)."""
-  pure = params.to_pure_dict() if isinstance(params, nnx.State) else params
-  flat = dict(_flatten(pure))
-  out = {}
-  for hf, ours, transposed in name_table(config):
-    value = np.asarray(flat[ours], dtype=np.float32)
-    out[prefix + hf] = np.ascontiguousarray(value.T if transposed else value)
-  return out
+def params_to_hf(config: model_lib.ModelConfig, params: Mapping,
+                 head: str | None = None) -> dict[str, np.ndarray]:
+  """Our parameters as Hugging Face tensors: the encoder's, or with `head` (an `hf_names`
+  head) a task model's, whose `params` hold the encoder under "encoder" beside the head."""
+  table = hf_names.encoder(config) if head is None else hf_names.task(config, head)
+  return hf_names.to_hf(table, _pure(params))
 
 
-def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: nnx.State | dict,
-            tokenizer_dir: str | os.PathLike, *, prefix: str = "",
-            extra_tensors: Mapping[str, np.ndarray] | None = None,
+def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: Mapping,
+            tokenizer_dir: str | os.PathLike, *, head: str | None = None,
             extra_config: Mapping | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes config.json, model.safetensors and the tokenizer files as one directory.
 
-  `prefix`, `extra_tensors` and `extra_config` serve task models (e.g. "bert." plus
-  "classifier.weight" and `architectures: ["BertForSequenceClassification"]`).
+  `head` and `extra_config` serve task models (e.g. `hf_names.SEQUENCE_CLASSIFICATION`
+  and the labels): `params` then hold the encoder and the head, named by
+  `hf_names.task`, and config.json names the task architecture.
   """
   out_dir, tokenizer_dir = pathlib.Path(out_dir), pathlib.Path(tokenizer_dir)
   check_tokenizer(config, tokenizer_dir)
-  tensors = params_to_hf(config, params, prefix) | dict(extra_tensors or {})
-  hf_config = config.to_hf() | dict(extra_config or {})
+  tensors = params_to_hf(config, params, head)
+  hf_config = (config.to_hf() | {"architectures": [hf_names.architecture(config.model_type, head)]}
+               | dict(extra_config or {}))
 
   def write(tmp: pathlib.Path):
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -212,22 +141,8 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: n
   return atomic.write_dir(out_dir, write, overwrite=overwrite, sources=(tokenizer_dir,))
 
 
-# ---------------------------------------------------------------------------------- pytrees
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> Iterator[tuple[tuple, np.ndarray]]:
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
-def _unflatten(flat: Mapping[tuple, np.ndarray]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = value
-  return tree
+def _pure(params: Mapping) -> dict:
+  """Parameters as nested dicts of arrays, whether given as `nnx.State`s, dicts or a mix."""
+  if isinstance(params, nnx.State):
+    return params.to_pure_dict()
+  return {k: _pure(v) if isinstance(v, Mapping) else v for k, v in params.items()}

@@ -32,10 +32,9 @@ import pathlib
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from minilm_jax import convert, tokenization
+from minilm_jax import convert, hf_names, tokenization
 from minilm_jax import model as model_lib
 
 MASK_RATE = 0.15           # fraction of maskable tokens predicted per row (BERT)
@@ -182,26 +181,11 @@ def encoder_params(params: dict):
   return params["encoder"]
 
 
-# (BertForMaskedLM tensor, our head parameter path, transposed?); the decoder weight is tied.
-_HF_HEAD = (("cls.predictions.transform.dense.weight", ("transform", "kernel"), True),
-            ("cls.predictions.transform.dense.bias", ("transform", "bias"), False),
-            ("cls.predictions.transform.LayerNorm.weight", ("layer_norm", "scale"), False),
-            ("cls.predictions.transform.LayerNorm.bias", ("layer_norm", "bias"), False),
-            ("cls.predictions.bias", ("bias",), False))
-
-
 def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: dict,
             tokenizer_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
   """Writes a `BertForMaskedLM` directory (BERT only; the decoder is tied, so not stored)."""
   if config.model_type != "bert":
     raise ValueError(f"save_hf writes BertForMaskedLM; {config.model_type!r} has another LM head: "
                      "export the encoder with convert.save_hf(encoder_params(params)) instead")
-  head = params["head"]
-  flat = dict(convert._flatten(head.to_pure_dict() if isinstance(head, nnx.State) else head))
-  extra = {}
-  for hf, ours, transposed in _HF_HEAD:
-    value = np.asarray(flat[ours], np.float32)
-    extra[hf] = np.ascontiguousarray(value.T if transposed else value)
-  return convert.save_hf(out_dir, config.replace(use_pooler=False), params["encoder"], tokenizer_dir,
-                         prefix="bert.", extra_tensors=extra,
-                         extra_config={"architectures": ["BertForMaskedLM"]}, overwrite=overwrite)
+  return convert.save_hf(out_dir, config.replace(use_pooler=False), params, tokenizer_dir,
+                         head=hf_names.MASKED_LM, overwrite=overwrite)

@@ -7,7 +7,8 @@ dropout -> dense), its RoBERTa / XLM-R counterpart `RobertaForSequenceClassifica
 `export_hf` writes a directory that transformers loads with no missing or unexpected
 weights. `load_encoder` reads the pre-trained encoder from a Hugging Face directory, a
 packaged teacher name or a minilm_jax checkpoint / distill workdir, and `task_model`
-puts it under a fresh head.
+puts it under a fresh head; `from_hf` reads an exported task model back, both named by
+`hf_names`.
 """
 
 import logging
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minilm_jax import checkpoint, convert
+from minilm_jax import checkpoint, convert, hf_names
 from minilm_jax import model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
@@ -96,22 +97,20 @@ def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, A
   return config, pure, pathlib.Path(tokenizer_dir)
 
 
+def _module(config: model_lib.ModelConfig, num_labels: int | None, rngs: nnx.Rngs) -> nnx.Module:
+  return (QuestionAnswerer(config, rngs=rngs) if num_labels is None
+          else SequenceClassifier(config, num_labels, rngs=rngs))
+
+
 def task_model(config: model_lib.ModelConfig, encoder_params: dict, num_labels: int | None,
                seed: int = 0) -> nnx.Module:
   """A `SequenceClassifier` (`num_labels` wide) or, for None, a `QuestionAnswerer`, holding
   the encoder parameters of `load_encoder` and a head initialised from `seed`."""
-  rngs = nnx.Rngs(seed)
-  module = (QuestionAnswerer(config, rngs=rngs) if num_labels is None
-            else SequenceClassifier(config, num_labels, rngs=rngs))
+  module = _module(config, num_labels, nnx.Rngs(seed))
   encoder_state = nnx.state(module.encoder, nnx.Param)
   nnx.replace_by_pure_dict(encoder_state, jax.tree.map(jnp.asarray, encoder_params))
   nnx.update(module.encoder, encoder_state)
   return module
-
-
-def _linear_tensors(name: str, layer: dict) -> dict[str, np.ndarray]:
-  return {f"{name}.weight": np.ascontiguousarray(np.asarray(layer["kernel"]).T),
-          f"{name}.bias": np.asarray(layer["bias"])}
 
 
 def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.Path, *,
@@ -121,27 +120,31 @@ def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.
   or `...ForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
   config = module.encoder.config.replace(dtype="float32")
   pure = checkpoint.to_host(nnx.state(module, nnx.Param)).to_pure_dict()
-  family = model_lib.ARCHITECTURES[config.model_type].removesuffix("Model")  # Bert, Roberta, XLMRoberta
-  prefix = "bert." if config.model_type == "bert" else "roberta."
   if isinstance(module, QuestionAnswerer):
-    arch, extra_config = f"{family}ForQuestionAnswering", {}
-    tensors = _linear_tensors("qa_outputs", pure["qa_outputs"])
+    head, extra_config = hf_names.QUESTION_ANSWERING, {}
   else:
-    arch = f"{family}ForSequenceClassification"
+    head = hf_names.SEQUENCE_CLASSIFICATION
     width = module.classifier.out_features
     names = list(labels) if labels else [f"LABEL_{i}" for i in range(width)]
     extra_config = {"id2label": dict(enumerate(names)),
                     "label2id": {name: i for i, name in enumerate(names)},
                     "problem_type": "regression" if regression else "single_label_classification"}
-    if module.classifier_dense is None:
-      tensors = _linear_tensors("classifier", pure["classifier"])
-    else:
-      tensors = (_linear_tensors("classifier.dense", pure["classifier_dense"])
-                 | _linear_tensors("classifier.out_proj", pure["classifier"]))
-  return convert.save_hf(out_dir, config, pure["encoder"], tokenizer_dir, prefix=prefix,
-                         extra_tensors=tensors,
-                         extra_config={"architectures": [arch]} | extra_config,
+  return convert.save_hf(out_dir, config, pure, tokenizer_dir, head=head, extra_config=extra_config,
                          overwrite=overwrite)
+
+
+def from_hf(config: model_lib.ModelConfig, num_labels: int | None, tensors: dict[str, np.ndarray],
+            path: pathlib.Path) -> nnx.Module:
+  """The task model (`num_labels` as in `task_model`) that a Hugging Face directory's
+  `tensors` hold, encoder and head: the inverse of `export_hf`."""
+  module = nnx.eval_shape(lambda: _module(config, num_labels, nnx.Rngs(0)))
+  head = hf_names.QUESTION_ANSWERING if num_labels is None else hf_names.SEQUENCE_CLASSIFICATION
+  params = nnx.state(module, nnx.Param)
+  table = hf_names.task(module.encoder.config, head, hf_names.encoder_prefix(tensors, path))
+  loaded = hf_names.from_hf(table, tensors, params.to_pure_dict(), path)
+  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, loaded))
+  nnx.update(module, params)
+  return module
 
 
 def count_params(module) -> int:

@@ -4,8 +4,8 @@
 
 `score_dev` runs a model over the featurised dev set and applies the task's official
 metrics (`tasks.TaskData.metrics`); `train.run` calls it after every epoch. `score_model`
-does the same for a saved model: the Hugging Face `BertForSequenceClassification` /
-`BertForQuestionAnswering` directory that `train.run` exports (or one that transformers
+does the same for a saved model: the Hugging Face `*ForSequenceClassification` /
+`*ForQuestionAnswering` directory that `train.run` exports (or one that transformers
 wrote), loaded into the same JAX modules that fine-tuning trains, so its score comes from
 the same featurisation and metrics as the run's per-epoch one. The `RUN_FILE` a run
 writes beside its export supplies the settings that must match the run for the scores to
@@ -20,12 +20,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minilm_jax import convert, sharding, tokenization
+from minilm_jax import convert, hf_names, sharding, tokenization
+from minilm_jax import model as model_lib
 from minilm_jax.finetune import glue, heads, tasks
 
 RUN_FILE = "finetune.json"  # written next to an exported model: task, lengths, dev score
 LENGTH_BUCKET = 16          # a batch's width: its longest row rounded up to a multiple of this
-_HEADS = {"BertForSequenceClassification": "classifier", "BertForQuestionAnswering": "qa_outputs"}
 
 
 def make_predict(graphdef, mesh) -> Callable:
@@ -96,10 +96,12 @@ def resolve_model(model: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
   return path, (json.loads(info.read_text()) if info.is_file() else {})
 
 
-def _check_head(model_dir: pathlib.Path, hf: dict, task: str) -> int | None:
+def _check_head(model_dir: pathlib.Path, config: model_lib.ModelConfig, hf: dict,
+                task: str) -> int | None:
   """The head width the task needs, after checking the saved head is that task's."""
   arch = (hf.get("architectures") or [""])[0]
-  wanted = "BertForQuestionAnswering" if task == tasks.SQUAD else "BertForSequenceClassification"
+  head = hf_names.QUESTION_ANSWERING if task == tasks.SQUAD else hf_names.SEQUENCE_CLASSIFICATION
+  wanted = hf_names.architecture(config.model_type, head)
   if arch != wanted:
     raise ValueError(f"{model_dir} is a {arch or 'headless'} model, but {task} needs a fine-tuned "
                      f"{wanted}: fine-tune it first (python -m minilm_jax finetune --task ...)")
@@ -107,33 +109,21 @@ def _check_head(model_dir: pathlib.Path, hf: dict, task: str) -> int | None:
     return None
   spec = glue.get_task(task)
   names = [hf.get("id2label", {}).get(str(i)) for i in range(len(hf.get("id2label", {})))]
-  if spec.labels is not None and names != list(spec.labels):
-    raise ValueError(f"{model_dir} predicts labels {names}, but {task} has {list(spec.labels)}: "
-                     "the model was fine-tuned on another task")
+  if (spec.labels is not None and names != list(spec.labels)) or len(names) != spec.num_labels:
+    raise ValueError(f"{model_dir} predicts labels {names}, but {task} has "
+                     f"{list(spec.labels or ['a score'])}: the model was fine-tuned on another task")
   return spec.num_labels
 
 
 def load_task_model(model_dir: pathlib.Path, task: str):
-  """The exported task model (encoder and head) as a JAX module; (module, tokenizer dir)."""
-  _, hf = convert.read_hf_config(model_dir)
-  num_labels = _check_head(model_dir, hf, task)
-  config, pure, tokenizer_dir = heads.load_encoder(str(model_dir),
-                                                   use_pooler=num_labels is not None)
-  config = config.replace(hidden_dropout=0.0, attention_dropout=0.0, dtype="float32")
-  module = heads.task_model(config, pure, num_labels)
+  """The exported task model (encoder and head) as a JAX module, its files read once;
+  (module, tokenizer dir)."""
+  config, hf = convert.read_hf_config(model_dir)
+  num_labels = _check_head(model_dir, config, hf, task)
   tensors, path = convert.read_hf_tensors(model_dir)
-  name = _HEADS[hf["architectures"][0]]
-  missing = [t for t in (f"{name}.weight", f"{name}.bias") if t not in tensors]
-  if missing:
-    raise ValueError(f"{path} lacks the task head's {', '.join(missing)}: it is not a complete "
-                     f"{hf['architectures'][0]}; export it again (finetune writes DIR/seed-N/best)")
-  head = getattr(module, name)
-  kernel, bias = tensors[f"{name}.weight"].T, tensors[f"{name}.bias"]
-  if kernel.shape != head.kernel.value.shape:
-    raise ValueError(f"{model_dir}: {name}.weight has shape {kernel.shape[::-1]}, expected "
-                     f"{head.kernel.value.shape[::-1]} for {task}")
-  head.kernel.value, head.bias.value = np.asarray(kernel, np.float32), np.asarray(bias, np.float32)
-  return module, tokenizer_dir
+  tokenizer_dir = convert.check_tokenizer(config, model_dir).parent
+  config = config.replace(hidden_dropout=0.0, attention_dropout=0.0, dtype="float32")
+  return heads.from_hf(config, num_labels, tensors, path), tokenizer_dir
 
 
 def score_model(model: str | pathlib.Path, task: str, data: str, *, max_seq_len: int | None = None,
