@@ -93,6 +93,15 @@ def test_evaluate_reproduces_score_and_pytorch_logits(finetuned, glue_dir, capsy
       result["score"])
 
 
+def test_task_model_files_are_read_once(finetuned, monkeypatch):
+  calls = []
+  for name in ("read_hf_config", "read_hf_tensors"):
+    real = getattr(convert, name)
+    monkeypatch.setattr(convert, name, lambda d, real=real, name=name: calls.append(name) or real(d))
+  score.load_task_model(finetuned / "seed-0" / "best", "sst2")
+  assert sorted(calls) == ["read_hf_config", "read_hf_tensors"]
+
+
 def _expect_exit(argv, match):
   with pytest.raises(SystemExit) as e:
     cli.main(argv)

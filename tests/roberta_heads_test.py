@@ -1,13 +1,15 @@
 """RoBERTa / XLM-R task heads: exported as *ForSequenceClassification / *ForQuestionAnswering,
 loaded by transformers with no missing weights, logits equal to PyTorch's."""
 
+import pathlib
+
 import numpy as np
 import pytest
 import torch
 import transformers
 
 from minilm_jax import tokenization
-from minilm_jax.finetune import heads, train
+from minilm_jax.finetune import heads, score, train
 from multilingual_test import INLINE, build_teacher
 
 FAMILIES = {"xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
@@ -92,3 +94,7 @@ def test_finetune_run_on_an_xlmr_student_exports_what_it_trained(tmp_path):
   mine = summary["module"](dev["input_ids"], dev["attention_mask"], dev["token_type_ids"])
   np.testing.assert_allclose(np.asarray(mine), _torch(hf, dev["input_ids"], dev["attention_mask"]).logits.numpy(),
                              atol=1e-5, rtol=1e-5)
+  # `evaluate` reads the export back into the module that trained it.
+  loaded, _ = score.load_task_model(pathlib.Path(summary["hf"]), "rte")
+  np.testing.assert_array_equal(np.asarray(loaded(dev["input_ids"], dev["attention_mask"],
+                                                  dev["token_type_ids"])), np.asarray(mine))
