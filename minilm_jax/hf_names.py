@@ -23,7 +23,9 @@ ours, and the head's modules map (Hugging Face -> ours)
 
 A regression model is a sequence classifier with one label (config.json's `problem_type`
 tells them apart); the masked LM's decoder is tied to the word embeddings, so not stored.
-`to_hf` and `from_hf` apply a table in either direction, checking names and shapes.
+`to_hf` and `from_hf` apply a table in either direction, checking names and shapes. The
+module reads a config's fields but imports nothing of the package, so the model itself
+takes its architecture names from here.
 """
 
 import os
@@ -31,15 +33,16 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from minilm_jax import model as model_lib
-
 SEQUENCE_CLASSIFICATION = "ForSequenceClassification"  # a head: its architectures' suffix
 QUESTION_ANSWERING = "ForQuestionAnswering"
 MASKED_LM = "ForMaskedLM"
 # Prefixes of the encoder inside task models read (BertForMaskedLM: "bert.", RobertaFor*: "roberta.").
 ENCODER_PREFIXES = ("", "bert.", "roberta.", "xlm_roberta.", "model.")
-# The prefix a task model of each model_type is written with (XLMRobertaFor* too use "roberta.").
-TASK_PREFIXES = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta."}
+# model_type -> the encoder-only architecture.
+ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+# model_type -> the encoder's module in its task models (XLM-R reuses RoBERTa's code), which
+# also says whose head names it uses.
+ENCODER_NAMES = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta"}
 
 _KINDS = {"linear": (("weight", "kernel"), ("bias", "bias")),
           "norm": (("weight", "scale"), ("bias", "bias")),
@@ -62,7 +65,7 @@ _LAYER = (
     ("output.dense", "output", "linear"),
     ("output.LayerNorm", "output_norm", "norm"),
 )
-# (head, "bert" or "roberta" naming) -> its modules, our paths from the task model's root.
+# (head, encoder name) -> its modules, our paths from the task model's root.
 _HEADS = {
     (SEQUENCE_CLASSIFICATION, "bert"): (("classifier", ("classifier",), "linear"),),
     (SEQUENCE_CLASSIFICATION, "roberta"): (
@@ -84,7 +87,7 @@ def _tensors(modules, prefix: str = "", under: tuple = ()) -> Table:
           for hf, ours, kind in modules for hf_leaf, our_leaf in _KINDS[kind]]
 
 
-def _encoder_modules(config: model_lib.ModelConfig) -> Iterator[tuple[str, tuple, str]]:
+def _encoder_modules(config) -> Iterator[tuple[str, tuple, str]]:
   yield from _EMBEDDINGS
   for i in range(config.num_layers):
     for hf, ours, kind in _LAYER:
@@ -93,25 +96,27 @@ def _encoder_modules(config: model_lib.ModelConfig) -> Iterator[tuple[str, tuple
     yield "pooler.dense", ("pooler",), "linear"
 
 
-def encoder(config: model_lib.ModelConfig, prefix: str = "", under: tuple = ()) -> Table:
-  """Every tensor of the encoder, its Hugging Face names under `prefix`, ours under `under`."""
+def encoder(config, prefix: str = "", under: tuple = ()) -> Table:
+  """Every tensor of the encoder of `config` (a `model.ModelConfig`: its layers and pooler),
+  its Hugging Face names under `prefix`, ours under `under`."""
   return _tensors(_encoder_modules(config), prefix, under)
 
 
-def task(config: model_lib.ModelConfig, head: str, prefix: str | None = None) -> Table:
-  """A task model's tensors: the encoder (ours under "encoder") and `head`'s.
+def task(config, head: str, prefix: str | None = None) -> Table:
+  """A task model's tensors: the encoder (ours under "encoder") and `head`'s, named as
+  `config.model_type` names them.
 
   `prefix` is the encoder's in Hugging Face's names: by default the one the family
   writes; on import, the one the file uses (`encoder_prefix`).
   """
-  naming = "roberta" if config.model_type in model_lib.ROBERTA_FAMILY else "bert"
-  prefix = TASK_PREFIXES[config.model_type] if prefix is None else prefix
-  return encoder(config, prefix, ("encoder",)) + _tensors(_HEADS[head, naming])
+  name = ENCODER_NAMES[config.model_type]
+  prefix = f"{name}." if prefix is None else prefix
+  return encoder(config, prefix, ("encoder",)) + _tensors(_HEADS[head, name])
 
 
 def architecture(model_type: str, head: str | None = None) -> str:
   """`BertModel` for the encoder alone, `XLMRobertaForQuestionAnswering` for a head, ..."""
-  base = model_lib.ARCHITECTURES[model_type]
+  base = ARCHITECTURES[model_type]
   return base if head is None else base.removesuffix("Model") + head
 
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from minilm_jax import hf_names
 from minilm_jax.attention import fused_attention
 
 ROBERTA_FAMILY = ("roberta", "xlm-roberta")
-ARCHITECTURES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -65,9 +65,9 @@ class ModelConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} is {value!r}: it must be a positive integer")
-    if self.model_type not in ARCHITECTURES:
+    if self.model_type not in hf_names.ARCHITECTURES:
       raise ValueError(f"unknown model_type {self.model_type!r}: minilm_jax supports "
-                       f"{', '.join(ARCHITECTURES)} (BERT-family encoders)")
+                       f"{', '.join(hf_names.ARCHITECTURES)} (BERT-family encoders)")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads "
                        f"{self.num_heads}: choose heads that divide the width")
@@ -125,7 +125,7 @@ class ModelConfig:
   def to_hf(self) -> dict[str, Any]:
     """The Hugging Face `config.json` dictionary that `transformers` loads."""
     hf = {
-        "architectures": [ARCHITECTURES[self.model_type]],
+        "architectures": [hf_names.ARCHITECTURES[self.model_type]],
         "model_type": self.model_type,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
