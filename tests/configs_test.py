@@ -70,7 +70,8 @@ def test_paper_configs_fit_their_teachers(name):
   assert setup.relation_heads == {"v1": 12, "v2": 64 if "large" in name else 48}[cfg.version]
   assert setup.student.vocab_size == teacher.vocab_size
   assert setup.student.max_position_embeddings == teacher.max_position_embeddings
-  assert teacher_assistant.uses_assistant(cfg, teacher) == (hidden == 384 and (layers <= 6 or "large" in name))
+  with_assistant = hidden == 384 and (layers <= 6 or "large" in name)  # M <= L/2 and D' <= D/2
+  assert teacher_assistant.uses_assistant(cfg, teacher) == with_assistant
 
 
 def test_ablations_keep_the_named_terms(teacher):
