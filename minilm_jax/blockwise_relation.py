@@ -15,7 +15,7 @@ O(B R Q K) for blocks of Q queries and K keys, where the direct form keeps sever
 [B, R, T, S] float32 tensors and their saved copies (3.2 GB each at BERT-base v2 shapes,
 64 x 512 with R = 48). Blocks of 64 queries and up to 512 keys: XLA's plan for the v2
 loss + gradient at those shapes drops from 42 to 2.2 GiB (at 256 x 128, from 10.6 to
-2.2 GiB), in 8 sequential blocks; `experiments/relation_memory.py` measures it.
+2.2 GiB), in 8 sequential blocks; `experiments/scripts/relation_memory.py` measures it.
 """
 
 import math

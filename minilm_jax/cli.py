@@ -2,7 +2,7 @@
 
 Each subcommand is a thin layer over one library function, and every one reads its
 flags the same way (`cli_flags.parse`: absl flags, as the Flax examples do). `distill`
-takes an ml_collections config file with overrides, `--config experiments/demo.py
+takes an ml_collections config file with overrides, `--config experiments/configs/demo.py
 --config.max_steps=10`; `finetune` overrides the fields of `FinetuneConfig` the same
 way (`--task glue/sst2 --model M --config.epochs=3`).
 """
@@ -106,7 +106,7 @@ def data(argv: list[str]) -> None:
 
 
 def benchmark(argv: list[str]) -> None:
-  """The JAX step against PyTorch (`experiments/benchmark.py` takes the same flags)."""
+  """The JAX step against PyTorch (`minilm_jax.benchmark.main`)."""
   from minilm_jax.benchmark import main as benchmark_main
   benchmark_main.main(argv)
 
@@ -119,7 +119,7 @@ def compile_step(argv: list[str]) -> None:
 
 def _distill_flags(argv: list[str]) -> flags.FlagValues:
   """`--config FILE [--config.key=value ...] --workdir DIR`, the cluster, `--resume-from-step`."""
-  usage = ("usage: python -m minilm_jax distill --config experiments/NAME.py --workdir DIR "
+  usage = ("usage: python -m minilm_jax distill --config experiments/configs/NAME.py --workdir DIR "
            "[--config.key=value ...] [--resume-from-step N] [--distributed "
            "[--coordinator-address HOST:PORT --num-processes N --process-id I]]")
 

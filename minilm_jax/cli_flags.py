@@ -42,16 +42,16 @@ def _unknown_override(argv: list[str], config) -> str | None:
   return None
 
 
-CONFIG_FILE = "file"  # `parse(config=CONFIG_FILE)`: --config names an experiments/*.py file
+CONFIG_FILE = "file"  # `parse(config=CONFIG_FILE)`: --config names an experiments/configs/*.py file
 
 
 def _define_config(fv: flags.FlagValues, argv: list[str], config) -> None:
-  """`--config`: an experiments/*.py file (`CONFIG_FILE`) or overrides of the dataclass
+  """`--config`: an experiments/configs/*.py file (`CONFIG_FILE`) or overrides of the dataclass
   instance `config`; `sys_argv` makes ml_collections read the overrides from `argv`, not
   sys.argv (in-process calls)."""
   from ml_collections import config_flags
   if config == CONFIG_FILE:
-    config_flags.DEFINE_config_file("config", None, "experiments/*.py config file", flag_values=fv,
+    config_flags.DEFINE_config_file("config", None, "experiments/configs/*.py config file", flag_values=fv,
                                     lock_config=False, sys_argv=argv)
   else:
     config_flags.DEFINE_config_dataclass("config", config, f"{type(config).__name__} fields",

@@ -1,6 +1,6 @@
 """The `distill` job: teacher -> fresh student, checkpointed, resumable, exported to HF.
 
-    python -m minilm_jax distill --config experiments/demo.py --workdir runs/demo
+    python -m minilm_jax distill --config experiments/configs/demo.py --workdir runs/demo
 
 The workdir holds `config.json` (the run's `DistillConfig`), `checkpoints/` (Orbax:
 student parameters, optimizer state, step, PRNG key and the data iterator's per-process

@@ -4,7 +4,7 @@ A loss of internals is a function `(teacher_internals, student_internals, mask) 
 scalar terms with a "total"`: MiniLM (v1) and MiniLMv2 are two built in (`paper_loss`,
 one teacher layer against the student's last), and `DistillConfig.internals_loss`
 names any other ("module:function" or "path/file.py:function", e.g. TinyBERT's
-attention MSE in `experiments/tinybert_attention.py`) over the layers of
+attention MSE in `experiments/configs/tinybert_attention.py`) over the layers of
 `loss_teacher_layers` / `loss_student_layers`. `choose` checks the run's choice against
 the two models before any compute.
 """

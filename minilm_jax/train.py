@@ -40,7 +40,7 @@ OBJECTIVES = ("distill", "mlm")
 
 @dataclasses.dataclass
 class DistillConfig:
-  """Everything a distillation run depends on; `experiments/*.py` return one.
+  """Everything a distillation run depends on; `experiments/configs/*.py` return one.
 
   Against the papers' recipe (MiniLM / MiniLMv2: AdamW b1 0.9, b2 0.999, eps 1e-6, weight
   decay 0.01, peak lr 5e-4 .. 6e-4 at batch 256 .. 1024 after 4k warmup steps of 400k,

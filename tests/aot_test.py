@@ -86,13 +86,13 @@ def test_a_step_with_loops_is_counted_unrolled():
 @needs_libtpu
 def test_the_compile_command_prints_and_records_a_row_per_slice(tmp_path, capsys):
   out = tmp_path / "rows.jsonl"
-  aot_main.main(["--config", "experiments/demo.py:smoke", "--slice", "v5e:2x2",
+  aot_main.main(["--config", "experiments/configs/demo.py:smoke", "--slice", "v5e:2x2",
                  "--out", str(out), "--markdown", str(tmp_path / "rows.md")])
   [row] = [json.loads(line) for line in out.read_text().splitlines()]
   assert (row["config"], row["slice"], row["batch_per_device"], row["seq"]) == (
-      "experiments/demo.py:smoke", "v5e:2x2", 2, 32)
-  assert "experiments/demo.py:smoke on v5e:2x2 (4 devices, 1 hosts), 2 x 32 per device" in capsys.readouterr().out
-  assert "| experiments/demo.py:smoke | - | v5e:2x2 | 4 / 1 | 2 x 32 |" in (tmp_path / "rows.md").read_text()
+      "experiments/configs/demo.py:smoke", "v5e:2x2", 2, 32)
+  assert "experiments/configs/demo.py:smoke on v5e:2x2 (4 devices, 1 hosts), 2 x 32 per device" in capsys.readouterr().out
+  assert "| experiments/configs/demo.py:smoke | - | v5e:2x2 | 4 / 1 | 2 x 32 |" in (tmp_path / "rows.md").read_text()
 
 
 @needs_libtpu
@@ -102,13 +102,13 @@ def test_two_compiles_at_once_share_libtpu(tmp_path):
   import subprocess
   import sys
   env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"} | {"JAX_PLATFORMS": "cpu"}
-  command = [sys.executable, "-m", "minilm_jax", "compile", "--config", "experiments/demo.py:smoke",
+  command = [sys.executable, "-m", "minilm_jax", "compile", "--config", "experiments/configs/demo.py:smoke",
              "--slice", "v5e:2x2"]
   both = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for _ in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in both]
   assert [p.returncode for p in both] == [0, 0], outs
-  assert all("experiments/demo.py:smoke on v5e:2x2" in out for out in outs)
+  assert all("experiments/configs/demo.py:smoke on v5e:2x2" in out for out in outs)
 
 
 def test_a_config_that_uses_an_assistant_compiles_as_its_two_stages():
@@ -189,7 +189,7 @@ def _row(config, dropout, mfu, gb, batch=64, seq=128):
 
 def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets():
   import importlib.util as iu
-  spec = iu.spec_from_file_location("tpu_compile_report", "experiments/tpu_compile_report.py")
+  spec = iu.spec_from_file_location("tpu_compile_report", "experiments/scripts/tpu_compile_report.py")
   page = iu.module_from_spec(spec)
   spec.loader.exec_module(page)
   before = [_row("base-v1-attn0", 0, 0.29, 26.3) | {"model_flops": 0.29 * 0.0321 * 197e12, "xla_flops": 1.87e12}]

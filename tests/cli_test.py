@@ -23,7 +23,7 @@ def test_help_lists_the_flags_and_exits_0(command, capsys):
 
 @pytest.mark.parametrize("argv", [
     ["finetune", "--task", "rte", "--model", "m", "--workdir", "w", "stray"],
-    ["distill", "--config", "experiments/demo.py:smoke", "--workdir", "w", "stray"],
+    ["distill", "--config", "experiments/configs/demo.py:smoke", "--workdir", "w", "stray"],
     ["data", "--corpus", "demo", "stray"],
 ])
 def test_a_stray_argument_is_refused_not_ignored(argv):

@@ -19,7 +19,7 @@ from minilm_jax import checkpoint, cli, data, distill, model as model_lib
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = ROOT / "experiments" / "demo.py"
+DEMO = ROOT / "experiments" / "configs" / "demo.py"
 
 
 def smoke_config(**kw):

@@ -1,6 +1,6 @@
 """Bad input and faults end in a clear error or a correct recovery, and nothing written is lost.
 
-Each case runs on the smoke config (experiments/demo.py:smoke) over a two-file text corpus,
+Each case runs on the smoke config (experiments/configs/demo.py:smoke) over a two-file text corpus,
 asserts the message names the fix, and hashes what an earlier run wrote before and after.
 One finished run is shared by the cases (copied per case); most cases stop before any step.
 """
@@ -29,7 +29,7 @@ from minilm_jax.metric_writer import read_metrics
 from minilm_jax.teachers import resolve_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = ROOT / "experiments" / "demo.py"
+DEMO = ROOT / "experiments" / "configs" / "demo.py"
 
 
 def smoke_config(corpus, **kw):

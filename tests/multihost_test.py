@@ -32,7 +32,7 @@ from minilm_jax.finetune import train as finetune_train
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEMO = ROOT / "experiments" / "demo.py"
+DEMO = ROOT / "experiments" / "configs" / "demo.py"
 MAX_STEPS = 12
 ARGS = [f"--config={DEMO}:smoke", f"--config.max_steps={MAX_STEPS}", "--config.checkpoint_every=4",
         "--config.log_every=1", "--config.student_dropout=0.1"]

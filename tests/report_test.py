@@ -1,21 +1,11 @@
-"""experiments/report.py on fake summaries: the table's means, stds and teacher shares."""
+"""experiments/scripts/report.py on fake summaries: the table's means, stds and teacher shares."""
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
-REPORT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "report.py"
-
-
-@pytest.fixture(scope="module")
-def report():
-  spec = importlib.util.spec_from_file_location("report", REPORT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.scripts import report
 
 
 def _summary(root, label, task, scores, layers, params, metric="accuracy"):
@@ -30,13 +20,13 @@ def _summary(root, label, task, scores, layers, params, metric="accuracy"):
       "config": {"epochs": 2, "batch_size": 32, "learning_rate": 5e-5}}))
 
 
-def test_table_math_and_files(report, tmp_path):
+def test_table_math_and_files(tmp_path):
   runs = tmp_path / "runs"
   _summary(runs, "teacher-L6", "sst2", [0.88, 0.92], 6, 22_700_000)
   _summary(runs, "student-L3", "sst2", [0.81], 3, 17_400_000)
   _summary(runs, "teacher-L6", "cola", [0.0], 6, 22_700_000, metric="matthews_corrcoef")
   _summary(runs, "student-L3", "cola", [0.1], 3, 17_400_000, metric="matthews_corrcoef")
-  text = report.main([str(runs), "--out", str(tmp_path / "results")])
+  text = report.main([f"--runs={runs}", "--out", str(tmp_path / "results")])
   cells = [line.split("|") for line in text.splitlines() if " x 384 " in line]
   rows = {(r[2].strip(), r[1].split()[0]): r for r in cells}
   teacher, student = rows[("teacher-L6", "SST-2")], rows[("student-L3", "SST-2")]

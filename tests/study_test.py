@@ -1,19 +1,13 @@
-"""experiments/study.py: every budget is a valid run, the plan orders and skips work, and the
-table merges per-seed runs (a real end-to-end try is `study.py --budget tiny`, minutes)."""
+"""experiments/study/: every budget is a valid run, the plan orders and skips work, and the
+table merges per-seed runs (a real end-to-end try is `--budget tiny`, minutes)."""
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
+from experiments.study import report as study_report, study
 from minilm_jax import train
-
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXPERIMENTS))
-import study  # noqa: E402
-import study_report  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(study.BUDGETS))

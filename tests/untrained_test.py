@@ -63,7 +63,7 @@ def test_an_internals_loss_of_a_lower_layer_leaves_the_layers_above_untouched(te
   loss reads no values, so their zero gradient stays outside the structural mask)."""
   cfg = train.DistillConfig(
       student_layers=2, student_hidden=96, student_heads=12, student_dropout=0.0, max_seq_len=40,
-      internals_loss=f"{EXPERIMENTS / 'tinybert_attention.py'}:attention_mse",
+      internals_loss=f"{EXPERIMENTS / 'configs' / 'tinybert_attention.py'}:attention_mse",
       loss_teacher_layers=(3,), loss_student_layers=(1,))
   setup = train.make_setup(cfg, teacher[0])
   state = train.init_state(cfg, setup, optimizer_lib.for_distillation(cfg))

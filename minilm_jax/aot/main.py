@@ -1,8 +1,8 @@
 """`python -m minilm_jax compile`: the distillation step compiled for TPU slices, one row each.
 
-    python -m minilm_jax compile --config experiments/minilm_v2_bert_base.py:L6-H384 --slice v5e:4x4
+    python -m minilm_jax compile --config experiments/configs/paper.py:v2-bert-base-L6-H384 --slice v5e:4x4
     python -m minilm_jax compile --workload base-v1 --slice v5e:2x2 --batch-per-chip 64 --seq 128
-    python -m minilm_jax compile --config experiments/demo.py --slice v5e --smallest
+    python -m minilm_jax compile --config experiments/configs/demo.py --slice v5e --smallest
     python -m minilm_jax compile --workload base-v2 --slice v6e:2x2 --seq 512 --max-batch
 
 Rows (JSON) are appended to `--out` as they come and printed as a table; `--markdown`

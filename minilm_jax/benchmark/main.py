@@ -1,5 +1,5 @@
 """`run`: every (config, shape, route) of a mode, rows appended as they come; and the
-command line, `python -m minilm_jax benchmark` / `python experiments/benchmark.py`."""
+command line, `python -m minilm_jax benchmark`."""
 
 import datetime
 import json
@@ -87,7 +87,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-  """`python -m minilm_jax benchmark` / `python experiments/benchmark.py`, flags read as
+  """`python -m minilm_jax benchmark`, flags read as
   every command's (`cli_flags.parse`)."""
   from absl import flags
   from minilm_jax import cli_flags

@@ -18,7 +18,7 @@ The baselines that judge a distilled student come from the same config: `num_lay
 keeps the bottom layers of a pre-trained model (the truncated teacher) and
 `random_init` replaces its weights by a fresh initialisation of the same shape (a
 student without distillation). `run_seeds` repeats a run over seeds and writes the
-`summary.json` that `experiments/report.py` tabulates.
+`summary.json` that `experiments/scripts/report.py` tabulates.
 
 The package re-exports the entry points a user calls: `FinetuneConfig`, `run`, `run_seeds`.
 """

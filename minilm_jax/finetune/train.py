@@ -256,7 +256,7 @@ def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]
 
   The summary holds each seed's best dev score, best epoch and wall time (model loading,
   tokenisation, training, scoring and export), their mean and sample standard
-  deviation, the model's size and the config: everything `experiments/report.py` needs.
+  deviation, the model's size and the config: everything `experiments/scripts/report.py` needs.
   """
   if not seeds:
     raise ValueError("no seeds given: pass e.g. --seeds 0 or --seeds 0,1,2")

@@ -1,8 +1,7 @@
 """Where the JAX distillation step's time goes: wall time per step against the device's
 busy time, and the kernels that take it (from a `jax.profiler` trace).
 
-  python experiments/profile_step.py --mode gpu --config base-v1 --shape 256x128 --out DIR
-  (PYTHONPATH=. in front where minilm_jax is not installed, as on the GPU image)
+  python -m experiments.scripts.profile_step --mode gpu --config base-v1 --shape 256x128 --out DIR
 
 Times `--steps` steps of the benchmark's JAX route (`minilm_jax.benchmark.harness.measure`), then traces
 3 more with `jax.profiler.trace(create_perfetto_trace=True)` and sums the trace's device
@@ -10,15 +9,17 @@ events by name. Device busy time far below the wall time means the host is the b
 Writes DIR/profile-<config>-<shape>.json and the trace (perfetto_trace.json.gz) under DIR.
 """
 
-import argparse
 import collections
 import gzip
 import json
 import pathlib
+import sys
 import time
 
 import jax
+from absl import flags
 
+from minilm_jax import cli_flags
 from minilm_jax.benchmark import harness, jax_routes, main as benchmark_main, workloads
 
 
@@ -45,23 +46,28 @@ def summarize(trace_file: pathlib.Path, steps: int) -> dict:
           "host_python_s_per_step": top(host, 15)}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--mode", default="gpu")
-  p.add_argument("--config", default="base-v1")
-  p.add_argument("--shape", type=benchmark_main.parse_shape, default=(256, 128))
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--out", default="runs/profile")
-  p.add_argument("--no-trace", action="store_true")
-  a = p.parse_args()
-  batch, seq = a.shape
+def main(argv=None):
+  usage = ("usage: python -m experiments.scripts.profile_step [--mode gpu] [--config base-v1] "
+           "[--shape 256x128] [--steps 10] [--out DIR] [--notrace]")
+
+  def define(fv):
+    flags.DEFINE_string("mode", "gpu", "the benchmark's workloads: gpu (real shapes) or cpu (tiny)",
+                        flag_values=fv)
+    flags.DEFINE_string("config", "base-v1", "the benchmark workload", flag_values=fv)
+    flags.DEFINE_string("shape", "256x128", "batch x sequence", flag_values=fv)
+    flags.DEFINE_integer("steps", 10, "timed steps", flag_values=fv)
+    flags.DEFINE_string("out", "runs/profile", "where the profile and the trace go", flag_values=fv)
+    flags.DEFINE_boolean("trace", True, "trace 3 more steps and sum the device events", flag_values=fv)
+
+  a = cli_flags.parse("profile_step", sys.argv[1:] if argv is None else argv, define, usage)
+  batch, seq = benchmark_main.parse_shape(a.shape)
   built = jax_routes.jax_route(workloads.workload(a.mode, a.config), batch, seq)
   timing = harness.measure(built, warmup=3, timed=a.steps)
   result = {"config": a.config, "batch": batch, "seq": seq, "device": jax.devices()[0].device_kind,
             "step_s_median": timing["step_time_s"], "step_s_min": timing["step_time_min_s"],
             "step_s_max": timing["step_time_max_s"]}
   out = pathlib.Path(a.out)
-  if not a.no_trace:
+  if a.trace:
     with jax.profiler.trace(str(out / "trace"), create_perfetto_trace=True):
       t0 = time.perf_counter()
       for _ in range(3):

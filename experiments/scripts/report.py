@@ -1,9 +1,9 @@
 """Collects fine-tuning runs into a markdown table and a score-vs-size plot.
 
-    python experiments/report.py runs/finetune
+    python -m experiments.scripts.report --runs runs/finetune
 
-reads every `summary.json` that `python -m minilm_jax finetune` wrote under the root,
-laid out as `<root>/<model label>/<task>/summary.json`, and writes
+reads every `summary.json` that `python -m minilm_jax finetune` wrote under `--runs`,
+laid out as `<runs>/<model label>/<task>/summary.json`, and writes
 `experiments/results/finetune.md` and `experiments/results/finetune.png`. Scores are the
 best dev epoch of each seed, in percent; "% of teacher" divides a row's mean by the
 teacher row's mean on the same task (the MiniLM papers' headline), and is left empty
@@ -11,13 +11,16 @@ where the teacher's mean is not positive (a Matthews correlation near 0 has no r
 Nothing here is typed in by hand: every number comes from the runs' files.
 """
 
-import argparse
 import json
 import pathlib
+import sys
 
 import numpy as np
+from absl import flags
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+from minilm_jax import cli_flags
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 TASK_NAMES = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "squad2": "SQuAD 2.0 (dev split)",
               "mnli": "MNLI-m", "qnli": "QNLI", "qqp": "QQP", "mrpc": "MRPC", "stsb": "STS-B"}
 METRIC_NAMES = {"accuracy": "acc", "accuracy_f1": "acc", "matthews_corrcoef": "mcc",
@@ -119,21 +122,26 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> str:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("root", type=pathlib.Path, help="folder holding <label>/<task>/summary.json")
-  p.add_argument("--teacher", default="teacher-L6", help="model label of the teacher rows")
-  p.add_argument("--out", type=pathlib.Path, default=RESULTS, help="results folder")
-  p.add_argument("--name", default="finetune", help="results file stem")
-  p.add_argument("--note", default="", help="text under the table (hardware, budget)")
-  args = p.parse_args(argv)
-  rows = ordered(add_teacher_share(collect(args.root), args.teacher), args.teacher)
+  usage = "usage: python -m experiments.scripts.report --runs DIR [--name finetune] [--out DIR]"
+
+  def define(fv):
+    flags.DEFINE_string("runs", None, "folder holding <label>/<task>/summary.json", flag_values=fv)
+    flags.DEFINE_string("teacher", "teacher-L6", "model label of the teacher rows", flag_values=fv)
+    flags.DEFINE_string("out", str(RESULTS), "results folder", flag_values=fv)
+    flags.DEFINE_string("name", "finetune", "results file stem", flag_values=fv)
+    flags.DEFINE_string("note", "", "text under the table (hardware, budget)", flag_values=fv)
+
+  args = cli_flags.parse("report", sys.argv[1:] if argv is None else argv, define, usage,
+                         required=("runs",))
+  rows = ordered(add_teacher_share(collect(pathlib.Path(args.runs)), args.teacher), args.teacher)
   if not rows:
-    raise SystemExit(f"no summary.json under {args.root}: run python -m minilm_jax finetune first")
-  args.out.mkdir(parents=True, exist_ok=True)
+    raise SystemExit(f"no summary.json under {args.runs}: run python -m minilm_jax finetune first")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
   text = markdown(rows) + (f"\n{args.note}\n" if args.note else "")
   text += f"\n![score vs parameters]({args.name}.png)\n"
-  (args.out / f"{args.name}.md").write_text(text)
-  plot(rows, args.out / f"{args.name}.png")
+  (out / f"{args.name}.md").write_text(text)
+  plot(rows, out / f"{args.name}.png")
   print(text)
   return text
 

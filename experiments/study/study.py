@@ -1,48 +1,13 @@
 """The small-scale MiniLM study: do distilled students beat random init and MLM at equal tokens?
 
-    python experiments/study.py --budget cpu                  # the 2-core CPU study, resumable
-    python experiments/study.py --budget cpu --dry-run        # the plan, and what is done
-    python experiments/study.py --budget tiny --out /tmp/s    # the whole chain in minutes
-    python experiments/study.py --budget gpu --prepare study_inputs     # on a CPU host, once
-    python experiments/study.py --budget gpu --inputs study_inputs --out /tmp/study-gpu \
-        --results "$OUT" --deadline-minutes 7       # on the H200 (device run, carry=["study_inputs"])
+    python -m experiments.study.study --budget cpu                  # the 2-core CPU study, resumable
+    python -m experiments.study.study --budget cpu --dry-run        # the plan, and what is done
+    python -m experiments.study.study --budget tiny --out /tmp/s    # the whole chain in minutes
 
-One command runs every piece, in an order that yields the main comparison first, and
-skips what is finished (a distillation resumes from its last checkpoint; a fine-tuning
-seed with a `summary.json` is done), so it can run in pieces across restarts. Every run
-lives under `--out` (default `runs/study/<budget>`, outside the tracked files); the table
-and plots go to `experiments/results/study-<budget>*`.
-
-What runs, all with students of the same shape, L3-H384 (12 heads, F = 1536):
-  - MiniLM v1 and MiniLMv2 (48 relation heads) from the packaged teacher all-MiniLM-L6-v2
-    (6x384, last layer), distilled on `/work/shared/data/corpus` (Gutenberg books and
-    Wikipedia articles, a document per file) for the same number of steps: the same
-    batches, hence the same tokens;
-  - baselines: random init; the teacher's bottom 3 layers (truncated); BERT masked-LM
-    pre-training from scratch (`objective="mlm"`) on the same corpus for the same tokens;
-  - the teacher itself (6 layers) as a reference;
-  - fine-tuning of each with one recipe (`FINETUNE`: AdamW lr 1e-4, batch 32, 10% warmup
-    then linear decay, weight decay 0.01, dropout 0.1, best dev epoch), on SST-2, RTE,
-    CoLA and the SQuAD 2.0 by-article dev split (see `Budget.tasks` for the subsets);
-  - the curve: checkpoints along each pre-training run, fine-tuned with seed 0 on
-    `Budget.curve_tasks` (the cpu budget: SST-2 and CoLA, the two cheap tasks).
-
-Distillation recipe (the papers': AdamW 0.9 / 0.999 / 1e-6, weight decay 0.01, peak lr
-5e-4..6e-4 after warmup, linear decay; batch 1024 and 400k steps there, far fewer here),
-student dropout 0.1 (hidden and attention, as BERT and the MiniLM students; the teacher
-runs in eval mode). The `gpu` budget reads everything from `--inputs`, a git-ignored
-folder inside the repo that `--prepare` fills: the teacher as bfloat16 safetensors, the
-corpus as xz-compressed text and the task files (60 MiB; the device host sees only the
-repository and at most 64 MiB beside its tracked files, and sends back only a few small
-files, so it fine-tunes there too and returns the table and plots). It needs the
-project's requirements installed there (jax, flax, optax, orbax, grain, tokenizers,
-ml_collections). `--deadline-minutes` stops starting jobs in time for the report; the
-pre-training runs come first, so one 9-minute run yields the loss curves and as many
-fine-tuning runs as fit (the same command continues on the same machine; a fresh
-machine starts bare).
+What runs, the recipes and the budgets: README.md beside this file. One command runs every
+piece, main comparison first, and skips what is finished, so it can run in pieces.
 """
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -53,13 +18,13 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
+from experiments.study import report
+from minilm_jax import checkpoint, cli_flags, convert, distill, documents, finetune, tokenization, train
+from minilm_jax.teachers import resolve_model_dir
 
-from minilm_jax import checkpoint, convert, distill, documents, finetune, tokenization, train  # noqa: E402
-from minilm_jax.teachers import resolve_model_dir  # noqa: E402
-import study_report  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SHARED = ROOT.parent / "shared" / "data"
 TEACHER = "all-MiniLM-L6-v2"
@@ -297,27 +262,36 @@ def prepare_inputs(budget: Budget, inputs: pathlib.Path) -> None:
   print(f"{inputs}: {size / 2**20:.1f} MiB")
 
 
+USAGE = "usage: python -m experiments.study.study [--budget cpu] [--out DIR] [--dry-run] ..."
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_enum("budget", "cpu", sorted(BUDGETS), "the study's size", flag_values=fv)
+  flags.DEFINE_string("out", None, "runs folder (default runs/study/<budget>)", flag_values=fv)
+  flags.DEFINE_string("results", str(ROOT / "experiments" / "results"), "where the table and plots go",
+                      flag_values=fv)
+  flags.DEFINE_string("inputs", None, "a folder --prepare filled (the gpu budget)", flag_values=fv)
+  flags.DEFINE_string("prepare", None, "fill this folder with the inputs, then stop", flag_values=fv)
+  flags.DEFINE_string("stages", "distill,finetune,report",
+                      "comma-separated subset of distill, finetune, report", flag_values=fv)
+  flags.DEFINE_boolean("dry-run", False, "print the plan and what is done", flag_values=fv)
+  flags.DEFINE_string("note", "", "text for the table's notes (e.g. other load on the machine)",
+                      flag_values=fv)
+  flags.DEFINE_float("deadline-minutes", 0, "start no job after this many minutes, and refresh the "
+                     "report after each job (a run its host cuts off keeps one); 0 = no limit",
+                     flag_values=fv)
+
+
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
-  p.add_argument("--out", type=pathlib.Path, help="runs folder (default runs/study/<budget>)")
-  p.add_argument("--results", type=pathlib.Path, default=ROOT / "experiments" / "results")
-  p.add_argument("--inputs", type=pathlib.Path, help="a folder --prepare filled (the gpu budget)")
-  p.add_argument("--prepare", type=pathlib.Path, help="fill this folder with the inputs, then stop")
-  p.add_argument("--stages", default="distill,finetune,report",
-                 help="comma-separated subset of distill, finetune, report")
-  p.add_argument("--dry-run", action="store_true", help="print the plan and what is done")
-  p.add_argument("--note", default="", help="text for the table's notes (e.g. other load on the machine)")
-  p.add_argument("--deadline-minutes", type=float, default=0,
-                 help="start no job after this many minutes, and refresh the report after each "
-                      "job (a run its host cuts off keeps one); 0 = no limit")
-  args = p.parse_args(argv)
+  args = cli_flags.parse("study", sys.argv[1:] if argv is None else argv, define_flags, USAGE)
+  dry_run, deadline_minutes = args["dry-run"].value, args["deadline-minutes"].value
+  results = pathlib.Path(args.results)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # orbax set one
   budget = BUDGETS[args.budget]
-  out = (args.out or ROOT / "runs" / "study" / args.budget).absolute()
-  paths = Paths.make(out, args.inputs.absolute() if args.inputs else None)
+  out = pathlib.Path(args.out or ROOT / "runs" / "study" / args.budget).absolute()
+  paths = Paths.make(out, pathlib.Path(args.inputs).absolute() if args.inputs else None)
   if args.prepare:
-    return prepare_inputs(budget, args.prepare)
+    return prepare_inputs(budget, pathlib.Path(args.prepare))
   stages = set(args.stages.split(","))
   if bad := stages - {"distill", "finetune", "report"}:
     raise SystemExit(f"unknown stages {sorted(bad)}: use distill, finetune, report")
@@ -326,14 +300,14 @@ def main(argv=None) -> None:
         f"({budget.steps} steps x {budget.batch} x {budget.seq_len}); runs in {out}")
   started, failed = time.perf_counter(), []
   for i, (name, done, run) in enumerate(jobs):
-    if args.deadline_minutes and time.perf_counter() - started > 60 * args.deadline_minutes:
-      print(f"deadline of {args.deadline_minutes} min reached: the rest waits for the next run")
+    if deadline_minutes and time.perf_counter() - started > 60 * deadline_minutes:
+      print(f"deadline of {deadline_minutes} min reached: the rest waits for the next run")
       break
     if done():
       print(f"[{i + 1}/{len(jobs)}] done   {name}", flush=True)
       continue
-    print(f"[{i + 1}/{len(jobs)}] {'todo  ' if args.dry_run else 'start '} {name}", flush=True)
-    if not args.dry_run:
+    print(f"[{i + 1}/{len(jobs)}] {'todo  ' if dry_run else 'start '} {name}", flush=True)
+    if not dry_run:
       began = time.perf_counter()
       try:
         run()
@@ -343,10 +317,10 @@ def main(argv=None) -> None:
         continue
       print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
             flush=True)
-      if args.deadline_minutes and "report" in stages:  # a run cut off by its host keeps a report
-        study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__], args.note)
-  if "report" in stages and not args.dry_run:
-    study_report.write(args.budget, budget, paths, args.results, sys.modules[__name__], args.note)
+      if deadline_minutes and "report" in stages:  # a run cut off by its host keeps a report
+        report.write(args.budget, budget, paths, results, sys.modules[__name__], args.note)
+  if "report" in stages and not dry_run:
+    report.write(args.budget, budget, paths, results, sys.modules[__name__], args.note)
   if failed:
     raise SystemExit("failed runs (fix and re-run; finished runs are skipped):\n  " + "\n  ".join(failed))
 

@@ -1,6 +1,6 @@
-"""experiments/results/tpu-compile.md from the compile rows that `experiments/tpu_compile.sh` writes.
+"""experiments/results/tpu-compile.md from the compile rows that `experiments/scripts/tpu_compile.sh` writes.
 
-    python experiments/tpu_compile_report.py --rows experiments/results/tpu-compile-rows \
+    python -m experiments.scripts.tpu_compile_report --rows experiments/results/tpu-compile-rows \
         --out experiments/results/tpu-compile.md
 
 Rows: before.jsonl (the step before the TPU attention route and the HBM cuts), xla-relation.jsonl
@@ -71,7 +71,7 @@ def write(rows_dir: pathlib.Path) -> str:
            == ("base-v2", 64, 512, 0)]
   parts = [
       "# The distillation step compiled for TPU pods\n",
-      "Compiled by libtpu's TPU compiler on a CPU host (`bash experiments/tpu_compile.sh`): **nothing "
+      "Compiled by libtpu's TPU compiler on a CPU host (`bash experiments/scripts/tpu_compile.sh`): **nothing "
       "ran on a TPU**. Memory per device is the compiled program's (`memory_analysis()`); FLOPs and "
       "bytes are XLA's counts (`cost_analysis()`); step times, tokens/s and MFU are roofline bounds "
       "from them (the step takes at least max(FLOPs / peak, bytes / bandwidth)), not measurements. "
@@ -111,7 +111,7 @@ def write(rows_dir: pathlib.Path) -> str:
 
 
 def main(argv=None):
-  usage = "usage: python experiments/tpu_compile_report.py --rows DIR --out FILE.md"
+  usage = "usage: python -m experiments.scripts.tpu_compile_report --rows DIR --out FILE.md"
 
   def define(fv):
     flags.DEFINE_string("rows", None, "folder of before / after / paper / maxbatch .jsonl", flag_values=fv)

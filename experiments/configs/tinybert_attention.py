@@ -10,9 +10,9 @@ names `attention_mse` below, `loss_teacher_layers` / `loss_student_layers` the l
 receives, and the step, checkpoints, metrics (one `loss/attention_mse_<m>` per pair) and
 export are the ordinary ones; nothing in minilm_jax changes.
 
-    python -m minilm_jax distill --config experiments/tinybert_attention.py --workdir runs/tinybert
+    python -m minilm_jax distill --config experiments/configs/tinybert_attention.py --workdir runs/tinybert
 
-`:smoke` is a seconds-long variant for tests.
+`:smoke` is a seconds-long variant for tests (a 96-wide student).
 """
 
 import pathlib
@@ -20,7 +20,10 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
+from experiments.configs import common
 from minilm_jax.train import DistillConfig
+
+NAMES = ("",)  # "" = the run itself
 
 
 def masked_score_mse(teacher_logits, student_logits, mask):
@@ -38,13 +41,11 @@ def attention_mse(teacher_internals, student_internals, mask) -> dict[str, jax.A
 
 
 def get_config(variant: str = "") -> DistillConfig:
+  _, smoke = common.parse(__file__, variant, NAMES, default="")
   cfg = DistillConfig(
       teacher="all-MiniLM-L6-v2", student_layers=2, student_hidden=384, student_heads=12,
       internals_loss=f"{pathlib.Path(__file__).resolve()}:attention_mse",
       loss_teacher_layers=(3, 6), loss_student_layers=(1, 2),
       corpus="demo", max_seq_len=128, global_batch_size=16, max_steps=200, learning_rate=5e-4,
       warmup_steps=20, log_every=10, checkpoint_every=100)
-  if variant == "smoke":
-    cfg.student_hidden, cfg.max_seq_len, cfg.global_batch_size = 96, 32, 8
-    cfg.max_steps, cfg.warmup_steps, cfg.log_every, cfg.checkpoint_every = 4, 1, 2, 2
-  return cfg
+  return common.smoke(cfg, student_hidden=96) if smoke else cfg

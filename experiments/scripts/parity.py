@@ -1,6 +1,6 @@
 """Measures how exactly the Flax encoder reproduces PyTorch `transformers` (float32, CPU).
 
-    python experiments/parity.py    # writes experiments/results/parity.md
+    python -m experiments.scripts.parity    # writes experiments/results/parity.md
 
 The tests assert these bounds (1e-5); this script reports the measured maxima:
   * the packaged teacher on a real padded batch: last hidden state, pooler, every layer's
@@ -22,7 +22,7 @@ import transformers
 from minilm_jax import attention, convert, model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 SENTENCES = ["MiniLM distils the self-attention of the teacher's last layer into a small student.",
              "A short one.",
              "Padding must not change what real tokens see: the mask removes padded keys.",
@@ -82,7 +82,7 @@ def main():
       f"Max absolute difference over real tokens, float32 on CPU ({platform.machine()}), batch of "
       f"{len(SENTENCES)} padded sentences ({int(batch['attention_mask'].sum())} real tokens); "
       f"transformers {transformers.__version__}, torch {torch.__version__}, eager attention. "
-      "Produced by `python experiments/parity.py`; the tests assert <= 1e-5.", "", *rows, "",
+      "Produced by `python -m experiments.scripts.parity`; the tests assert <= 1e-5.", "", *rows, "",
       f"Round trip: {round_trip}.", ""])
   RESULTS.mkdir(exist_ok=True)
   (RESULTS / "parity.md").write_text(text)

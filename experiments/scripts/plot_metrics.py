@@ -1,30 +1,37 @@
 """Turns a run's `metrics.jsonl` into a loss-curve plot and a markdown table.
 
-    python experiments/plot_metrics.py runs/demo --name demo
+    python -m experiments.scripts.plot_metrics --workdir runs/demo --name demo
 
 writes `experiments/results/<name>-loss.png` and `experiments/results/<name>.md`.
 """
 
-import argparse
 import pathlib
+import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from absl import flags  # noqa: E402
+
+from minilm_jax import cli_flags  # noqa: E402
 from minilm_jax.metric_writer import read_metrics  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("workdir", type=pathlib.Path)
-  p.add_argument("--name", required=True, help="results file stem")
-  p.add_argument("--note", default="", help="a line under the table (hardware, wall time)")
-  args = p.parse_args(argv)
-  records = read_metrics(args.workdir)
+  usage = "usage: python -m experiments.scripts.plot_metrics --workdir DIR --name NAME [--note TEXT]"
+
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "the run's folder (metrics.jsonl)", flag_values=fv)
+    flags.DEFINE_string("name", None, "results file stem", flag_values=fv)
+    flags.DEFINE_string("note", "", "a line under the table (hardware, wall time)", flag_values=fv)
+
+  args = cli_flags.parse("plot_metrics", sys.argv[1:] if argv is None else argv, define, usage,
+                         required=("workdir", "name"))
+  records = read_metrics(pathlib.Path(args.workdir))
   losses = sorted(k for k in records[0] if k.startswith("loss/"))
   steps = [r["step"] for r in records]
   fig, ax = plt.subplots(figsize=(7, 4))

@@ -9,23 +9,24 @@ Measures, on the shared corpus (Gutenberg books + Wikipedia articles, ~31 MB):
   * wall time of building the TFDS array_record dataset from the whole corpus (into /tmp)
     and of reading it back into packed examples.
 
-  .venv/bin/python experiments/data_throughput.py [--corpus ../shared/data/corpus]
+  python -m experiments.scripts.data_throughput [--corpus ../shared/data/corpus]
 Writes experiments/results/data_throughput.md.
 """
 
-import argparse
 import os
 import pathlib
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
 import grain
+from absl import flags
 
-from minilm_jax import corpus_tfds, data, documents, teachers, tokenization
+from minilm_jax import cli_flags, corpus_tfds, data, documents, teachers, tokenization
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "corpus"
 
 
@@ -53,16 +54,21 @@ def pipeline_rate(examples, *, worker_count: int, batch_size: int, batches: int,
       it.close()
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--corpus", default=str(DEFAULT_CORPUS))
-  parser.add_argument("--tokenizer", default="all-MiniLM-L6-v2")
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--batches", type=int, default=200)
-  parser.add_argument("--workers", default="0,1,2")
-  parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
-  parser.add_argument("--out", default=str(ROOT / "experiments/results/data_throughput.md"))
-  args = parser.parse_args()
+def main(argv=None):
+  usage = "usage: python -m experiments.scripts.data_throughput [--corpus DIR] [--out FILE.md]"
+
+  def define(fv):
+    flags.DEFINE_string("corpus", str(DEFAULT_CORPUS), "folder with gutenberg/ and wikipedia/", flag_values=fv)
+    flags.DEFINE_string("tokenizer", "all-MiniLM-L6-v2", "teacher whose tokenizer is timed", flag_values=fv)
+    flags.DEFINE_integer("batch-size", 256, "examples per batch", flag_values=fv)
+    flags.DEFINE_integer("batches", 200, "batches per timing", flag_values=fv)
+    flags.DEFINE_string("workers", "0,1,2", "grain worker counts", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "best of this many timings", flag_values=fv)
+    flags.DEFINE_string("out", str(ROOT / "experiments/results/data_throughput.md"), "the page",
+                        flag_values=fv)
+
+  args = cli_flags.parse("data_throughput", sys.argv[1:] if argv is None else argv, define, usage)
+  batch_size = args["batch-size"].value
   files = ",".join(str(pathlib.Path(args.corpus) / d) for d in ("gutenberg", "wikipedia"))
   rows = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
           f"grain {grain.__version__}; corpus {files}; tokenizer {args.tokenizer}; load average "
@@ -95,9 +101,9 @@ def main():
                   f"{stats.tokens / (stats.examples * (seq - 2)):.1%} of text slots filled |")
       print(rows[-1], flush=True)
     for workers in map(int, args.workers.split(",")):
-      rate = pipeline_rate(examples, worker_count=workers, batch_size=args.batch_size,
+      rate = pipeline_rate(examples, worker_count=workers, batch_size=batch_size,
                            batches=args.batches, repeats=args.repeats)
-      rows.append(f"| batch_iterator seq {seq}, batch {args.batch_size}, {workers} workers "
+      rows.append(f"| batch_iterator seq {seq}, batch {batch_size}, {workers} workers "
                   f"(best of {args.repeats} x {args.batches} batches) | {rate:,.0f} examples/s |")
       print(rows[-1], flush=True)
 

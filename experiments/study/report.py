@@ -1,9 +1,10 @@
-"""The study's table and plots, from its runs' files only (`experiments/study.py` calls `write`).
+"""The study's table and plots, from its runs' files only (`study.py` calls `write`).
 
 Writes `experiments/results/study-<budget>.md` (models x tasks, means over seeds, the
 average of the four dev scores, pre-training tokens and times), `study-<budget>-runs.md`
-(every fine-tuning run, through `report.py`), and three plots: pre-training loss curves,
-dev score against pre-training tokens, and teacher vs student attention on one sentence.
+(every fine-tuning run, through `experiments/scripts/report.py`), and three plots:
+pre-training loss curves, dev score against pre-training tokens, and teacher vs student
+attention on one sentence.
 """
 
 import json
@@ -12,7 +13,7 @@ import platform
 
 import numpy as np
 
-import report
+from experiments.scripts import report as finetune_report
 
 TASK_ORDER = ("sst2", "rte", "cola", "squad2")
 STUDENTS = ("minilm-v1", "minilm-v2")  # the distilled students, as `study.METHODS` names them
@@ -26,9 +27,9 @@ SENTENCE = "it 's a charming and often affecting journey ."  # SST-2 dev, first 
 
 
 def _rows(root: pathlib.Path) -> list[dict]:
-  """report.collect's rows with the seeds of one (label, task) merged into one row."""
+  """finetune_report.collect's rows with the seeds of one (label, task) merged into one row."""
   merged = {}
-  for r in report.collect(root) if root.is_dir() else []:
+  for r in finetune_report.collect(root) if root.is_dir() else []:
     key = (r["label"], r["task"])
     if key in merged:
       m = merged[key]
@@ -154,7 +155,7 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
     else:
       lines.append(f"- {method}: not started")
   lines += ["", f"Hardware: {platform.machine()} CPU ({_cpus()} cores visible), float32; runs "
-            "written by `experiments/study.py --budget " + name + "`. Fine-tuning recipe (every "
+            "written by `python -m experiments.study.study --budget " + name + "`. Fine-tuning recipe (every "
             f"model and task): {study.FINETUNE}; per task: {budget.tasks}. SQuAD 2.0 trains on the "
             "first 25 dev articles and scores the other 10 (no train file here). Seeds: "
             f"{list(budget.seeds)} for the final models, 0 for the curve and the teacher."
@@ -165,8 +166,8 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
     if plot(study, budget, paths, rows, curve, path):
       lines.append(f"![{caption}]({path.name})")
   if rows:
-    (results / f"study-{name}-runs.md").write_text(report.markdown(
-        report.ordered(report.add_teacher_share(rows, "teacher-L6"), "teacher-L6"),
+    (results / f"study-{name}-runs.md").write_text(finetune_report.markdown(
+        finetune_report.ordered(finetune_report.add_teacher_share(rows, "teacher-L6"), "teacher-L6"),
         title=f"Study `{name}`: every fine-tuning run"))
     lines.append(f"\nEvery run: [study-{name}-runs.md](study-{name}-runs.md).")
   text = "\n".join(lines) + "\n"

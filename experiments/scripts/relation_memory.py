@@ -3,7 +3,7 @@
 `compiled.memory_analysis()`: compiling is enough, nothing runs, so a CPU answers for
 BERT-base shapes.
 
-  PYTHONPATH=. python experiments/relation_memory.py [--full-step] [--out experiments/results]
+  python -m experiments.scripts.relation_memory [--full-step] [--out experiments/results]
 
 Rows: the v1 and v2 loss + gradient on the captured q/k/v of a BERT-base teacher (768 wide)
 and an L6-H384 student at 256x128 and 64x512 (R = 12 heads for v1, 48 relation heads for v2),
@@ -13,16 +13,17 @@ Off a GPU the student's attention with dropout keeps its [B, N, T, S] probabilit
 fuses them on a GPU), so the step rows include base-v2 with attention dropout 0 too.
 """
 
-import argparse
 import dataclasses
 import pathlib
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
 from minilm_jax.benchmark import harness, jax_routes, workloads
-from minilm_jax import blockwise_relation, losses, optimizer as optimizer_lib, sharding, train
+from minilm_jax import blockwise_relation, cli_flags, losses, optimizer as optimizer_lib, sharding, train
 from minilm_jax import model as model_lib
 from minilm_jax.model import AttentionInternals
 
@@ -71,14 +72,19 @@ def _bytes(compiled) -> dict:
   return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "output": m.output_size_in_bytes}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--full-step", action="store_true")
-  p.add_argument("--out", default="experiments/results")
-  a = p.parse_args()
+def main(argv=None):
+  usage = "usage: python -m experiments.scripts.relation_memory [--full-step] [--out experiments/results]"
+
+  def define(fv):
+    flags.DEFINE_boolean("full-step", False, "add the whole train step of base-v1 / base-v2",
+                         flag_values=fv)
+    flags.DEFINE_string("out", "experiments/results", "where the page goes", flag_values=fv)
+
+  a = cli_flags.parse("relation_memory", sys.argv[1:] if argv is None else argv, define, usage)
+  full_step = a["full-step"].value
   lines = [f"# Relation loss temporary memory (XLA memory_analysis, {jax.devices()[0].device_kind}, "
            f"jax {jax.__version__})", "",
-           "Compiled only (nothing runs): `PYTHONPATH=. python experiments/relation_memory.py --full-step`. "
+           "Compiled only (nothing runs): `python -m experiments.scripts.relation_memory --full-step`. "
            "Temp = XLA's temporary buffers of the compiled program (arguments and outputs excluded).", "",
            "| what | B x T | dtype | direct temp GiB | blockwise temp GiB | ratio |", "|---|---|---|---|---|---|"]
   rows = [(f"{v} loss + grad (captured q/k/v)", v, b, t, d) for v in ("v1", "v2") for b, t in ((256, 128), (64, 512))
@@ -88,7 +94,7 @@ def main():
     lines.append(f"| {label} | {batch}x{seq} | {jnp.dtype(dtype).name} | {got['direct'] / 2**30:.2f} "
                  f"| {got['blockwise'] / 2**30:.2f} | {got['direct'] / got['blockwise']:.1f}x |")
     print(lines[-1], flush=True)
-  if a.full_step:
+  if full_step:
     for config, attention_dropout, layers in (("base-v1", 0.1, 6), ("base-v2", 0.1, 6), ("base-v2", 0.0, 6),
                                               ("base-v2", 0.1, 1)):
       t0 = time.time()
@@ -99,7 +105,7 @@ def main():
                    f"| {got['direct'] / 2**30:.2f} | {got['blockwise'] / 2**30:.2f} "
                    f"| {got['direct'] / got['blockwise']:.1f}x |")
       print(lines[-1], f"({time.time() - t0:.0f} s to compile both)", flush=True)
-  if a.full_step:
+  if full_step:
     lines += ["", "The 6-layer full-step rows share 20-24 GiB that is not the loss: off a GPU the student's "
               "attention is XLA's, which keeps [B, N, T, S] float32 logits and probabilities for the "
               "backward pass (with attention dropout 0 too), about 3 GiB per student layer (compare the "

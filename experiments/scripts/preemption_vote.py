@@ -4,22 +4,33 @@ Each vote here is cast and read at once, so it waits for a whole one-number all-
 an upper bound of what it adds to a step (in `distill.run` the vote read is one step old
 and long computed; one process votes nothing, it reads its own flag).
 
-    JAX_PLATFORMS=cpu python experiments/preemption_vote.py                       # 1 process
-    for i in 0 1; do JAX_PLATFORMS=cpu python experiments/preemption_vote.py localhost:12357 2 $i & done; wait
+    JAX_PLATFORMS=cpu python -m experiments.scripts.preemption_vote          # 1 process
+    for i in 0 1; do JAX_PLATFORMS=cpu python -m experiments.scripts.preemption_vote \
+        --coordinator localhost:12357 --processes 2 --process-id $i & done; wait
 """
 
 import sys
 import time
 
 import jax
+from absl import flags
 
-from minilm_jax import distill, sharding
+from minilm_jax import cli_flags, distill, sharding
 
 
-def main(argv):
-  if argv:
-    address, processes, index = argv
-    jax.distributed.initialize(address, num_processes=int(processes), process_id=int(index))
+def main(argv=None):
+  usage = ("usage: python -m experiments.scripts.preemption_vote "
+           "[--coordinator HOST:PORT --processes N --process-id I]")
+
+  def define(fv):
+    flags.DEFINE_string("coordinator", None, "process 0's address; none: one process", flag_values=fv)
+    flags.DEFINE_integer("processes", 1, "how many processes vote", flag_values=fv)
+    flags.DEFINE_integer("process-id", 0, "this process's index", flag_values=fv)
+
+  fv = cli_flags.parse("preemption_vote", sys.argv[1:] if argv is None else argv, define, usage)
+  if fv.coordinator:
+    jax.distributed.initialize(fv.coordinator, num_processes=fv.processes,
+                               process_id=fv["process-id"].value)
   preemption = distill._Preemption(sharding.make_mesh())  # pylint: disable=protected-access
   try:
     vote = lambda: bool(preemption._cast().addressable_data(0))  # pylint: disable=protected-access
@@ -38,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  main()

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The fine-tuning runs behind experiments/results/finetune.md, on a 2-core CPU, sequential.
 #
-#   nohup experiments/finetune_runs.sh runs/finetune > runs/finetune/runs.log 2>&1 &
-#   .venv/bin/python experiments/report.py runs/finetune
-#   BUDGET=full nohup experiments/finetune_runs.sh runs/ft-full > runs/ft-full/runs.log 2>&1 &
-#   .venv/bin/python experiments/report.py runs/ft-full --name finetune-full
+#   nohup experiments/scripts/finetune_runs.sh runs/finetune > runs/finetune/runs.log 2>&1 &
+#   .venv/bin/python -m experiments.scripts.report --runs runs/finetune
+#   BUDGET=full nohup experiments/scripts/finetune_runs.sh runs/ft-full > runs/ft-full/runs.log 2>&1 &
+#   .venv/bin/python -m experiments.scripts.report --runs runs/ft-full --name finetune-full
 #
 # BUDGET=subset (the default; about one hour of CPU in all): every task trains on a subset
 # of its train set (the first N rows of the file) for one or two epochs. BUDGET=full
@@ -14,7 +14,7 @@
 # its 277 dev pairs are cut; `summary.json` records the counts). SQuAD uses lr 6e-5 as the
 # papers do. Models: the packaged teacher (6x384), its bottom 3 layers, a random 3x384
 # encoder with the teacher's tokenizer (lr 1e-4) and the 3x384 MiniLM student distilled
-# by `experiments/demo.py` (runs/demo/hf).
+# by `experiments/configs/demo.py` (runs/demo/hf).
 set -euo pipefail
 out=${1:-runs/finetune}
 student=${STUDENT:-runs/demo/hf}

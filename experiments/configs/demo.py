@@ -4,25 +4,23 @@ MiniLM v1 (attention transfer + value relation) on the embedded demo corpus (Pyt
 documentation topics), sequence 128. Finishes on 2 CPU cores in a few minutes with a
 clearly falling loss:
 
-    python -m minilm_jax distill --config experiments/demo.py --workdir runs/demo
+    python -m minilm_jax distill --config experiments/configs/demo.py --workdir runs/demo
 
-`--config experiments/demo.py:smoke` is a seconds-long variant for tests.
+`--config experiments/configs/demo.py:smoke` is a seconds-long variant for tests.
 """
 
-from minilm_jax.train import DistillConfig, check_choice
+from experiments.configs import common
+from minilm_jax.train import DistillConfig
 
-VARIANTS = ("", "smoke")  # "" = the demo itself
+NAMES = ("",)  # "" = the demo itself
 
 
 def get_config(variant: str = "") -> DistillConfig:
-  check_choice("demo.py variant", variant, VARIANTS)
+  _, smoke = common.parse(__file__, variant, NAMES, default="")
   cfg = DistillConfig(
       teacher="all-MiniLM-L6-v2", version="v1",
       student_layers=3, student_hidden=384, student_heads=12,
       corpus="demo", max_seq_len=128,
       global_batch_size=16, max_steps=200, learning_rate=5e-4, warmup_steps=20,
       log_every=10, checkpoint_every=100)
-  if variant == "smoke":
-    cfg.student_layers, cfg.max_seq_len, cfg.global_batch_size = 1, 32, 8
-    cfg.max_steps, cfg.warmup_steps, cfg.log_every, cfg.checkpoint_every = 4, 1, 2, 2
-  return cfg
+  return common.smoke(cfg, student_layers=1) if smoke else cfg
