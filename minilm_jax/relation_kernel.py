@@ -232,7 +232,7 @@ def _heads(x_BTD: jax.Array, heads: int, length: int) -> jax.Array:
 
 
 def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
-                     student_b: jax.Array, mask: jax.Array, num_relation_heads: int, *,
+                     student_b: jax.Array, mask: jax.Array, relation_heads: int, *,
                      interpret: bool = False) -> jax.Array:
   """KL(Rel(a_t, b_t) || Rel(a_s, b_s)) per relation head and query row: [B, R, T] float32.
 
@@ -244,7 +244,7 @@ def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.
   """
   t = mask.shape[1]
   length = _length(t)
-  heads = lambda x: _heads(x, num_relation_heads, length)
+  heads = lambda x: _heads(x, relation_heads, length)
   same_t, same_s = teacher_a is teacher_b, student_a is student_b  # Rel(x, x): one copy each
 
   def rows(ta, tb, sa, sb, mask):
