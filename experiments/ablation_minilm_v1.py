@@ -13,7 +13,7 @@ exactly the terms computed. The teacher-assistant ablation ("-TA") is
 `smoke-VR` runs "-VR" in seconds on the packaged teacher and the demo corpus.
 """
 
-from minilm_jax.train import DistillConfig, paper_config
+from minilm_jax.config import DistillConfig, paper_config
 
 VARIANTS = {"paper": ("attention_transfer", "value_relation"), "-VR": ("attention_transfer",),
             "-AT": ("value_relation",)}

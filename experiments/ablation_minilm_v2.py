@@ -11,7 +11,7 @@ one of them (`loss_terms`), on the paper's 6-layer, 384-wide student of BERT-bas
 Any other subset is `--config.loss_terms=qq_relation --config.loss_terms=vv_relation`.
 """
 
-from minilm_jax.train import DistillConfig, paper_config
+from minilm_jax.config import DistillConfig, paper_config
 
 VARIANTS = {"paper": ("qq_relation", "kk_relation", "vv_relation"), "QQ": ("qq_relation",),
             "KK": ("kk_relation",), "VV": ("vv_relation",)}
@@ -19,11 +19,11 @@ VARIANTS = {"paper": ("qq_relation", "kk_relation", "vv_relation"), "QQ": ("qq_r
 
 def get_config(variant: str = "VV") -> DistillConfig:
   if variant == "smoke-KK":
-    return DistillConfig(teacher="all-MiniLM-L6-v2", version="v2", num_relation_heads=12,
+    return DistillConfig(teacher="all-MiniLM-L6-v2", version="v2", relation_heads=12,
                          loss_terms=VARIANTS["KK"], student_layers=1, max_seq_len=32,
                          global_batch_size=8, max_steps=4, warmup_steps=1, log_every=2,
                          checkpoint_every=2)
   cfg = paper_config(teacher="bert-base-uncased", version="v2", student="L6-H384",
-                     learning_rate=5e-4, num_relation_heads=48)
+                     learning_rate=5e-4, relation_heads=48)
   cfg.loss_terms = VARIANTS[variant]
   return cfg

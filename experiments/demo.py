@@ -9,7 +9,7 @@ clearly falling loss:
 `--config experiments/demo.py:smoke` is a seconds-long variant for tests.
 """
 
-from minilm_jax.train import DistillConfig, check_choice
+from minilm_jax.config import DistillConfig, check_choice
 
 VARIANTS = ("", "smoke")  # "" = the demo itself
 

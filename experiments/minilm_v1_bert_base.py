@@ -9,7 +9,7 @@ The teacher is a local Hugging Face directory (nothing is downloaded): override
 `--config.teacher`. Students: L6-H768, L12-H384, L6-H384, L4-H384, L3-H384; the default is L6-H768.
 """
 
-from minilm_jax.train import paper_config
+from minilm_jax.config import paper_config
 
 
 def get_config(student: str = "L6-H768"):

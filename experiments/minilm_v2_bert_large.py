@@ -8,9 +8,9 @@ The teacher is a local Hugging Face directory (nothing is downloaded): override
 `--config.teacher`. Students: L6-H768, L12-H384, L6-H384, L4-H384, L3-H384; the default is L6-H384.
 """
 
-from minilm_jax.train import paper_config
+from minilm_jax.config import paper_config
 
 
 def get_config(student: str = "L6-H384"):
   return paper_config(teacher="bert-large-uncased", version="v2", student=student,
-                      learning_rate=3e-4, teacher_layer=21, num_relation_heads=64)
+                      learning_rate=3e-4, teacher_layer=21, relation_heads=64)

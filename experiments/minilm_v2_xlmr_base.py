@@ -8,9 +8,9 @@ The teacher is a local Hugging Face directory (nothing is downloaded): override
 `--config.teacher`. Students: L6-H768, L12-H384, L6-H384, L4-H384, L3-H384; the default is L6-H384.
 """
 
-from minilm_jax.train import paper_config
+from minilm_jax.config import paper_config
 
 
 def get_config(student: str = "L6-H384"):
   return paper_config(teacher="xlm-roberta-base", version="v2", student=student,
-                      learning_rate=5e-4, num_relation_heads=48)
+                      learning_rate=5e-4, relation_heads=48)

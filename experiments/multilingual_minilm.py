@@ -16,7 +16,7 @@ most half the teacher's depth and width, so `teacher_assistant="auto"` first dis
         --config.corpus='/data/cc100/*.txt'
 """
 
-from minilm_jax.train import paper_config
+from minilm_jax.config import paper_config
 
 VARIANTS = ("v1-L12-H384", "v1-L6-H384", "v2-L12-H384", "v2-L6-H384")
 
@@ -26,4 +26,4 @@ def get_config(variant: str = "v1-L12-H384"):
     raise ValueError(f"unknown variant {variant!r}: use one of {VARIANTS}")
   version, student = variant.split("-", 1)
   return paper_config(teacher="xlm-roberta-base", version=version, student=student,
-                      learning_rate=5e-4, num_relation_heads=48)
+                      learning_rate=5e-4, relation_heads=48)

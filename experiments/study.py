@@ -57,13 +57,14 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from minilm_jax import checkpoint, convert, distill, documents, finetune, train  # noqa: E402
+from minilm_jax import checkpoint, convert, distill, documents, finetune  # noqa: E402
+from minilm_jax.config import DistillConfig  # noqa: E402
 from minilm_jax.teachers import resolve_model_dir  # noqa: E402
 import study_report  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 TEACHER = "all-MiniLM-L6-v2"
-METHODS = {"minilm-v1": dict(version="v1"), "minilm-v2": dict(version="v2", num_relation_heads=48),
+METHODS = {"minilm-v1": dict(version="v1"), "minilm-v2": dict(version="v2", relation_heads=48),
            "mlm": dict(objective="mlm")}
 TASKS = ("sst2", "rte", "cola", "squad2")
 # The one fine-tuning recipe, for every model and task (per-task lengths / subsets in Budget.tasks).
@@ -143,10 +144,10 @@ class Paths:
 # ------------------------------------------------------------------------- pre-training
 
 
-def distill_config(budget: Budget, paths: Paths, method: str) -> train.DistillConfig:
+def distill_config(budget: Budget, paths: Paths, method: str) -> DistillConfig:
   layers, hidden, heads = budget.student
   every = budget.steps // budget.curve_points
-  return train.DistillConfig(
+  return DistillConfig(
       teacher=paths.teacher, student_layers=layers, student_hidden=hidden, student_heads=heads,
       corpus=paths.corpus, doc_per_file=True, max_seq_len=budget.seq_len,
       global_batch_size=budget.batch, max_steps=budget.steps, learning_rate=budget.learning_rate,
