@@ -152,7 +152,8 @@ def distill_config(budget: Budget, paths: Paths, method: str) -> DistillConfig:
       corpus=paths.corpus, doc_per_file=True, max_seq_len=budget.seq_len,
       global_batch_size=budget.batch, max_steps=budget.steps, learning_rate=budget.learning_rate,
       warmup_steps=budget.warmup, log_every=max(1, min(10, budget.steps // 20)),
-      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, **METHODS[method])
+      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, teacher_assistant="off",
+      **METHODS[method])
 
 
 def curve_steps(budget: Budget) -> list[int]:

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from minilm_jax import model as model_lib, sharding
-from minilm_jax import step as step_lib
+from minilm_jax import step as core_step
 from minilm_jax.config import DistillConfig
 from minilm_jax.aot import chips, hlo, main as aot_main, report, step as step_lib
 
@@ -33,14 +33,14 @@ def test_the_step_compiles_for_a_tpu_with_every_auto_resolved_for_it():
   pod = chips.pod_slice("v5e:2x2")
   row = step_lib.compile_stage(step_lib.Stage("", TINY, TEACHER), pod)
   assert (pod.chips, pod.hosts, row["devices"], row["batch_per_device"]) == (4, 1, 4, 2)
-  setup = step_lib.make_setup(TINY, TEACHER, platform="tpu")
+  setup = core_step.make_setup(TINY, TEACHER, platform="tpu")
   # "auto" is bf16 compute and rbg dropout keys on a TPU, though this host is a CPU.
   assert (setup.teacher.dtype, setup.student.dtype, setup.dropout_prng) == ("bfloat16", "bfloat16", "rbg")
   # XLA's argument bytes are the state and teacher (replicated) and a quarter of the batch,
   # plus the padding of TPU tiles (8 x 128 for matrices: up to a quarter at these widths).
   mesh = sharding.make_mesh(list(pod.devices))
-  _, optimizer, _ = step_lib.make_step(TINY, setup, mesh)
-  logical = _bytes_per_device(step_lib.abstract_inputs(TINY, setup, optimizer, mesh), 4)
+  _, optimizer, _ = core_step.make_step(TINY, setup, mesh)
+  logical = _bytes_per_device(core_step.abstract_inputs(TINY, setup, optimizer, mesh), 4)
   assert logical <= row["hbm"]["arguments"] <= 1.3 * logical
   assert row["fits"] and row["hbm"]["total"] > row["hbm"]["arguments"]
   assert row["collectives"].get("all-reduce", 0) >= 1  # the gradients' mean over the data axis

@@ -12,7 +12,7 @@ from minilm_jax import distill, losses, optimizer as optimizer_lib, sharding
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax.metric_writer import read_metrics
-from train_test import build, random_batch, tiny_cfg
+from step_test import build, random_batch, tiny_cfg
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 TINYBERT = EXPERIMENTS / "tinybert_attention.py"
@@ -138,7 +138,7 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
 
 def test_custom_loss_run_logs_its_terms(tmp_path):
   cfg = load(TINYBERT).get_config("smoke")
-  cfg.export_hf = False
+  cfg.export_hf, cfg.teacher_assistant = False, "off"
   summary = distill.run(cfg, tmp_path)
   assert summary["steps"] == 4 and np.isfinite(summary["last_loss"])
   records = read_metrics(tmp_path)

@@ -15,7 +15,7 @@ from minilm_jax import checkpoint, convert, distill, mlm, optimizer as optimizer
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax import model as model_lib
-from train_test import assert_same_training
+from step_test import assert_same_training
 
 TINY = model_lib.ModelConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
                              intermediate_size=64, max_position_embeddings=128, hidden_dropout=0.0,

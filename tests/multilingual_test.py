@@ -123,7 +123,7 @@ def test_student_of_a_tiny_teacher_loads_in_pytorch_and_matches_jax(family, tmp_
 
 
 def test_multilingual_minilm_configs_fit_xlmr_base():
-  from train_test import EXPERIMENTS, TEACHERS, load_experiment
+  from config_test import EXPERIMENTS, TEACHERS, load_experiment
   from minilm_jax import teacher_assistant
   module = load_experiment(EXPERIMENTS / "multilingual_minilm.py")
   xlmr = TEACHERS["xlmr_base"]
