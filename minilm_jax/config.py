@@ -11,6 +11,7 @@ import difflib
 import jax
 
 from minilm_jax import losses
+from minilm_jax import model as model_lib
 
 OBJECTIVES = ("distill", "mlm")
 
@@ -141,6 +142,15 @@ def check_config(cfg: DistillConfig) -> None:
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")
+
+
+def student_model(cfg: DistillConfig, teacher: model_lib.ModelConfig) -> model_lib.ModelConfig:
+  """The student's shape: the teacher's vocabulary, positions and model type; the config's
+  layers, width, heads, F and dropouts; a pooler, as every exported student has."""
+  return teacher.replace(
+      num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
+      intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
+      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_attention_dropout, use_pooler=True)
 
 
 def paper_config(*, teacher: str, version: str, student: str, learning_rate: float,

@@ -52,13 +52,14 @@ def run(cfg: DistillConfig, workdir: str | pathlib.Path, *,
   workdir = pathlib.Path(workdir).absolute()
   teacher = _Teacher.read(cfg.teacher)
   stages = teacher_assistant.stages(cfg, teacher.config, workdir)
+  setups = [step_lib.make_setup(s.cfg, s.teacher) for s in stages]  # every config error first
   teacher_assistant.check_layout(workdir, cfg, two_stage=len(stages) > 1)
-  for stage in stages:
+  for stage, setup in zip(stages, setups):
     if teacher_assistant.finished(stage):
       continue
     if stage.name == teacher_assistant.STUDENT:  # its teacher: the assistant, now exported
       teacher = _Teacher.read(stage.cfg.teacher)
-    summary = _distill(stage, teacher, resume_from_step)
+    summary = _distill(stage, setup, teacher, resume_from_step)
     resume_from_step = None  # the next stage starts now
     if stage.name == teacher_assistant.ASSISTANT:
       if summary["preempted"] or summary["steps"] != stage.cfg.max_steps:
@@ -94,9 +95,10 @@ def objective(cfg: DistillConfig, setup: step_lib.Setup, tokenizer_dir) -> step_
   return step_lib.distillation(setup)
 
 
-def _distill(stage: teacher_assistant.Stage, teacher: _Teacher, resume_from_step: int | None) -> dict:
+def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Teacher,
+             resume_from_step: int | None) -> dict:
   """One stage: checks, then writes the run files, restores or starts, trains and exports."""
-  cfg, setup, workdir = stage.cfg, stage.setup, stage.workdir
+  cfg, workdir = stage.cfg, stage.workdir
   if teacher.config != stage.teacher:
     raise ValueError(f"{teacher.directory} is not the teacher the {stage.name} stage was set up "
                      f"for ({teacher.config} != {stage.teacher}): use a new --workdir")
@@ -135,7 +137,7 @@ def _distill(stage: teacher_assistant.Stage, teacher: _Teacher, resume_from_step
                teacher.directory, setup.teacher.num_layers, setup.student, mesh.size, stats,
                int(state.step))
   state, (first_loss, last_loss), preempted = _train(
-      stage, mesh, mngr, iterator, step_fn, schedule, state, teacher_params)
+      stage, setup, mesh, mngr, iterator, step_fn, schedule, state, teacher_params)
   summary = {"workdir": str(workdir), "steps": int(state.step), "first_loss": first_loss,
              "last_loss": last_loss, "preempted": preempted, "corpus": dataclasses.asdict(stats)}
   if cfg.export_hf and int(state.step) == cfg.max_steps and jax.process_index() == 0:
@@ -143,8 +145,8 @@ def _distill(stage: teacher_assistant.Stage, teacher: _Teacher, resume_from_step
   return summary
 
 
-def _train(stage: teacher_assistant.Stage, mesh, mngr: ocp.CheckpointManager, iterator, step_fn,
-           schedule, state: step_lib.TrainState, teacher_params):
+def _train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: ocp.CheckpointManager,
+           iterator, step_fn, schedule, state: step_lib.TrainState, teacher_params):
   """The loop: (final state, (first, last) logged loss, whether pre-empted).
 
   Step N's metrics and finiteness are read only once step N+1 is dispatched, so the host
@@ -158,7 +160,7 @@ def _train(stage: teacher_assistant.Stage, mesh, mngr: ocp.CheckpointManager, it
   bar = tqdm.tqdm(total=cfg.max_steps, initial=start, unit="step", disable=jax.process_index() != 0,
                   dynamic_ncols=True)
   progress, log = _Progress(bar), _Log(writer, bar, cfg, schedule, start)
-  guard = _FiniteGuard(stage.setup, teacher_params, mngr)
+  guard = _FiniteGuard(setup, teacher_params, mngr)
   try:
     for step in range(start, cfg.max_steps):
       batch = sharding.global_batch(next(iterator), mesh)

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from minilm_jax import internals_loss, loops, sharding
 from minilm_jax import model as model_lib
 from minilm_jax import optimizer as optimizer_lib
-from minilm_jax.config import DistillConfig, check_config
+from minilm_jax.config import DistillConfig, check_config, student_model
 
 
 @flax.struct.dataclass
@@ -75,11 +75,8 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
   student_layers = internals_loss.layer_indices(cfg.loss_student_layers, cfg.student_layers,
                                                 cfg.student_layers, "student")
   dtype = cfg.resolved_dtype(platform)
-  student = teacher_full.replace(
-      num_layers=cfg.student_layers, hidden_size=cfg.student_hidden, num_heads=cfg.student_heads,
-      intermediate_size=cfg.student_intermediate or 4 * cfg.student_hidden,
-      hidden_dropout=cfg.student_dropout, attention_dropout=cfg.student_attention_dropout, use_pooler=True,
-      cudnn_dropout=cfg.fused_attention_dropout, dtype=dtype)
+  student = student_model(cfg, teacher_full).replace(cudnn_dropout=cfg.fused_attention_dropout,
+                                                     dtype=dtype)
   teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
   # Masked LM distils nothing: no loss of internals, any head count.
   loss, relation_heads = ((None, student.num_heads) if cfg.objective == "mlm" else

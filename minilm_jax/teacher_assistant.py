@@ -3,7 +3,7 @@
 For a teacher of L layers and width d and a student of M layers and width d' with
 M <= L/2 and d' <= d/2, MiniLM first distils the teacher into an *assistant* of L layers
 and width d', then distils the assistant into the student. `stages` says which
-distillations a config runs; `distill.run` runs them, each checkpointed, resumable and
+distillations a config runs; `distill.run` sets each up and runs it, each checkpointed, resumable and
 exported, in one workdir:
 
     WORKDIR/assistant/   teacher -> assistant: the distilled teacher depth, the student's
@@ -19,9 +19,8 @@ import dataclasses
 import json
 import pathlib
 
-from minilm_jax import step
 from minilm_jax import model as model_lib
-from minilm_jax.config import DistillConfig
+from minilm_jax.config import DistillConfig, student_model
 
 ASSISTANT, STUDENT = "assistant", "student"
 # What makes an exported assistant the one a config asks for.
@@ -32,11 +31,10 @@ _ASSISTANT_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "l
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-  """One distillation the command runs, set up against its teacher before any stage starts."""
+  """One distillation the command runs."""
   name: str                      # "" (a single run), "assistant" or "student"
   cfg: DistillConfig             # a single-stage config
   teacher: model_lib.ModelConfig  # the teacher's whole shape (the student stage's: the assistant's)
-  setup: step.Setup
   workdir: pathlib.Path
 
 
@@ -65,19 +63,16 @@ def stage_configs(cfg: DistillConfig, teacher: model_lib.ModelConfig,
   return assistant, student
 
 
-def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig, workdir: pathlib.Path,
-           platform: str | None = None) -> list[Stage]:
+def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig, workdir: pathlib.Path) -> list[Stage]:
   """What `distill` runs for `cfg` in `workdir`: itself, or the assistant stage then the student
-  stage, whose teacher is the assistant as exported. Every stage's config is checked against
-  its teacher (`step.make_setup`, for `platform`) here, before any stage starts."""
+  stage, whose teacher is the assistant as its hf/config.json will hold it, so that every
+  stage can be checked against its teacher before the first starts."""
   if not uses_assistant(cfg, teacher):
-    return [Stage("", cfg, teacher, step.make_setup(cfg, teacher, platform), workdir)]
+    return [Stage("", cfg, teacher, workdir)]
   assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
-  assistant = step.make_setup(assistant_cfg, teacher, platform)
-  exported = model_lib.ModelConfig.from_hf(assistant.student.to_hf())  # as hf/config.json holds it
-  return [Stage(ASSISTANT, assistant_cfg, teacher, assistant, workdir / ASSISTANT),
-          Stage(STUDENT, student_cfg, exported, step.make_setup(student_cfg, exported, platform),
-                workdir / STUDENT)]
+  exported = model_lib.ModelConfig.from_hf(student_model(assistant_cfg, teacher).to_hf())
+  return [Stage(ASSISTANT, assistant_cfg, teacher, workdir / ASSISTANT),
+          Stage(STUDENT, student_cfg, exported, workdir / STUDENT)]
 
 
 def check_layout(workdir: pathlib.Path, cfg: DistillConfig, two_stage: bool) -> None:

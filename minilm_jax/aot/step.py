@@ -65,8 +65,7 @@ class Stage:
 def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig) -> list[Stage]:
   """What `distill` runs for `cfg` (`teacher_assistant.stages`): itself, or the assistant
   stage then the student stage, whose teacher is the assistant as exported."""
-  return [Stage(s.name, s.cfg, s.teacher)
-          for s in teacher_assistant.stages(cfg, teacher, pathlib.Path("."), platform="tpu")]
+  return [Stage(s.name, s.cfg, s.teacher) for s in teacher_assistant.stages(cfg, teacher, pathlib.Path("."))]
 
 
 def model_flops(setup: step_lib.Setup, cfg: DistillConfig, batch: int) -> float | None:
