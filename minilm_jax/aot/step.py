@@ -3,7 +3,7 @@
 Nothing runs: `jax.jit(step).lower(<shapes placed on the slice's mesh>).compile()` is the
 same call a TPU host makes before its first step, so the memory per device it reports is
 what that host would allocate, and XLA's FLOP and byte counts are the program's own. The
-step is `step.make_step`'s (the run's `Setup`, optimizer, shardings and micro-batches),
+step is `minilm_jax.step.make_step`'s (the run's `Setup`, optimizer, shardings and micro-batches),
 every "auto" resolved for a TPU; a config that `distill` runs through a teacher assistant
 compiles as its two stages.
 
