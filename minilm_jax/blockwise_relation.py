@@ -30,11 +30,12 @@ QUERY_BLOCK = 64   # queries per block (at most)
 KEY_BLOCK = 512    # keys per block (at most; a multiple of QUERY_BLOCK)
 
 
-def _blocks(x_BTD: jax.Array, heads: int, block: int, length: int) -> jax.Array:
+def _blocks(x_BTD: jax.Array, relation_heads: int, block: int, length: int) -> jax.Array:
   """[B, T, D] -> [n, B, R, block, D/R]: relation heads, T zero-padded to `length` and cut
   in n = length / block blocks."""
   b, t, d = x_BTD.shape
-  x = jnp.pad(x_BTD, ((0, 0), (0, length - t), (0, 0))).reshape(b, length // block, block, heads, d // heads)
+  x = jnp.pad(x_BTD, ((0, 0), (0, length - t), (0, 0)))
+  x = x.reshape(b, length // block, block, relation_heads, d // relation_heads)
   return x.transpose(1, 0, 3, 2, 4)
 
 
