@@ -1,5 +1,5 @@
-"""The run's configuration: `DistillConfig`, the papers' recipe (`paper_config`) and the checks
-a run makes before it reads or writes anything (`check_config`).
+"""The run's configuration: `DistillConfig`, the papers' recipe (`paper_config`), the checks of
+its values alone (`check_config`, made before anything is written) and the student's shape.
 
 `experiments/*.py` return a `DistillConfig`; every field can be overridden on the command line
 as `--config.<field>=<value>`.
