@@ -30,11 +30,12 @@ QUERY_BLOCK = 64   # queries per block (at most)
 KEY_BLOCK = 512    # keys per block (at most; a multiple of QUERY_BLOCK)
 
 
-def _blocks(x_BTD: jax.Array, heads: int, block: int, length: int) -> jax.Array:
+def _blocks(x_BTD: jax.Array, relation_heads: int, block: int, length: int) -> jax.Array:
   """[B, T, D] -> [n, B, R, block, D/R]: relation heads, T zero-padded to `length` and cut
   in n = length / block blocks."""
   b, t, d = x_BTD.shape
-  x = jnp.pad(x_BTD, ((0, 0), (0, length - t), (0, 0))).reshape(b, length // block, block, heads, d // heads)
+  x = jnp.pad(x_BTD, ((0, 0), (0, length - t), (0, 0)))
+  x = x.reshape(b, length // block, block, relation_heads, d // relation_heads)
   return x.transpose(1, 0, 3, 2, 4)
 
 
@@ -113,33 +114,33 @@ _relation_kl_rows.defvjp(_fwd, _bwd)
 
 
 def blockwise_relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
-                            student_b: jax.Array, mask: jax.Array, num_relation_heads: int) -> jax.Array:
+                            student_b: jax.Array, mask: jax.Array, relation_heads: int) -> jax.Array:
   """`losses.relation_loss` in blocks: the same arguments (documented there), value and
   student gradients, without a [B, R, T, S] tensor in either pass."""
   for x in (teacher_a, student_a):
-    if x.shape[-1] % num_relation_heads:
-      raise ValueError(f"{num_relation_heads} relation heads do not divide the hidden size "
-                       f"{x.shape[-1]}: choose num_relation_heads that divides both teacher and "
+    if x.shape[-1] % relation_heads:
+      raise ValueError(f"{relation_heads} relation heads do not divide the hidden size "
+                       f"{x.shape[-1]}: choose relation_heads that divides both teacher and "
                        "student widths")
   if attention.target_platform() == "tpu" and relation_kernel.supported(teacher_a, student_a, mask,
-                                                                      num_relation_heads):
-    kl_BRT = relation_kernel.relation_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, num_relation_heads)
+                                                                      relation_heads):
+    kl_BRT = relation_kernel.relation_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, relation_heads)
   else:
-    kl_BRT = _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, num_relation_heads)
+    kl_BRT = _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, relation_heads)
   queries = mask.astype(jnp.float32)
-  per_query = jnp.sum(kl_BRT * queries[:, None, :]) / num_relation_heads
+  per_query = jnp.sum(kl_BRT * queries[:, None, :]) / relation_heads
   return per_query / jnp.maximum(jnp.sum(queries), 1.0)
 
 
-def _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, num_relation_heads):
+def _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, relation_heads):
   """The per-row KL [B, R, T] in XLA: blocks of queries and keys, `_relation_kl_rows`."""
   b, t = mask.shape
   q_block = min(t, QUERY_BLOCK)
   k_block = min(KEY_BLOCK, q_block * -(-t // q_block))  # a multiple of q_block
   length = k_block * -(-t // k_block)
-  queries = lambda x: _blocks(x, num_relation_heads, q_block, length)
-  keys = lambda x: _blocks(x, num_relation_heads, k_block, length)
+  queries = lambda x: _blocks(x, relation_heads, q_block, length)
+  keys = lambda x: _blocks(x, relation_heads, k_block, length)
   keep = jnp.pad(mask.astype(bool), ((0, 0), (0, length - t))).reshape(b, length // k_block, k_block).swapaxes(0, 1)
   ta, tb = jax.lax.stop_gradient(teacher_a), jax.lax.stop_gradient(teacher_b)
   kl = _relation_kl_rows(queries(ta), keys(tb), queries(student_a), keys(student_b), keep)  # [n, B, R, Q]
-  return kl.transpose(1, 2, 0, 3).reshape(b, num_relation_heads, length)[:, :, :t]
+  return kl.transpose(1, 2, 0, 3).reshape(b, relation_heads, length)[:, :, :t]

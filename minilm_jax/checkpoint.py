@@ -18,14 +18,23 @@ Checkpoints do not depend on the topology that wrote them: parameters are restor
 sharding of the devices at hand (one device to export or fine-tune, the new mesh to resume),
 and the data state counts global batches, so a run saved by 2 processes x 4 devices exports
 on a laptop and resumes on 1 process x 8 devices.
+
+A training run saves its `step.TrainState` and data iterator with `save_state`, resumes with
+`restore_state`, and `rewind` makes an earlier step the latest (`--resume-from-step`):
+later steps move to `discarded-checkpoints/` beside the checkpoint directory.
 """
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
+import shutil
+import tempfile
+import time
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -86,6 +95,63 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
       async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+
+
+def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = False) -> None:
+  """Saves a training step; a checkpoint directory that cannot be written fails at once, naming it.
+
+  A small file is written and synced first, so that a full disk fails here too, not only a
+  lost permission (Orbax writes the arrays on its own thread, after `save` returns).
+  """
+  directory, last = pathlib.Path(mngr.directory), mngr.latest_step()
+  try:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
+      f.write(b"\0" * 4096)
+      f.flush()
+      os.fsync(f.fileno())
+    mngr.save(int(state.step), force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        data=grain.checkpoint.CheckpointSave(iterator)))
+  except OSError as e:
+    raise type(e)(e.errno, f"checkpoint directory {directory} is not writable ({e.strerror}): free "
+                  "disk space or restore write permission, then rerun to resume from the last "
+                  f"checkpoint (step {last}), which is intact") from e
+
+
+def restore_state(mngr: ocp.CheckpointManager, abstract, iterator):
+  """The latest step restored into `abstract` (a `step.TrainState` of shapes), the data
+  `iterator` set to its position; a step that cannot be read names the step to resume from."""
+  step = mngr.latest_step()
+  try:
+    got = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract.params),
+        opt_state=ocp.args.StandardRestore(abstract.opt_state),
+        train=ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng})))
+  except Exception as e:
+    earlier = [s for s in mngr.all_steps() if s < step]
+    fix = (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
+           "moved aside, not deleted)" if earlier else "no earlier step is left: use a new --workdir")
+    raise ValueError(f"checkpoint {mngr.directory}/{step} could not be restored ({type(e).__name__}: "
+                     f"{e}): {fix}") from e
+  # Not grain's CheckpointRestore: it reads only the file of this process count.
+  iterator.set_state(data_state(pathlib.Path(mngr.directory) / str(step)))
+  return abstract.replace(step=got["train"]["step"], params=got["params"], opt_state=got["opt_state"],
+                          rng=got["train"]["rng"])
+
+
+def rewind(directory: pathlib.Path, step: int) -> None:
+  """Makes `step` the latest: later steps move to `../discarded-checkpoints/`, nothing is deleted."""
+  steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())
+  if step not in steps:
+    raise ValueError(f"--resume-from-step {step}: {directory} has steps {steps}")
+  later, aside = [s for s in steps if s > step], directory.parent / "discarded-checkpoints"
+  if later and jax.process_index() == 0:  # one mover on a shared filesystem
+    aside.mkdir(exist_ok=True)
+    for s in later:
+      shutil.move(directory / str(s), aside / f"{s}-{int(time.time())}")
+    logging.warning("resuming from step %d: moved later steps %s to %s", step, later, aside)
 
 
 def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, params: nnx.State,

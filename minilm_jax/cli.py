@@ -181,12 +181,12 @@ def _init_runtime(cluster: dict | None) -> None:
 def distill(argv: list[str]) -> None:
   fv = _distill_flags(argv)
   _init_runtime(_cluster(fv))
-  from minilm_jax import distill as distill_lib, teacher_assistant
-  summary = teacher_assistant.run(fv.config, fv.workdir,  # one stage, or assistant then student
-                                  resume_from_step=fv["resume-from-step"].value)
+  from minilm_jax import distill as distill_lib, preemption
+  summary = distill_lib.run(fv.config, fv.workdir,  # one stage, or assistant then student
+                            resume_from_step=fv["resume-from-step"].value)
   print(json.dumps(summary, indent=2))
   if summary["preempted"]:  # not 0: a scheduler must not read a pre-empted run as finished
-    sys.exit(distill_lib.PREEMPTED_EXIT_CODE)
+    sys.exit(preemption.PREEMPTED_EXIT_CODE)
 
 
 def _default_data(task: str) -> str:

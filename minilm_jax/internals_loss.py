@@ -1,8 +1,8 @@
 """The distillation loss over the captured layers' internals, and which layers it sees.
 
 A loss of internals is a function `(teacher_internals, student_internals, mask) -> named
-scalar terms with a "total"`: MiniLM (v1) and MiniLMv2 are two built in (`paper_loss`,
-one teacher layer against the student's last), and `DistillConfig.internals_loss`
+scalar terms with a "total"`: MiniLM (v1) and MiniLMv2 are two built in (`losses.minilm_loss`
+of one teacher layer against the student's last), and `DistillConfig.internals_loss`
 names any other ("module:function" or "path/file.py:function", e.g. TinyBERT's
 attention MSE in `experiments/configs/tinybert_attention.py`) over the layers of
 `loss_teacher_layers` / `loss_student_layers`. `choose` checks the run's choice against
@@ -28,9 +28,9 @@ InternalsLoss = Callable[[tuple[model_lib.AttentionInternals, ...],
                           tuple[model_lib.AttentionInternals, ...], jax.Array], dict[str, jax.Array]]
 
 
-def paper_loss(teacher, student, mask, *, heads: int, terms: tuple[str, ...]):
-  """MiniLM / MiniLMv2 as an `InternalsLoss`: one teacher layer against the student's last."""
-  return losses.minilm_loss(teacher[0], student[0], mask, heads, terms)
+def _paper_loss(teacher, student, mask, *, relation_heads: int, terms: tuple[str, ...]):
+  """`losses.minilm_loss` as an `InternalsLoss`: one teacher layer against the student's last."""
+  return losses.minilm_loss(teacher[0], student[0], mask, relation_heads, terms)
 
 
 def load(spec: str) -> InternalsLoss:
@@ -69,7 +69,7 @@ def layer_indices(chosen: tuple[int, ...], default: int, total: int, what: str) 
 
 def choose(cfg, teacher: model_lib.ModelConfig,
            student: model_lib.ModelConfig) -> tuple[InternalsLoss, int]:
-  """The run's `InternalsLoss` and its head count, checked against the two models."""
+  """The run's `InternalsLoss` and its relation-head count R, checked against the two models."""
   if cfg.internals_loss:
     if cfg.loss_terms is not None:
       raise ValueError("loss_terms chooses terms of the built-in v1/v2 losses; with internals_loss "
@@ -86,11 +86,11 @@ def choose(cfg, teacher: model_lib.ModelConfig,
       raise ValueError(f"MiniLM v1 transfers attention head by head, but the teacher has "
                        f"{teacher.num_heads} heads and the student {student.num_heads}: set "
                        f"student_heads={teacher.num_heads}, or use version='v2' (relation heads)")
-    heads = teacher.num_heads
+    relation_heads = teacher.num_heads
   else:
-    heads = cfg.num_relation_heads
+    relation_heads = cfg.relation_heads
     for name, c in (("teacher", teacher), ("student", student)):
-      if c.hidden_size % heads:
-        raise ValueError(f"num_relation_heads={heads} does not divide the {name} hidden size "
+      if c.hidden_size % relation_heads:
+        raise ValueError(f"relation_heads={relation_heads} does not divide the {name} hidden size "
                          f"{c.hidden_size}: choose a divisor of both widths")
-  return functools.partial(paper_loss, heads=heads, terms=terms), heads
+  return functools.partial(_paper_loss, relation_heads=relation_heads, terms=terms), relation_heads

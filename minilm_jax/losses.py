@@ -14,7 +14,7 @@ averaged over relation heads and over all the batch's real (unpadded) query toke
 This is not the papers' mean per example (each sequence's tokens averaged, then the
 examples): here every real token weighs the same, whatever its sequence's length, so a
 batch split into micro-batches whose token-weighted losses are added gives exactly the
-whole batch's loss (`train.make_train_step`), and padding changes nothing.
+whole batch's loss (`step.make_train_step`), and padding changes nothing.
 
 MiniLM (Wang et al., 2020, Eq. 7-9): attention transfer KL(A_T || A_S) with
 A = Rel(q, k), plus value relation KL(Rel(v_T, v_T) || Rel(v_S, v_S)), R = the number
@@ -27,10 +27,10 @@ Softmax and KL always run in float32, whatever the compute dtype; padded keys ar
 removed with a large finite negative (not -inf), so a fully padded row gives a finite
 uniform distribution and neither NaN values nor NaN gradients.
 
-`relation_loss` writes the definition out with the [B, R, T, S] relations in memory; it is
-the reference the tests check against numpy. The MiniLM / MiniLMv2 losses the step trains
-with compute the same value and gradients with `blockwise_relation.blockwise_relation_loss`,
-which never holds a T x S tensor.
+`minilm_loss` is the loss the step trains with (both papers, any subset of their terms);
+it computes each relation with `blockwise_relation.blockwise_relation_loss`, which never
+holds a T x S tensor. `relation_loss` writes the definition out with the [B, R, T, S]
+relations in memory: the reference the tests check both against.
 """
 
 import difflib
@@ -52,49 +52,37 @@ class QueryKeyValue(Protocol):
   value: jax.Array
 
 
-def relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
-                       num_relation_heads: int) -> jax.Array:
+def _relation_log_probs(a_BTD: jax.Array, b_BSD: jax.Array, mask_BS: jax.Array,
+                       relation_heads: int) -> jax.Array:
   """log Rel(a, b): [B, R, T, S] float32 log-softmax over keys, padded keys removed."""
   b, t, d = a_BTD.shape
-  if d % num_relation_heads:
-    raise ValueError(f"{num_relation_heads} relation heads do not divide the hidden size {d}: "
-                     "choose num_relation_heads that divides both teacher and student widths")
-  h = d // num_relation_heads
-  a = a_BTD.reshape(b, t, num_relation_heads, h)
-  k = b_BSD.reshape(b, b_BSD.shape[1], num_relation_heads, h)
+  if d % relation_heads:
+    raise ValueError(f"{relation_heads} relation heads do not divide the hidden size {d}: "
+                     "choose relation_heads that divides both teacher and student widths")
+  h = d // relation_heads
+  a = a_BTD.reshape(b, t, relation_heads, h)
+  k = b_BSD.reshape(b, b_BSD.shape[1], relation_heads, h)
   logits = jnp.einsum("BTRH,BSRH->BRTS", a, k, preferred_element_type=jnp.float32) / math.sqrt(h)
   logits = jnp.where(mask_BS[:, None, None, :].astype(bool), logits, MASKED)
   return jax.nn.log_softmax(logits, axis=-1)
 
 
 def relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
-                  student_b: jax.Array, mask: jax.Array, num_relation_heads: int) -> jax.Array:
+                  student_b: jax.Array, mask: jax.Array, relation_heads: int) -> jax.Array:
   """KL(teacher relation || student relation), averaged over heads and the batch's real queries.
 
   Args:
     teacher_a, teacher_b: [B, T, D_T] teacher tensors, heads concatenated (e.g. q and k).
     student_a, student_b: [B, T, D_S] the student's counterparts.
     mask: [B, T], 1 for real tokens, 0 for padding (keys and queries alike).
-    num_relation_heads: R; each model is split into R heads of its own size D / R.
+    relation_heads: R; each model is split into R heads of its own size D / R.
   """
-  log_t = jax.lax.stop_gradient(relation_log_probs(teacher_a, teacher_b, mask, num_relation_heads))
-  log_s = relation_log_probs(student_a, student_b, mask, num_relation_heads)
+  log_t = jax.lax.stop_gradient(_relation_log_probs(teacher_a, teacher_b, mask, relation_heads))
+  log_s = _relation_log_probs(student_a, student_b, mask, relation_heads)
   keep = mask.astype(jnp.float32)
   kl_BRT = jnp.sum(jnp.exp(log_t) * (log_t - log_s) * keep[:, None, None, :], axis=-1)
-  per_query = jnp.sum(kl_BRT * keep[:, None, :]) / num_relation_heads
+  per_query = jnp.sum(kl_BRT * keep[:, None, :]) / relation_heads
   return per_query / jnp.maximum(jnp.sum(keep), 1.0)
-
-
-def attention_transfer_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
-                            num_heads: int) -> jax.Array:
-  """MiniLM's attention transfer: KL(softmax(q_T k_T^T) || softmax(q_S k_S^T)), per head."""
-  return blockwise_relation_loss(teacher.query, teacher.key, student.query, student.key, mask, num_heads)
-
-
-def value_relation_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
-                        num_heads: int) -> jax.Array:
-  """MiniLM's value relation transfer: KL(softmax(v_T v_T^T) || softmax(v_S v_S^T))."""
-  return blockwise_relation_loss(teacher.value, teacher.value, student.value, student.value, mask, num_heads)
 
 
 # The terms each version can compute, paper order; a term list picks any non-empty subset
@@ -103,15 +91,10 @@ TERMS = {"v1": ("attention_transfer", "value_relation"),
          "v2": ("qq_relation", "kk_relation", "vv_relation")}
 
 
-def _term(name: str, teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
-          heads: int) -> jax.Array:
-  if name == "attention_transfer":
-    return attention_transfer_loss(teacher, student, mask, heads)
-  if name == "value_relation":
-    return value_relation_loss(teacher, student, mask, heads)
-  field = {"qq_relation": "query", "kk_relation": "key", "vv_relation": "value"}[name]
-  a, b = getattr(teacher, field), getattr(student, field)
-  return blockwise_relation_loss(a, a, b, b, mask, heads)
+# Each term's (a, b) pair of fields of one layer: the relation Rel(a, b) it compares.
+_PAIRS = {"attention_transfer": ("query", "key"), "value_relation": ("value", "value"),
+          "qq_relation": ("query", "query"), "kk_relation": ("key", "key"),
+          "vv_relation": ("value", "value")}
 
 
 def check_terms(version: str, terms) -> tuple[str, ...]:
@@ -139,20 +122,28 @@ def check_terms(version: str, terms) -> tuple[str, ...]:
 
 
 def minilm_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
-                heads: int, terms: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The sum of the chosen relation `terms` (names of `TERMS`); returns each and the total."""
-  values = {name: _term(name, teacher, student, mask, heads) for name in terms}
+                relation_heads: int, terms: tuple[str, ...]) -> dict[str, jax.Array]:
+  """The MiniLM / MiniLMv2 loss: the sum of the chosen relation `terms`; each term and the total.
+
+  With Rel(a, b) = softmax(a_r b_r^T / sqrt(d_r)) over R = `relation_heads` heads and
+  KL averaged over heads and real query tokens (module docstring):
+
+    MiniLM (Eq. 7-9), R = the attention heads:
+      attention_transfer = KL(Rel(q_T, k_T) || Rel(q_S, k_S))
+      value_relation     = KL(Rel(v_T, v_T) || Rel(v_S, v_S))
+    MiniLMv2 (Eq. 2-3), any R dividing both widths:
+      qq_relation = KL(Rel(q_T, q_T) || Rel(q_S, q_S)), kk_relation and vv_relation alike
+
+  Args:
+    teacher, student: one layer's queries, keys and values each, [B, T, D_T] / [B, T, D_S].
+    mask: [B, T], 1 for real tokens, 0 for padding.
+    relation_heads: R.
+    terms: names of `TERMS[version]` (`check_terms` checks a config's choice).
+  """
+  values = {}
+  for name in terms:
+    a, b = _PAIRS[name]
+    values[name] = blockwise_relation_loss(getattr(teacher, a), getattr(teacher, b),
+                                           getattr(student, a), getattr(student, b), mask,
+                                           relation_heads)
   return values | {"total": sum(values.values())}
-
-
-def minilm_v1_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
-                   num_heads: int, terms: tuple[str, ...] = TERMS["v1"]) -> dict[str, jax.Array]:
-  """MiniLM (v1): attention transfer + value relation; returns each term and the total."""
-  return minilm_loss(teacher, student, mask, num_heads, check_terms("v1", terms))
-
-
-def minilm_v2_loss(teacher: QueryKeyValue, student: QueryKeyValue, mask: jax.Array,
-                   num_relation_heads: int,
-                   terms: tuple[str, ...] = TERMS["v2"]) -> dict[str, jax.Array]:
-  """MiniLMv2: Q-Q + K-K + V-V self-attention relations with `num_relation_heads` heads."""
-  return minilm_loss(teacher, student, mask, num_relation_heads, check_terms("v2", terms))

@@ -2,7 +2,7 @@
 
 MiniLM (Wang et al., 2020, Table 3) judges its students against a BERT of the same
 shape pre-trained from scratch with the masked LM objective on the same corpus. This
-module is that objective, trained by `train.make_train_step` like a distillation (same
+module is that objective, trained by `step.make_train_step` like a distillation (same
 data pipeline, micro-batching, sharding, checkpoints) and exported like any student.
 
 Masking follows BERT's `create_pretraining_data.py` (Devlin et al., 2019, section 3.1):
@@ -154,7 +154,7 @@ def mlm_loss(params, teacher_params, batch, rng, *, config: model_lib.ModelConfi
              spec: MaskingSpec):
   """The masked LM loss of one (micro-)batch, mean over its predicted tokens.
 
-  A `train.make_train_step` loss: `teacher_params` is unused (there is no teacher);
+  A `step.make_train_step` loss: `teacher_params` is unused (there is no teacher);
   `rng` draws the mask and the dropout. `terms["tokens"]` is the number of predicted
   tokens, so the step weights micro-batches by it and accumulates the exact mean.
   """

@@ -34,7 +34,7 @@ def _keys(path) -> tuple:
 def untrained_mask(cfg, params) -> Any:
   """True for the parameters a distillation run's loss never reaches (their gradient is 0).
 
-  `cfg` is the run's `train.DistillConfig`. A distillation loss reads only queries, keys
+  `cfg` is the run's `config.DistillConfig`. A distillation loss reads only queries, keys
   and values (and logits made of them) of the captured student layers (the last one, or
   `loss_student_layers`), so the topmost captured layer's attention output, feed-forward
   and LayerNorms, every layer above it, and the pooler get no gradient; masked LM
@@ -72,7 +72,7 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float, clip_gr
 
 def for_distillation(cfg, learning_rate: optax.ScalarOrSchedule | None = None
                      ) -> optax.GradientTransformation:
-  """`adamw` with a `train.DistillConfig`'s settings, freezing its `untrained_mask`;
+  """`adamw` with a `config.DistillConfig`'s settings, freezing its `untrained_mask`;
   `learning_rate` defaults to the run's `warmup_linear_decay` schedule."""
   if learning_rate is None:
     learning_rate = warmup_linear_decay(cfg.learning_rate, cfg.warmup_steps, cfg.max_steps)

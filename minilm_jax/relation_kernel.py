@@ -63,22 +63,22 @@ def _length(seq_len: int) -> int:
   return LANES * -(-seq_len // LANES)
 
 
-def resident_bytes(teacher_a: jax.Array, student_a: jax.Array, mask: jax.Array, heads: int) -> int:
+def resident_bytes(teacher_a: jax.Array, student_a: jax.Array, mask: jax.Array, relation_heads: int) -> int:
   """VMEM a grid step keeps for one head's whole key sequence: double-buffered teacher and
   student keys (heads of fewer than a tile's rows padded to 8 or 16), the mask's 8 rows and
   the backward pass's float32 student key gradient (a [H_s, S] accumulator)."""
   def rows(x):  # bytes of one position's head: H rows, padded to whole (8 or 16)-row tiles
     size = jnp.dtype(x.dtype).itemsize
-    return -(-x.shape[-1] // heads // (32 // size)) * 32
-  h_s = student_a.shape[-1] // heads
+    return -(-x.shape[-1] // relation_heads // (32 // size)) * 32
+  h_s = student_a.shape[-1] // relation_heads
   return _length(mask.shape[1]) * (2 * (rows(teacher_a) + rows(student_a)) + 2 * SUBLANES * 4 + h_s * 4)
 
 
-def supported(teacher_a: jax.Array, student_a: jax.Array, mask: jax.Array, heads: int) -> bool:
-  """Whether the kernels take these shapes: `heads` divides both widths and one head's keys
+def supported(teacher_a: jax.Array, student_a: jax.Array, mask: jax.Array, relation_heads: int) -> bool:
+  """Whether the kernels take these shapes: `relation_heads` divides both widths and one head's keys
   fit in VMEM (`resident_bytes` at most `VMEM_BUDGET`). Any length: it is padded to 128s."""
-  return (mask.shape[1] > 0 and all(x.shape[-1] % heads == 0 for x in (teacher_a, student_a))
-          and resident_bytes(teacher_a, student_a, mask, heads) <= VMEM_BUDGET)
+  return (mask.shape[1] > 0 and all(x.shape[-1] % relation_heads == 0 for x in (teacher_a, student_a))
+          and resident_bytes(teacher_a, student_a, mask, relation_heads) <= VMEM_BUDGET)
 
 
 def _logits(k_HK, q_HQ, keep_K1, scale):
@@ -224,15 +224,15 @@ def _bwd(interpret, res, g):
 _kl_rows.defvjp(_fwd, _bwd)
 
 
-def _heads(x_BTD: jax.Array, heads: int, length: int) -> jax.Array:
+def _heads(x_BTD: jax.Array, relation_heads: int, length: int) -> jax.Array:
   """[B, T, D] -> [B, R, D / R, length]: relation heads, positions zero-padded to `length`."""
   b, t, d = x_BTD.shape
   x = jnp.pad(x_BTD, ((0, 0), (0, length - t), (0, 0)))
-  return x.reshape(b, length, heads, d // heads).transpose(0, 2, 3, 1)
+  return x.reshape(b, length, relation_heads, d // relation_heads).transpose(0, 2, 3, 1)
 
 
 def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
-                     student_b: jax.Array, mask: jax.Array, num_relation_heads: int, *,
+                     student_b: jax.Array, mask: jax.Array, relation_heads: int, *,
                      interpret: bool = False) -> jax.Array:
   """KL(Rel(a_t, b_t) || Rel(a_s, b_s)) per relation head and query row: [B, R, T] float32.
 
@@ -244,7 +244,7 @@ def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.
   """
   t = mask.shape[1]
   length = _length(t)
-  heads = lambda x: _heads(x, num_relation_heads, length)
+  heads = lambda x: _heads(x, relation_heads, length)
   same_t, same_s = teacher_a is teacher_b, student_a is student_b  # Rel(x, x): one copy each
 
   def rows(ta, tb, sa, sb, mask):

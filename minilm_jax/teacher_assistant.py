@@ -2,38 +2,43 @@
 
 For a teacher of L layers and width d and a student of M layers and width d' with
 M <= L/2 and d' <= d/2, MiniLM first distils the teacher into an *assistant* of L layers
-and width d', then distils the assistant into the student. `run` does both in one
-workdir, each stage an ordinary `distill.run` (checkpointed, resumable, exported):
+and width d', then distils the assistant into the student. `stages` says which
+distillations a config runs; `distill.run` sets each up and runs it, each checkpointed, resumable and
+exported, in one workdir:
 
     WORKDIR/assistant/   teacher -> assistant: the distilled teacher depth, the student's
                          width, heads and F; `assistant_steps` steps; hf/ when complete
     WORKDIR/student/     assistant/hf -> the student, everything else as configured
 
 `teacher_assistant="auto"` applies the paper's rule, "on" / "off" force it; "off" is a
-single `distill.run` in WORKDIR itself. Re-running the command resumes whichever stage
-is unfinished; a finished (exported) assistant is final and is not re-run. A pre-empted
-stage ends the command before the next stage starts.
+single stage in WORKDIR itself. Re-running the command resumes whichever stage is
+unfinished; a finished (exported) assistant is final and is not re-run.
 """
 
 import dataclasses
 import json
 import pathlib
 
-import jax
-from jax.experimental import multihost_utils
-
-from minilm_jax import convert, distill, train
 from minilm_jax import model as model_lib
-from minilm_jax.teachers import resolve_model_dir
+from minilm_jax.config import DistillConfig, student_model
 
 ASSISTANT, STUDENT = "assistant", "student"
 # What makes an exported assistant the one a config asks for.
-_ASSISTANT_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "loss_terms",
+_ASSISTANT_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "loss_terms",
                      "internals_loss", "loss_teacher_layers", "student_layers", "student_hidden",
                      "student_heads", "student_intermediate", "max_steps", "corpus", "seed")
 
 
-def uses_assistant(cfg: train.DistillConfig, teacher: model_lib.ModelConfig) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One distillation the command runs."""
+  name: str                      # "" (a single run), "assistant" or "student"
+  cfg: DistillConfig             # a single-stage config
+  teacher: model_lib.ModelConfig  # the teacher's whole shape (the student stage's: the assistant's)
+  workdir: pathlib.Path
+
+
+def uses_assistant(cfg: DistillConfig, teacher: model_lib.ModelConfig) -> bool:
   """Whether the run goes through an assistant: "on", "off", or the paper's rule ("auto")."""
   if cfg.objective == "mlm":  # pre-training from scratch: no teacher to assist
     return False
@@ -42,14 +47,14 @@ def uses_assistant(cfg: train.DistillConfig, teacher: model_lib.ModelConfig) -> 
   return 2 * cfg.student_layers <= teacher.num_layers and 2 * cfg.student_hidden <= teacher.hidden_size
 
 
-def stage_configs(cfg: train.DistillConfig, teacher: model_lib.ModelConfig,
-                  workdir: pathlib.Path) -> tuple[train.DistillConfig, train.DistillConfig]:
+def stage_configs(cfg: DistillConfig, teacher: model_lib.ModelConfig,
+                  workdir: pathlib.Path) -> tuple[DistillConfig, DistillConfig]:
   """The assistant stage's and the student stage's configs, both single-stage runs.
 
   The assistant has the depth of the teacher up to its deepest distilled layer, so a
   custom loss's teacher layers are the same layer numbers in the assistant.
   """
-  depth = train.make_setup(cfg, teacher).teacher.num_layers
+  depth = max(cfg.loss_teacher_layers or (cfg.teacher_layer or teacher.num_layers,))
   assistant = dataclasses.replace(
       cfg, student_layers=depth, max_steps=cfg.assistant_steps or cfg.max_steps, export_hf=True,
       loss_student_layers=cfg.loss_teacher_layers, teacher_assistant="off")
@@ -58,27 +63,20 @@ def stage_configs(cfg: train.DistillConfig, teacher: model_lib.ModelConfig,
   return assistant, student
 
 
-def _check_assistant(directory: pathlib.Path, cfg: train.DistillConfig) -> None:
-  """Refuses a finished assistant trained with settings other than `cfg`'s."""
-  old = json.loads((directory / "config.json").read_text())
-  new = json.loads(json.dumps(dataclasses.asdict(cfg)))
-  changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _ASSISTANT_FIELDS if old.get(k) != new[k]]
-  if changed:
-    raise ValueError(f"{directory} holds a finished assistant trained otherwise "
-                     f"({'; '.join(changed)}): use a new --workdir, or the same settings to "
-                     "continue with the student stage")
+def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig, workdir: pathlib.Path) -> list[Stage]:
+  """What `distill` runs for `cfg` in `workdir`: itself, or the assistant stage then the student
+  stage, whose teacher is the assistant as its hf/config.json will hold it, so that every
+  stage can be checked against its teacher before the first starts."""
+  if not uses_assistant(cfg, teacher):
+    return [Stage("", cfg, teacher, workdir)]
+  assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
+  exported = model_lib.ModelConfig.from_hf(student_model(assistant_cfg, teacher).to_hf())
+  return [Stage(ASSISTANT, assistant_cfg, teacher, workdir / ASSISTANT),
+          Stage(STUDENT, student_cfg, exported, workdir / STUDENT)]
 
 
-def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
-        resume_from_step: int | None = None) -> dict:
-  """The `distill` command: one run, or the assistant then the student stage; a summary.
-
-  `resume_from_step` applies to the stage that is unfinished when the command starts.
-  """
-  workdir = pathlib.Path(workdir).absolute()
-  teacher, _ = convert.read_hf_config(resolve_model_dir(cfg.teacher))
-  train.make_setup(cfg, teacher)  # every config error before any stage starts
-  two_stage = uses_assistant(cfg, teacher)
+def check_layout(workdir: pathlib.Path, cfg: DistillConfig, two_stage: bool) -> None:
+  """Refuses a workdir holding the other kind of run (single-stage vs. assistant + student)."""
   if two_stage and (workdir / "checkpoints").is_dir():
     raise ValueError(f"{workdir} holds a single-stage run, but teacher_assistant="
                      f"{cfg.teacher_assistant!r} asks for assistant/ and student/ stages: set "
@@ -86,18 +84,18 @@ def run(cfg: train.DistillConfig, workdir: str | pathlib.Path, *,
   if not two_stage and (workdir / ASSISTANT).is_dir():
     raise ValueError(f"{workdir} holds a teacher-assistant run ({ASSISTANT}/, {STUDENT}/): set "
                      "teacher_assistant='on' to resume it, or use a new --workdir")
-  if not two_stage:
-    return distill.run(cfg, workdir, resume_from_step=resume_from_step)
-  assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
-  exported = workdir / ASSISTANT / "hf" / "config.json"
-  if exported.is_file():
-    _check_assistant(workdir / ASSISTANT, assistant_cfg)
-  else:
-    summary = distill.run(assistant_cfg, workdir / ASSISTANT, resume_from_step=resume_from_step)
-    resume_from_step = None  # the student stage starts now
-    if summary["preempted"] or summary["steps"] != assistant_cfg.max_steps:
-      return summary | {"stage": ASSISTANT}
-    if jax.process_count() > 1:  # process 0 exported the assistant: every host waits for it
-      multihost_utils.sync_global_devices("teacher assistant exported")
-  summary = distill.run(student_cfg, workdir / STUDENT, resume_from_step=resume_from_step)
-  return summary | {"stage": STUDENT, "assistant": str(exported.parent)}
+
+
+def finished(stage: Stage) -> bool:
+  """Whether `stage` is an assistant already exported, after checking it was trained as
+  `stage.cfg` asks (a finished assistant is final, never re-run)."""
+  if stage.name != ASSISTANT or not (stage.workdir / "hf" / "config.json").is_file():
+    return False
+  old = json.loads((stage.workdir / "config.json").read_text())
+  new = json.loads(json.dumps(dataclasses.asdict(stage.cfg)))
+  changed = [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in _ASSISTANT_FIELDS if old.get(k) != new[k]]
+  if changed:
+    raise ValueError(f"{stage.workdir} holds a finished assistant trained otherwise "
+                     f"({'; '.join(changed)}): use a new --workdir, or the same settings to "
+                     "continue with the student stage")
+  return True

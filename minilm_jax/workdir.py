@@ -16,12 +16,13 @@ import pathlib
 import jax
 import numpy as np
 
-from minilm_jax import atomic, data, documents, train
+from minilm_jax import atomic, data, documents
+from minilm_jax.config import DistillConfig
 
 CONFIG_FILE = "config.json"
 CORPUS_FILE = "corpus.json"
 # Fields that fix what the checkpoints contain or which batches follow them.
-FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "student_layers",
+FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "student_layers",
                  "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
                  "global_batch_size", "grad_accum_steps", "clip_grad_norm", "corpus", "data_dir",
                  "text_feature", "doc_per_line", "doc_per_file", "two_segments", "seed", "loss_terms",
@@ -29,7 +30,7 @@ FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "num_relation_heads", "s
 _RUN_KEYS = ("teacher", "student_layers", "max_steps")  # a config.json with these is a run's
 
 
-def _as_json(cfg: train.DistillConfig) -> dict:
+def _as_json(cfg: DistillConfig) -> dict:
   """The config as config.json holds it (tuples as lists), to compare with a saved one."""
   return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -60,7 +61,7 @@ def read_config(workdir: pathlib.Path) -> dict | None:
             else f"not a distill config (a JSON {type(old).__name__} without {', '.join(_RUN_KEYS)})")
     raise ValueError(f"{workdir} holds something other than a distill run ({path} is {what}), "
                      "which distill would overwrite: use a new or empty --workdir")
-  defaults = _as_json(train.DistillConfig())
+  defaults = _as_json(DistillConfig())
   for key, value in old.items():
     default = defaults.get(key)
     if default is not None and not isinstance(value, type(default)) and not (
@@ -70,7 +71,7 @@ def read_config(workdir: pathlib.Path) -> dict | None:
   return old
 
 
-def check_resumable(workdir: pathlib.Path, old: dict | None, cfg: train.DistillConfig) -> None:
+def check_resumable(workdir: pathlib.Path, old: dict | None, cfg: DistillConfig) -> None:
   """Refuses to resume the run `old` with other frozen fields."""
   if old is None:
     return
@@ -82,7 +83,7 @@ def check_resumable(workdir: pathlib.Path, old: dict | None, cfg: train.DistillC
                      "use a new --workdir, or the same settings to resume")
 
 
-def corpus_record(cfg: train.DistillConfig, examples: data.PackedExamples) -> dict:
+def corpus_record(cfg: DistillConfig, examples: data.PackedExamples) -> dict:
   """What the run reads: local files with their sizes, and a SHA-256 of the packed examples."""
   files = {}
   if cfg.corpus != "demo" and not cfg.corpus.startswith("tfds:"):
@@ -114,7 +115,7 @@ def check_corpus(workdir: pathlib.Path, record: dict) -> None:
                    "continue another data order. Restore the corpus, or use a new --workdir")
 
 
-def write(workdir: pathlib.Path, cfg: train.DistillConfig, record: dict) -> None:
+def write(workdir: pathlib.Path, cfg: DistillConfig, record: dict) -> None:
   """Records the run's config and corpus (process 0), after every check passed."""
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() != 0:

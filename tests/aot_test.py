@@ -8,7 +8,9 @@ import json
 import jax
 import pytest
 
-from minilm_jax import model as model_lib, sharding, train
+from minilm_jax import model as model_lib, sharding
+from minilm_jax import step as core_step
+from minilm_jax.config import DistillConfig
 from minilm_jax.aot import chips, hlo, main as aot_main, report, step as step_lib
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -16,8 +18,8 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 
 TEACHER = model_lib.ModelConfig(vocab_size=512, hidden_size=64, num_layers=4, num_heads=4,
                                 intermediate_size=128, max_position_embeddings=128)
-TINY = train.DistillConfig(teacher="tiny", student_layers=2, student_hidden=64, student_heads=4,
-                           teacher_assistant="off", max_seq_len=128, global_batch_size=8)
+TINY = DistillConfig(teacher="tiny", student_layers=2, student_hidden=64, student_heads=4,
+                     teacher_assistant="off", max_seq_len=128, global_batch_size=8)
 
 
 def _bytes_per_device(tree, devices: int) -> int:
@@ -31,14 +33,14 @@ def test_the_step_compiles_for_a_tpu_with_every_auto_resolved_for_it():
   pod = chips.pod_slice("v5e:2x2")
   row = step_lib.compile_stage(step_lib.Stage("", TINY, TEACHER), pod)
   assert (pod.chips, pod.hosts, row["devices"], row["batch_per_device"]) == (4, 1, 4, 2)
-  setup = train.make_setup(TINY, TEACHER, platform="tpu")
+  setup = core_step.make_setup(TINY, TEACHER, platform="tpu")
   # "auto" is bf16 compute and rbg dropout keys on a TPU, though this host is a CPU.
   assert (setup.teacher.dtype, setup.student.dtype, setup.dropout_prng) == ("bfloat16", "bfloat16", "rbg")
   # XLA's argument bytes are the state and teacher (replicated) and a quarter of the batch,
   # plus the padding of TPU tiles (8 x 128 for matrices: up to a quarter at these widths).
   mesh = sharding.make_mesh(list(pod.devices))
-  _, optimizer, _ = train.make_step(TINY, setup, mesh)
-  logical = _bytes_per_device(train.abstract_inputs(TINY, setup, optimizer, mesh), 4)
+  _, optimizer, _ = core_step.make_step(TINY, setup, mesh)
+  logical = _bytes_per_device(core_step.abstract_inputs(TINY, setup, optimizer, mesh), 4)
   assert logical <= row["hbm"]["arguments"] <= 1.3 * logical
   assert row["fits"] and row["hbm"]["total"] > row["hbm"]["arguments"]
   assert row["collectives"].get("all-reduce", 0) >= 1  # the gradients' mean over the data axis
@@ -112,7 +114,7 @@ def test_two_compiles_at_once_share_libtpu(tmp_path):
 
 
 def test_a_config_that_uses_an_assistant_compiles_as_its_two_stages():
-  cfg = train.DistillConfig(teacher="bert-base-uncased", student_layers=6, student_hidden=384)
+  cfg = DistillConfig(teacher="bert-base-uncased", student_layers=6, student_hidden=384)
   teacher, directory = step_lib.read_teacher(cfg.teacher)
   assistant, student = step_lib.stages(cfg, teacher)
   assert directory is None and teacher.hidden_size == 768

@@ -4,7 +4,7 @@ Nothing here times anything: rows are checked for fields and sane values only. T
 formula is checked against two direct counts (PyTorch's FlopCounterMode over the
 compiled route's eager step, exact; XLA's cost analysis of the JAX step, which also
 counts elementwise work, within 10%); the PyTorch loss both routes use against
-`minilm_jax.train.distill_loss` on the same weights (float32, dropout off).
+`minilm_jax.step.distill_loss` on the same weights (float32, dropout off).
 """
 
 import dataclasses
@@ -19,7 +19,8 @@ from torch.utils import flop_counter
 
 from minilm_jax.benchmark import harness, jax_routes, torch_routes, workloads as wl
 from minilm_jax.benchmark import main as bm_main
-from minilm_jax import convert, model as model_lib, optimizer as optimizer_lib, train
+from minilm_jax import convert, model as model_lib, optimizer as optimizer_lib
+from minilm_jax import step as step_lib
 
 STEP_FIELDS = ("device", "mode", "route", "framework", "config", "version", "relation_heads", "teacher",
                "teacher_layer", "student", "batch", "seq", "model_flops", "peak_flops", "step_time_s",
@@ -127,7 +128,7 @@ def test_torch_reference_loss_equals_jax_loss(w):
   batch = wl.make_batch(w.teacher.vocab, 4, 32)
   assert (batch["attention_mask"] == 0).any()
   batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-  expected, _ = train.distill_loss(s_params, train.truncate_teacher(setup, t_params), batch, None, setup)
+  expected, _ = step_lib.distill_loss(s_params, step_lib.truncate_teacher(setup, t_params), batch, None, setup)
   ids, mask = (torch.tensor(batch[k], dtype=torch.long) for k in ("input_ids", "attention_mask"))
   losses = {}
   with torch.no_grad():

@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import torch
 import tqdm
 import transformers
 
-from minilm_jax import checkpoint, cli, data, distill, model as model_lib
+from minilm_jax import checkpoint, cli, data, distill, model as model_lib, preemption
 from minilm_jax.metric_writer import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -87,7 +86,7 @@ def test_resume_after_sigterm_is_exact(tmp_path, prng):
       break
     time.sleep(0.05)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == distill.PREEMPTED_EXIT_CODE != 0, err[-2000:]  # not read as finished
+  assert proc.returncode == preemption.PREEMPTED_EXIT_CODE != 0, err[-2000:]  # not read as finished
   stopped_at, _ = params_of(interrupted)
   assert 4 <= stopped_at < 12, "SIGTERM should stop the run part-way, with a checkpoint"
   assert not (interrupted / "hf").exists()  # exported only when the run completes

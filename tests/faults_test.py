@@ -22,7 +22,6 @@ import pytest
 import safetensors.numpy
 
 from minilm_jax import checkpoint, cli, convert, distill, documents
-from minilm_jax import data as data_lib
 from minilm_jax import model as model_lib
 from minilm_jax.finetune import heads, train
 from minilm_jax.metric_writer import read_metrics
@@ -386,18 +385,18 @@ def test_unwritable_checkpoint_dir_fails_in_seconds_naming_it(corpus, tmp_path):
 _LOST_AFTER_THE_PROBE = """
 import dataclasses, pathlib, sys
 import grain, jax.numpy as jnp
-from minilm_jax import checkpoint, distill, train
+from minilm_jax import checkpoint, step
 directory, elsewhere = pathlib.Path(sys.argv[1]), sys.argv[2]
 mngr = checkpoint.manager(directory)
-state = train.TrainState(step=jnp.int32(2), params={"w": jnp.ones(3)}, opt_state={"m": jnp.ones(3)},
-                         rng=jnp.zeros(2, jnp.uint32))
+state = step.TrainState(step=jnp.int32(2), params={"w": jnp.ones(3)}, opt_state={"m": jnp.ones(3)},
+                        rng=jnp.zeros(2, jnp.uint32))
 iterator = iter(grain.MapDataset.range(4).to_iter_dataset())
-distill._save(mngr, state, iterator)
+checkpoint.save_state(mngr, state, iterator)
 mngr.wait_until_finished()
 directory.chmod(0o555)
-probe = distill.tempfile.NamedTemporaryFile  # the write probe passes: it writes elsewhere
-distill.tempfile.NamedTemporaryFile = lambda dir, **kw: probe(dir=elsewhere, **kw)
-distill._save(mngr, dataclasses.replace(state, step=jnp.int32(4)), iterator)
+probe = checkpoint.tempfile.NamedTemporaryFile  # the write probe passes: it writes elsewhere
+checkpoint.tempfile.NamedTemporaryFile = lambda dir, **kw: probe(dir=elsewhere, **kw)
+checkpoint.save_state(mngr, dataclasses.replace(state, step=jnp.int32(4)), iterator)
 """
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from losses_test import internals, mask_of, numpy_relation_loss
-from minilm_jax import distill, losses, optimizer as optimizer_lib, sharding, train
+from minilm_jax import distill, losses, optimizer as optimizer_lib, sharding
+from minilm_jax import step as step_lib
+from minilm_jax.config import DistillConfig
 from minilm_jax.metric_writer import read_metrics
-from train_test import build, random_batch, tiny_cfg
+from step_test import build, random_batch, tiny_cfg
 
 TINYBERT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tinybert_attention.py"
 PAIRS = {"attention_transfer": ("query", "key"), "value_relation": ("value", "value"),
@@ -28,10 +30,9 @@ def load(path):
 def test_each_term_list_is_the_numpy_sum_of_its_terms(version, heads):
   rng = np.random.default_rng(5)
   t, s, mask = internals(rng, 48), internals(rng, 48 if version == "v1" else 24), mask_of([7, 4, 1])
-  fn = losses.minilm_v1_loss if version == "v1" else losses.minilm_v2_loss
   names = losses.TERMS[version]
   for chosen in [names[:1], names[1:], names[-1:], names]:
-    got = fn(t, s, mask, heads, chosen)
+    got = losses.minilm_loss(t, s, mask, heads, chosen)
     assert set(got) == set(chosen) | {"total"}  # only the chosen terms are computed and reported
     want = {n: numpy_relation_loss(*(np.float64(getattr(x, f)) for x in (t, s) for f in PAIRS[n]),
                                    mask, heads) for n in chosen}
@@ -60,7 +61,7 @@ def test_config_term_list_reaches_the_step_and_its_metrics(teacher):
 def test_bad_term_lists_are_rejected_with_the_fix(teacher):
   config = teacher[0]
   cases = [(dict(loss_terms=()), "loss_terms is empty: name at least one of v1's terms"),
-           (dict(version="v2", num_relation_heads=12, loss_terms=("qq",)), "did you mean 'qq_relation'"),
+           (dict(version="v2", relation_heads=12, loss_terms=("qq",)), "did you mean 'qq_relation'"),
            (dict(loss_terms=("value_relaton",)), "unknown loss term 'value_relaton'.*did you mean 'value_relation'"),
            (dict(loss_terms=("kk_relation",)), "it is a v2 term: set version='v2'"),
            (dict(loss_terms=("value_relation", "value_relation")), "names a term twice"),
@@ -75,9 +76,9 @@ def test_bad_term_lists_are_rejected_with_the_fix(teacher):
            (dict(internals_loss="attention_mse"), "is not 'module:function'")]
   for fields, message in cases:
     with pytest.raises(ValueError, match=message):
-      train.make_setup(train.DistillConfig(**fields), config)
+      step_lib.make_setup(DistillConfig(**fields), config)
   with pytest.raises(FileNotFoundError, match="internals_loss file /nowhere/loss.py does not exist"):
-    train.make_setup(train.DistillConfig(internals_loss="/nowhere/loss.py:f"), config)
+    step_lib.make_setup(DistillConfig(internals_loss="/nowhere/loss.py:f"), config)
 
 
 def numpy_score_mse(t, s, mask):
@@ -107,7 +108,7 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
   cfg = load(TINYBERT).get_config("smoke")
   cfg.max_steps, cfg.student_dropout, cfg.learning_rate = 30, 0.0, 2e-3
   cfg.student_attention_dropout = 0.0
-  setup = train.make_setup(cfg, teacher[0])
+  setup = step_lib.make_setup(cfg, teacher[0])
   assert setup.teacher.num_layers == 6 and setup.teacher_layers == (2, 5)
   assert setup.student_layers == (0, 1) and setup.return_logits
   mesh = sharding.make_mesh()
@@ -136,7 +137,7 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
 
 def test_custom_loss_run_logs_its_terms(tmp_path):
   cfg = load(TINYBERT).get_config("smoke")
-  cfg.export_hf = False
+  cfg.export_hf, cfg.teacher_assistant = False, "off"
   summary = distill.run(cfg, tmp_path)
   assert summary["steps"] == 4 and np.isfinite(summary["last_loss"])
   records = read_metrics(tmp_path)
@@ -151,8 +152,8 @@ def broken_loss(teacher_internals, student_internals, mask):
 
 def test_a_loss_without_total_is_refused_by_name(teacher):
   cfg = tiny_cfg(internals_loss=f"{__file__}:broken_loss")
-  setup = train.make_setup(cfg, teacher[0])
+  setup = step_lib.make_setup(cfg, teacher[0])
   batch = random_batch(8)
-  params = train.init_state(cfg, setup, optimizer_lib.for_distillation(cfg)).params
+  params = step_lib.init_state(cfg, setup, optimizer_lib.for_distillation(cfg)).params
   with pytest.raises(ValueError, match=r"returned dict \['mse'\].*with a 'total'"):
-    train.distill_loss(params, train.truncate_teacher(setup, teacher[1]), batch, None, setup)
+    step_lib.distill_loss(params, step_lib.truncate_teacher(setup, teacher[1]), batch, None, setup)

@@ -10,6 +10,7 @@ from minilm_jax.model import AttentionInternals
 
 B, T = 3, 7
 LENGTHS = [7, 4, 1]  # one full row, one padded, one with a single real token
+V1, V2 = losses.TERMS["v1"], losses.TERMS["v2"]  # the papers' terms
 
 
 def numpy_relation_loss(ta, tb, sa, sb, mask, heads):
@@ -55,10 +56,10 @@ def test_v1_and_v2_are_sums_of_relations():
   t, s, mask = internals(rng, 48), internals(rng, 24), mask_of(LENGTHS)
   ref = lambda a, b, c, d, h: numpy_relation_loss(*(np.float64(x) for x in (a, b, c, d)), mask, h)
   s1 = internals(rng, 48)
-  v1 = losses.minilm_v1_loss(t, s1, mask, num_heads=12)
+  v1 = losses.minilm_loss(t, s1, mask, 12, V1)
   want = ref(t.query, t.key, s1.query, s1.key, 12) + ref(t.value, t.value, s1.value, s1.value, 12)
   np.testing.assert_allclose(v1["total"], want, rtol=1e-6)
-  v2 = losses.minilm_v2_loss(t, s, mask, num_relation_heads=6)
+  v2 = losses.minilm_loss(t, s, mask, 6, V2)
   want = sum(ref(getattr(t, n), getattr(t, n), getattr(s, n), getattr(s, n), 6) for n in ("query", "key", "value"))
   np.testing.assert_allclose(v2["total"], want, rtol=1e-6)
   np.testing.assert_allclose(v2["kk_relation"], ref(t.key, t.key, s.key, s.key, 6), rtol=1e-6)
@@ -67,7 +68,7 @@ def test_v1_and_v2_are_sums_of_relations():
 def test_v1_terms_match_numpy():
   rng = np.random.default_rng(1)
   t, s, mask = internals(rng, 48), internals(rng, 36), mask_of(LENGTHS)
-  got = losses.minilm_v1_loss(t, s, mask, num_heads=12)
+  got = losses.minilm_loss(t, s, mask, 12, V1)
   f = lambda x: np.float64(x)
   np.testing.assert_allclose(got["attention_transfer"],
                              numpy_relation_loss(f(t.query), f(t.key), f(s.query), f(s.key), mask, 12), rtol=1e-6)
@@ -78,19 +79,19 @@ def test_v1_terms_match_numpy():
 def test_zero_when_student_equals_teacher_and_padding_is_ignored():
   rng = np.random.default_rng(2)
   t, mask = internals(rng, 48), mask_of(LENGTHS)
-  np.testing.assert_allclose(losses.minilm_v2_loss(t, t, mask, 8)["total"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(losses.minilm_loss(t, t, mask, 8, V2)["total"], 0.0, atol=1e-7)
   # Changing anything at padded positions changes nothing.
   s = internals(rng, 48)
   garbage = jax.tree.map(lambda x: np.where(mask[..., None] == 1, x, 1e3 * rng.normal(size=x.shape)), s)
-  np.testing.assert_allclose(losses.minilm_v1_loss(t, s, mask, 12)["total"],
-                             losses.minilm_v1_loss(t, garbage, mask, 12)["total"], rtol=1e-6)
+  np.testing.assert_allclose(losses.minilm_loss(t, s, mask, 12, V1)["total"],
+                             losses.minilm_loss(t, garbage, mask, 12, V1)["total"], rtol=1e-6)
 
 
 def test_gradients_finite_with_fully_padded_row_and_bfloat16():
   rng = np.random.default_rng(3)
   t, s, mask = internals(rng, 48), internals(rng, 24), mask_of([7, 0, 3])
   s16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), s)
-  loss, grads = jax.value_and_grad(lambda s: losses.minilm_v2_loss(t, s, mask, 6)["total"])(s16)
+  loss, grads = jax.value_and_grad(lambda s: losses.minilm_loss(t, s, mask, 6, V2)["total"])(s16)
   assert np.isfinite(float(loss)) and loss.dtype == jnp.float32
   assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
   assert all(np.abs(np.asarray(g, np.float32)).max() > 0 for g in jax.tree.leaves(grads))
@@ -99,11 +100,11 @@ def test_gradients_finite_with_fully_padded_row_and_bfloat16():
                               (t.query, t.query, s16.query, s16.query)), mask, 6)
   np.testing.assert_allclose(losses.relation_loss(t.query, t.query, s16.query, s16.query, mask, 6), ref, rtol=1e-5)
   no_tokens = mask_of([0, 0, 0])
-  assert float(losses.minilm_v1_loss(t, internals(rng, 48), no_tokens, 12)["total"]) == 0.0
+  assert float(losses.minilm_loss(t, internals(rng, 48), no_tokens, 12, V1)["total"]) == 0.0
 
 
 def test_relation_heads_must_divide_widths():
   rng = np.random.default_rng(4)
   t, s = internals(rng, 48), internals(rng, 40)
   with pytest.raises(ValueError, match="16 relation heads do not divide the hidden size 40"):
-    losses.minilm_v2_loss(t, s, mask_of(LENGTHS), 16)
+    losses.minilm_loss(t, s, mask_of(LENGTHS), 16, V2)

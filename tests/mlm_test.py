@@ -6,14 +6,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 import transformers
-from flax import nnx
 
-from minilm_jax import checkpoint, convert, distill, mlm, optimizer as optimizer_lib, sharding, train
+from minilm_jax import checkpoint, convert, distill, mlm, optimizer as optimizer_lib, sharding
+from minilm_jax import step as step_lib
+from minilm_jax.config import DistillConfig
 from minilm_jax import model as model_lib
-from train_test import assert_same_training
+from step_test import assert_same_training
 
 TINY = model_lib.ModelConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
                              intermediate_size=64, max_position_embeddings=128, hidden_dropout=0.0,
@@ -138,9 +138,9 @@ def test_micro_batches_weight_by_the_loss_tokens(teacher):
   """With terms["tokens"], 4 micro-batches give the 16-row batch's exact loss and update,
   although the rows predict very different numbers of tokens (a mean of micro-batch means,
   or weighting by attention_mask, would not)."""
-  cfg = train.DistillConfig(objective="mlm", student_layers=1, student_hidden=32, student_heads=2,
-                            student_dropout=0.0, max_seq_len=40, global_batch_size=16, max_steps=10)
-  setup = train.make_setup(cfg, teacher[0])
+  cfg = DistillConfig(objective="mlm", student_layers=1, student_hidden=32, student_heads=2,
+                      student_dropout=0.0, max_seq_len=40, global_batch_size=16, max_steps=10)
+  setup = step_lib.make_setup(cfg, teacher[0])
   mesh = sharding.make_mesh()
   batch = packed_batch(batch=16)
   weights = np.zeros(batch["input_ids"].shape, np.float32)
@@ -149,11 +149,12 @@ def test_micro_batches_weight_by_the_loss_tokens(teacher):
   weights[2::4, 1:2] = weights[3::4, 2:4] = 1.0
   batch = sharding.global_batch(batch | {"weights": weights}, mesh)
   loss_fn = functools.partial(_fixed_positions_loss, config=setup.student)
+  objective = step_lib.Objective(mlm.init_params, loss_fn, has_teacher=False)
   results = []
   for micro in (1, 4):
     optimizer = optimizer_lib.for_distillation(cfg)
-    state = jax.device_put(train.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
-    step = train.make_train_step(setup, optimizer, mesh, micro, loss_fn)
+    state = jax.device_put(step_lib.init_state(cfg, setup, optimizer, objective), sharding.replicated(mesh))
+    step = step_lib.make_train_step(setup, optimizer, mesh, micro, loss_fn)
     for _ in range(2):
       state, metrics = step(state, {}, batch)
     results.append((state.params, metrics))
@@ -161,9 +162,9 @@ def test_micro_batches_weight_by_the_loss_tokens(teacher):
 
 
 def test_tiny_mlm_run_lowers_the_loss_and_exports(tmp_path, teacher_dir):
-  cfg = train.DistillConfig(objective="mlm", student_layers=1, student_hidden=64, student_heads=2,
-                            student_dropout=0.0, max_seq_len=32, global_batch_size=16, max_steps=60,
-                            warmup_steps=5, learning_rate=2e-3, log_every=5, checkpoint_every=30)
+  cfg = DistillConfig(objective="mlm", student_layers=1, student_hidden=64, student_heads=2,
+                      student_dropout=0.0, max_seq_len=32, global_batch_size=16, max_steps=60,
+                      warmup_steps=5, learning_rate=2e-3, log_every=5, checkpoint_every=30)
   summary = distill.run(cfg, tmp_path)
   assert summary["last_loss"] < summary["first_loss"] - 1.0, summary
   encoder, info = transformers.BertModel.from_pretrained(summary["hf"], output_loading_info=True)

@@ -221,17 +221,19 @@ def test_step_keeps_one_float32_scatter_the_word_table():
   `where`, whose gradients are reductions. A bf16 scatter rounds the sum over repeated ids
   ([PAD], token type 0) to 8 bits, and scatters serialised on such ids on an H200 (286 ms
   of a 315 ms step)."""
-  from minilm_jax import optimizer as optimizer_lib, sharding, train
+  from minilm_jax import optimizer as optimizer_lib, sharding
+  from minilm_jax import step as step_lib
+  from minilm_jax.config import DistillConfig
   teacher = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                                   intermediate_size=64, max_position_embeddings=16)
-  cfg = train.DistillConfig(student_layers=1, student_hidden=32, student_heads=4, max_seq_len=8,
-                            global_batch_size=4, compute_dtype="bfloat16", two_segments=True)
-  setup = train.make_setup(cfg, teacher)
+  cfg = DistillConfig(student_layers=1, student_hidden=32, student_heads=4, max_seq_len=8,
+                      global_batch_size=4, compute_dtype="bfloat16", two_segments=True)
+  setup = step_lib.make_setup(cfg, teacher)
   optimizer = optimizer_lib.for_distillation(cfg)
-  state = train.init_state(cfg, setup, optimizer)
-  teacher_params = train.truncate_teacher(setup, model_lib.init_params(teacher))
+  state = step_lib.init_state(cfg, setup, optimizer)
+  teacher_params = step_lib.truncate_teacher(setup, model_lib.init_params(teacher))
   batch = {k: jnp.zeros((4, 8), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-  step = train.make_train_step(setup, optimizer, sharding.make_mesh())
+  step = step_lib.make_train_step(setup, optimizer, sharding.make_mesh())
   scatters = _scatters(step.lower(state, teacher_params, batch).compile().as_text())
   assert len(scatters) == 1, scatters
   result, operands = scatters[0]

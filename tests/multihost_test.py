@@ -26,7 +26,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from minilm_jax import atomic, checkpoint, cli, convert, distill, train
+from minilm_jax import atomic, checkpoint, cli, convert, preemption
+from minilm_jax.config import DistillConfig
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import train as finetune_train
 from minilm_jax.metric_writer import read_metrics
@@ -175,7 +176,7 @@ def test_two_processes_give_the_one_process_result(one_process, two_processes):
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(preempted):
   saved = [re.findall(r"every process saved step (\d+)", out) for _, out in preempted.outcomes]
-  assert [code for code, _ in preempted.outcomes] == [distill.PREEMPTED_EXIT_CODE] * 2, saved
+  assert [code for code, _ in preempted.outcomes] == [preemption.PREEMPTED_EXIT_CODE] * 2, saved
   assert saved[0] == saved[1] and len(saved[0]) == 1, saved
   stopped = int(saved[0][0])
   assert 2 < stopped < MAX_STEPS and preempted.steps[-1] == stopped
@@ -265,7 +266,7 @@ def test_shared_files_are_replaced_whole_and_written_by_process_zero(tmp_path, m
   assert _torn_reads(tmp_path / "config.json", atomic.write_file) == 0
   assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
   monkeypatch.setattr(jax, "process_index", lambda: 1)
-  workdir_lib.write(tmp_path / "run", train.DistillConfig(), {"sha256": "0"})
+  workdir_lib.write(tmp_path / "run", DistillConfig(), {"sha256": "0"})
   assert list((tmp_path / "run").iterdir()) == []  # process 0 writes config.json, the others wait
 
 

@@ -17,7 +17,8 @@ import torch
 import transformers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minilm_jax import checkpoint, distill, tokenization, train
+from minilm_jax import checkpoint, distill, tokenization
+from minilm_jax.config import DistillConfig
 from minilm_jax import model as model_lib
 from conftest import SHARED_DATA
 
@@ -85,10 +86,10 @@ def test_student_of_a_tiny_teacher_loads_in_pytorch_and_matches_jax(family, tmp_
   text = corpus_text()
   (tmp_path / "corpus.txt").write_text(text)
   teacher = build_teacher(family, tmp_path / "teacher", text)
-  cfg = train.DistillConfig(teacher=str(teacher), version="v2", num_relation_heads=4, student_layers=1,
-                            student_hidden=16, student_heads=4, corpus=str(tmp_path / "corpus.txt"),
-                            max_seq_len=32, global_batch_size=8, max_steps=2, warmup_steps=1,
-                            log_every=1, checkpoint_every=2, teacher_assistant="off")
+  cfg = DistillConfig(teacher=str(teacher), version="v2", relation_heads=4, student_layers=1,
+                      student_hidden=16, student_heads=4, corpus=str(tmp_path / "corpus.txt"),
+                      max_seq_len=32, global_batch_size=8, max_steps=2, warmup_steps=1,
+                      log_every=1, checkpoint_every=2, teacher_assistant="off")
   summary = distill.run(cfg, tmp_path / "run")
   assert summary["steps"] == 2 and np.isfinite(summary["last_loss"])
   export = tmp_path / "run" / "hf"

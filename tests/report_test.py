@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from experiments.scripts import report
 

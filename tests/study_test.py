@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.study import report as study_report, study
-from minilm_jax import train
+from minilm_jax import step as step_lib
 
 
 @pytest.mark.parametrize("name", sorted(study.BUDGETS))
@@ -16,7 +16,7 @@ def test_budgets_make_valid_runs_with_equal_tokens(name, teacher, tmp_path):
   paths = study.Paths.make(tmp_path, None)
   configs = [study.distill_config(budget, paths, m) for m in study.METHODS]
   for cfg in configs:
-    train.make_setup(cfg, teacher[0])
+    step_lib.make_setup(cfg, teacher[0])
     assert (cfg.max_steps, cfg.global_batch_size, cfg.max_seq_len, cfg.seed) == (
         budget.steps, budget.batch, budget.seq_len, 0)  # same batches, same tokens
   steps = study.curve_steps(budget)

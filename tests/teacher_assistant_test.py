@@ -4,13 +4,14 @@ import dataclasses
 import os
 import signal
 
-import jax
 import numpy as np
 import pytest
 import transformers
 
 from distill_test import comparable, params_of, smoke_config
-from minilm_jax import distill, teacher_assistant, train
+from minilm_jax import distill, teacher_assistant
+from minilm_jax import step as step_lib
+from minilm_jax.config import DistillConfig
 from minilm_jax.metric_writer import MetricWriter, read_metrics
 
 
@@ -23,14 +24,14 @@ def tiny_chain_config():
 
 def test_auto_follows_the_papers_rule(teacher):
   config = teacher[0]  # 6 layers, 384 wide
-  rule = lambda **kw: teacher_assistant.uses_assistant(train.DistillConfig(**kw), config)
+  rule = lambda **kw: teacher_assistant.uses_assistant(DistillConfig(**kw), config)
   assert rule(student_layers=3, student_hidden=192) and rule(student_layers=1, student_hidden=96)
   assert not rule(student_layers=4, student_hidden=192)   # deeper than L/2
   assert not rule(student_layers=3, student_hidden=384)   # wider than d/2 (the demo student)
   assert rule(student_layers=3, student_hidden=384, teacher_assistant="on")
   assert not rule(student_layers=1, student_hidden=96, teacher_assistant="off")
   with pytest.raises(ValueError, match="teacher_assistant 'yes' is unknown: use 'auto'"):
-    train.make_setup(train.DistillConfig(teacher_assistant="yes"), config)
+    step_lib.make_setup(DistillConfig(teacher_assistant="yes"), config)
 
 
 def preempt_at(monkeypatch, stage: str, step: int):
@@ -47,7 +48,7 @@ def preempt_at(monkeypatch, stage: str, step: int):
 
 def run_preempted(cfg, workdir):
   try:
-    summary = teacher_assistant.run(cfg, workdir)
+    summary = distill.run(cfg, workdir)
   except SystemExit as e:  # a pre-empted run may exit with a non-zero pre-emption code
     assert e.code not in (0, None)
     return
@@ -85,7 +86,7 @@ def test_chain_resumes_exactly_in_either_stage_and_equals_plain_runs(tmp_path, m
   assert 2 <= stopped < 4 and not (chain / "student" / "hf").exists()
 
   monkeypatch.undo()
-  summary = teacher_assistant.run(cfg, chain)
+  summary = distill.run(cfg, chain)
   assert summary["stage"] == "student" and summary["steps"] == 4 and not summary["preempted"]
   assert_same_run(chain / "assistant", tmp_path / "plain_assistant")
   assert_same_run(chain / "student", tmp_path / "plain_student")
@@ -94,8 +95,8 @@ def test_chain_resumes_exactly_in_either_stage_and_equals_plain_runs(tmp_path, m
     assert (pt.config.num_hidden_layers, pt.config.hidden_size) == (layers, 96)
 
   with pytest.raises(ValueError, match="holds a finished assistant trained otherwise \\(max_steps: 4 -> 6\\)"):
-    teacher_assistant.run(dataclasses.replace(cfg, assistant_steps=6), chain)
+    distill.run(dataclasses.replace(cfg, assistant_steps=6), chain)
   with pytest.raises(ValueError, match="holds a teacher-assistant run.*teacher_assistant='on'"):
-    teacher_assistant.run(dataclasses.replace(cfg, teacher_assistant="off"), chain)
+    distill.run(dataclasses.replace(cfg, teacher_assistant="off"), chain)
   with pytest.raises(ValueError, match="holds a single-stage run.*teacher_assistant='off'"):
-    teacher_assistant.run(dataclasses.replace(cfg, teacher_assistant="on"), tmp_path / "plain_student")
+    distill.run(dataclasses.replace(cfg, teacher_assistant="on"), tmp_path / "plain_student")

@@ -21,7 +21,7 @@ and the demo corpus, as `paper.py`'s smoke variants do.
 """
 
 from experiments.configs import common
-from minilm_jax.train import DistillConfig, paper_config
+from minilm_jax.config import DistillConfig, paper_config
 
 TERMS = {"v1-AT": ("attention_transfer",), "v1-VR": ("value_relation",),
          "v1-paper": ("attention_transfer", "value_relation"),
@@ -33,6 +33,6 @@ NAMES = tuple(TERMS)
 def get_config(variant: str = "") -> DistillConfig:
   name, smoke = common.parse(__file__, variant, NAMES, default="v1-AT")
   cfg = paper_config(teacher="bert-base-uncased", version=name[:2], student="L6-H384",
-                     learning_rate=5e-4, num_relation_heads=48)
+                     learning_rate=5e-4, relation_heads=48)
   cfg.loss_terms = TERMS[name]
   return common.smoke(cfg, student_layers=1, **common.PACKAGED_TEACHER) if smoke else cfg

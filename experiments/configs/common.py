@@ -10,7 +10,7 @@ packaged teacher and the demo corpus, for tests and a first try.
 import dataclasses
 import pathlib
 
-from minilm_jax.train import DistillConfig, check_choice
+from minilm_jax.config import DistillConfig, check_choice
 
 SMOKE = "smoke"
 PACKAGED_TEACHER = {"teacher": "all-MiniLM-L6-v2", "teacher_layer": 0, "corpus": "demo"}

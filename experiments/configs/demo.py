@@ -10,7 +10,7 @@ clearly falling loss:
 """
 
 from experiments.configs import common
-from minilm_jax.train import DistillConfig
+from minilm_jax.config import DistillConfig
 
 NAMES = ("",)  # "" = the demo itself
 

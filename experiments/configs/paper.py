@@ -32,7 +32,7 @@ batch 8 x 32 tokens, 4 steps.
 """
 
 from experiments.configs import common
-from minilm_jax.train import PAPER_STUDENTS, DistillConfig, paper_config
+from minilm_jax.config import PAPER_STUDENTS, DistillConfig, paper_config
 
 TEACHERS = {  # variant word: (local directory name, peak learning rate, teacher layer, R)
     "bert-base": ("bert-base-uncased", 5e-4, 0, 48),
@@ -52,5 +52,5 @@ def get_config(variant: str = "") -> DistillConfig:
   directory, learning_rate, teacher_layer, relation_heads = TEACHERS[teacher]
   cfg = paper_config(teacher=directory, version=version, student=f"{layers}-{hidden}",
                      learning_rate=learning_rate, teacher_layer=teacher_layer,
-                     num_relation_heads=relation_heads)
+                     relation_heads=relation_heads)
   return common.smoke(cfg, student_layers=1, **common.PACKAGED_TEACHER) if smoke else cfg

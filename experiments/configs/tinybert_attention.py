@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.configs import common
-from minilm_jax.train import DistillConfig
+from minilm_jax.config import DistillConfig
 
 NAMES = ("",)  # "" = the run itself
 

@@ -18,15 +18,15 @@ from minilm_jax import cli_flags
 ONE = r"""
 import json, sys
 import jax
-from minilm_jax import train
+from minilm_jax import config as config_lib
 from minilm_jax.benchmark import harness, jax_routes, workloads as wl
 batch, seq = map(int, sys.argv[2].split("x"))
 w = wl.Workload("demo", wl.L6_H384, wl.Bert(3, 384, 12, 1536), 6, "v1", 12)
 if jax.default_backend() == "cpu":  # the benchmark's JAX route is bf16; a CPU trains in float32
   setup = jax_routes.jax_setup
   jax_routes.jax_setup = lambda w, batch, seq, dtype="float32": setup(w, batch, seq, dtype)
-config = train.DistillConfig
-train.DistillConfig = lambda **kw: config(**kw, dropout_prng=sys.argv[1])
+make_config = config_lib.DistillConfig
+config_lib.DistillConfig = lambda **kw: make_config(**kw, dropout_prng=sys.argv[1])
 built = jax_routes.jax_route(w, batch, seq)
 print(json.dumps({"impl": sys.argv[1], "device": jax.devices()[0].device_kind,
                   **harness.measure(built, warmup=3, timed=int(sys.argv[3]))}))

@@ -1,4 +1,4 @@
-"""What the pre-emption vote of several processes costs per step (`distill._Preemption`).
+"""What the pre-emption vote of several processes costs per step (`preemption.Preemption`).
 
 Each vote here is cast and read at once, so it waits for a whole one-number all-reduce:
 an upper bound of what it adds to a step (in `distill.run` the vote read is one step old
@@ -15,7 +15,8 @@ import time
 import jax
 from absl import flags
 
-from minilm_jax import cli_flags, distill, sharding
+from minilm_jax import cli_flags, sharding
+from minilm_jax import preemption as preemption_lib
 
 
 def main(argv=None):
@@ -31,7 +32,7 @@ def main(argv=None):
   if fv.coordinator:
     jax.distributed.initialize(fv.coordinator, num_processes=fv.processes,
                                process_id=fv["process-id"].value)
-  preemption = distill._Preemption(sharding.make_mesh())  # pylint: disable=protected-access
+  preemption = preemption_lib.Preemption(sharding.make_mesh())
   try:
     vote = lambda: bool(preemption._cast().addressable_data(0))  # pylint: disable=protected-access
     for _ in range(20):  # compile and warm up

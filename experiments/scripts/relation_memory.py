@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from absl import flags
 
 from minilm_jax.benchmark import harness, jax_routes, workloads
-from minilm_jax import blockwise_relation, cli_flags, losses, optimizer as optimizer_lib, sharding, train
+from minilm_jax import blockwise_relation, cli_flags, losses, optimizer as optimizer_lib, sharding
+from minilm_jax import step as step_lib
 from minilm_jax import model as model_lib
 from minilm_jax.model import AttentionInternals
 
@@ -49,7 +50,7 @@ def step_memory(config: str, relation, batch: int, seq: int, attention_dropout: 
                 student_layers: int = 6) -> dict:
   """memory_analysis of the benchmark's JAX train step (bf16), with `relation` in the losses."""
   original = losses.blockwise_relation_loss
-  losses.blockwise_relation_loss = relation  # what minilm_v1_loss / minilm_v2_loss call
+  losses.blockwise_relation_loss = relation  # what minilm_loss calls
   try:
     w = workloads.workload("gpu", config)
     w = dataclasses.replace(w, attention_dropout=attention_dropout,
@@ -57,11 +58,11 @@ def step_memory(config: str, relation, batch: int, seq: int, attention_dropout: 
     cfg, setup, _ = jax_routes.jax_setup(w, batch, seq)
     optimizer = optimizer_lib.for_distillation(cfg, cfg.learning_rate)
     abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    state = abstract(jax.eval_shape(lambda: train.init_state(cfg, setup, optimizer)))
+    state = abstract(jax.eval_shape(lambda: step_lib.init_state(cfg, setup, optimizer)))
     teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setup.teacher.dtype),
                            model_lib.abstract_params(setup.teacher))
     data = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-    step = train.make_train_step(setup, optimizer, sharding.make_mesh(jax.devices()[:1]))
+    step = step_lib.make_train_step(setup, optimizer, sharding.make_mesh(jax.devices()[:1]))
     return _bytes(step.lower(state, teacher, data).compile())
   finally:
     losses.blockwise_relation_loss = original

@@ -9,7 +9,6 @@ piece, main comparison first, and skips what is finished, so it can run in piece
 """
 
 import dataclasses
-import json
 import logging
 import lzma
 import pathlib
@@ -21,14 +20,15 @@ import numpy as np
 from absl import flags
 
 from experiments.study import report
-from minilm_jax import checkpoint, cli_flags, convert, distill, documents, finetune, tokenization, train
+from minilm_jax import checkpoint, cli_flags, convert, distill, documents, finetune, tokenization
+from minilm_jax.config import DistillConfig
 from minilm_jax.teachers import resolve_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SHARED = ROOT.parent / "shared" / "data"
 TEACHER = "all-MiniLM-L6-v2"
-METHODS = {"minilm-v1": dict(version="v1"), "minilm-v2": dict(version="v2", num_relation_heads=48),
+METHODS = {"minilm-v1": dict(version="v1"), "minilm-v2": dict(version="v2", relation_heads=48),
            "mlm": dict(objective="mlm")}
 TASKS = ("sst2", "rte", "cola", "squad2")
 # The one fine-tuning recipe, for every model and task (per-task lengths / subsets in Budget.tasks).
@@ -108,15 +108,16 @@ class Paths:
 # ------------------------------------------------------------------------- pre-training
 
 
-def distill_config(budget: Budget, paths: Paths, method: str) -> train.DistillConfig:
+def distill_config(budget: Budget, paths: Paths, method: str) -> DistillConfig:
   layers, hidden, heads = budget.student
   every = budget.steps // budget.curve_points
-  return train.DistillConfig(
+  return DistillConfig(
       teacher=paths.teacher, student_layers=layers, student_hidden=hidden, student_heads=heads,
       corpus=paths.corpus, doc_per_file=True, max_seq_len=budget.seq_len,
       global_batch_size=budget.batch, max_steps=budget.steps, learning_rate=budget.learning_rate,
       warmup_steps=budget.warmup, log_every=max(1, min(10, budget.steps // 20)),
-      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, **METHODS[method])
+      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, teacher_assistant="off",
+      **METHODS[method])
 
 
 def curve_steps(budget: Budget) -> list[int]:

@@ -3,7 +3,7 @@
 Nothing runs: `jax.jit(step).lower(<shapes placed on the slice's mesh>).compile()` is the
 same call a TPU host makes before its first step, so the memory per device it reports is
 what that host would allocate, and XLA's FLOP and byte counts are the program's own. The
-step is `train.make_step`'s (the run's `Setup`, optimizer, shardings and micro-batches),
+step is `minilm_jax.step.make_step`'s (the run's `Setup`, optimizer, shardings and micro-batches),
 every "auto" resolved for a TPU; a config that `distill` runs through a teacher assistant
 compiles as its two stages.
 
@@ -16,8 +16,10 @@ import dataclasses
 import pathlib
 import time
 
-from minilm_jax import convert, loops, sharding, teacher_assistant, train
+from minilm_jax import convert, distill, loops, sharding, teacher_assistant
+from minilm_jax import step as step_lib
 from minilm_jax import model as model_lib
+from minilm_jax.config import DistillConfig
 from minilm_jax.aot import hlo
 from minilm_jax.aot.chips import Slice
 from minilm_jax.benchmark import workloads
@@ -56,22 +58,17 @@ def read_teacher(name: str) -> tuple[model_lib.ModelConfig, pathlib.Path | None]
 class Stage:
   """One distillation the config runs: its config and its teacher's shape."""
   name: str                          # "" (a single run), "assistant" or "student"
-  cfg: train.DistillConfig
+  cfg: DistillConfig
   teacher: model_lib.ModelConfig
 
 
-def stages(cfg: train.DistillConfig, teacher: model_lib.ModelConfig) -> list[Stage]:
-  """What `distill` runs for `cfg`: itself, or the assistant stage then the student stage,
-  whose teacher is the assistant as exported (`teacher_assistant.stage_configs`)."""
-  if not teacher_assistant.uses_assistant(cfg, teacher):
-    return [Stage("", cfg, teacher)]
-  assistant, student = teacher_assistant.stage_configs(cfg, teacher, pathlib.Path("."))
-  exported = train.make_setup(assistant, teacher, platform="tpu").student
-  return [Stage(teacher_assistant.ASSISTANT, assistant, teacher),
-          Stage(teacher_assistant.STUDENT, student, model_lib.ModelConfig.from_hf(exported.to_hf()))]
+def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig) -> list[Stage]:
+  """What `distill` runs for `cfg` (`teacher_assistant.stages`): itself, or the assistant
+  stage then the student stage, whose teacher is the assistant as exported."""
+  return [Stage(s.name, s.cfg, s.teacher) for s in teacher_assistant.stages(cfg, teacher, pathlib.Path("."))]
 
 
-def model_flops(setup: train.Setup, cfg: train.DistillConfig, batch: int) -> float | None:
+def model_flops(setup: step_lib.Setup, cfg: DistillConfig, batch: int) -> float | None:
   """Matmul FLOPs of one step over `batch` sequences (the benchmark's formula); None for an
   objective or loss it does not describe (masked LM, your own loss)."""
   if cfg.objective != "distill" or cfg.internals_loss:
@@ -85,9 +82,10 @@ def model_flops(setup: train.Setup, cfg: train.DistillConfig, batch: int) -> flo
 
 def _lower(stage: Stage, mesh, tokenizer_dir):
   cfg = stage.cfg
-  setup = train.make_setup(cfg, stage.teacher, platform="tpu")
-  _, optimizer, step = train.make_step(cfg, setup, mesh, tokenizer_dir)
-  return setup, step.lower(*train.abstract_inputs(cfg, setup, optimizer, mesh))
+  setup = step_lib.make_setup(cfg, stage.teacher, platform="tpu")
+  objective = distill.objective(cfg, setup, tokenizer_dir)
+  _, optimizer, step = step_lib.make_step(cfg, setup, mesh, objective)
+  return setup, step.lower(*step_lib.abstract_inputs(cfg, setup, optimizer, mesh, objective))
 
 
 def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None = None, *,

@@ -11,7 +11,7 @@ JSON row (step time = median of the timed steps, each ended by `block_until_read
 One module per job:
   workloads.py     the settings (`Workload`, `MODES`), their model FLOPs and random batches,
                    and `Built`, what every route hands the harness.
-  jax_routes.py    the JAX route: `minilm_jax.train.make_train_step` at the workload's shape.
+  jax_routes.py    the JAX route: `minilm_jax.step.make_train_step` at the workload's shape.
   torch_routes.py  the PyTorch reference routes and their MiniLM loss (the only module
                    that imports torch).
   harness.py       timing a `Built`, the matmul peak, one measurement per subprocess, the

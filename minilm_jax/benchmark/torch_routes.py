@@ -23,10 +23,10 @@ except ImportError:  # only the PyTorch routes need it; the JAX route runs witho
   torch = None
 
 
-def torch_relation_loss(a_t, b_t, a_s, b_s, mask, heads: int):
+def torch_relation_loss(a_t, b_t, a_s, b_s, mask, relation_heads: int):
   """MiniLM relation KL (Wang et al. 2020, eq. 5-7; MiniLMv2 eq. 2-4) in PyTorch.
 
-  Each [B, T, D] tensor is split into `heads` relation heads of size D/R (teacher and
+  Each [B, T, D] tensor is split into R = `relation_heads` heads of size D/R (teacher and
   student each by their own D); relation = softmax(a b^T / sqrt(D/R)) over unpadded keys.
   Returns KL(teacher || student), float32, averaged over (example, head, real query).
   """
@@ -34,24 +34,24 @@ def torch_relation_loss(a_t, b_t, a_s, b_s, mask, heads: int):
 
   def log_relation(a, b):
     bsz, t, d = a.shape
-    a = a.view(bsz, t, heads, d // heads).transpose(1, 2)
-    b = b.view(bsz, t, heads, d // heads).transpose(1, 2)
-    logits = torch.matmul(a, b.transpose(-1, -2)).float() / math.sqrt(d // heads)
+    a = a.view(bsz, t, relation_heads, d // relation_heads).transpose(1, 2)
+    b = b.view(bsz, t, relation_heads, d // relation_heads).transpose(1, 2)
+    logits = torch.matmul(a, b.transpose(-1, -2)).float() / math.sqrt(d // relation_heads)
     # A finite fill keeps p (log p - log q) at exactly 0, and its gradient finite, on padding.
     return torch.log_softmax(logits.masked_fill(~keys, -1e9), dim=-1)
 
   log_p, log_q = log_relation(a_t, b_t), log_relation(a_s, b_s)
   kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [B, R, T]
   queries = mask.float()[:, None, :]
-  return (kl * queries).sum() / (queries.sum() * heads)
+  return (kl * queries).sum() / (queries.sum() * relation_heads)
 
 
-def torch_minilm_loss(teacher_qkv, student_qkv, mask, version: str, heads: int):
+def torch_minilm_loss(teacher_qkv, student_qkv, mask, version: str, relation_heads: int):
   """v1: attention transfer (q-k) + value relation (v-v); v2: q-q + k-k + v-v relations."""
   (qt, kt, vt), (qs, ks, vs) = teacher_qkv, student_qkv
   pairs = ([(qt, kt, qs, ks), (vt, vt, vs, vs)] if version == "v1"
            else [(x, x, y, y) for x, y in zip(teacher_qkv, student_qkv)])
-  return sum(torch_relation_loss(*p, mask, heads) for p in pairs)
+  return sum(torch_relation_loss(*p, mask, relation_heads) for p in pairs)
 
 
 def torch_bert(b: Bert, attn: str, device, dropout: float = DROPOUT, attention_dropout: float = DROPOUT):

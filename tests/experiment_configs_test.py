@@ -12,7 +12,9 @@ import pathlib
 
 import pytest
 
-from minilm_jax import cli, losses, model as model_lib, teacher_assistant, train
+from minilm_jax import cli, losses, model as model_lib, teacher_assistant
+from minilm_jax import step as step_lib
+from minilm_jax.config import check_config
 from minilm_jax.metric_writer import read_metrics
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
@@ -43,7 +45,7 @@ def test_every_variant_and_its_smoke_passes_check_config(path):
   module = load(path.stem)
   for name in module.NAMES:
     for variant in (name, ",".join(filter(None, (name, "smoke")))):
-      train.check_config(module.get_config(variant))
+      check_config(module.get_config(variant))
   with pytest.raises(ValueError, match=r"variant 'smok' is unknown: did you mean 'smoke'\?"):
     module.get_config("smok")
 
@@ -62,7 +64,7 @@ def test_paper_configs_fit_their_teachers(name):
   cfg = load("paper").get_config(name)
   teacher_name = name[3:].rsplit("-", 2)[0]
   teacher = TEACHERS[teacher_name]
-  setup = train.make_setup(cfg, teacher)
+  setup = step_lib.make_setup(cfg, teacher)
   layers, hidden = (int(x[1:]) for x in name.rsplit("-", 2)[1:])
   assert cfg.max_seq_len == 512 and cfg.global_batch_size == 1024 and cfg.max_steps == 400_000
   assert (setup.student.num_layers, setup.student.hidden_size) == (layers, hidden)
@@ -80,5 +82,5 @@ def test_ablations_keep_the_named_terms(teacher):
     cfg = module.get_config(name)
     assert cfg.loss_terms == terms and cfg.max_steps == 400_000
     assert losses.check_terms(cfg.version, cfg.loss_terms) == terms
-    setup = train.make_setup(module.get_config(f"{name},smoke"), teacher[0])
+    setup = step_lib.make_setup(module.get_config(f"{name},smoke"), teacher[0])
     assert setup.loss.keywords["terms"] == terms
