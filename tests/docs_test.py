@@ -1,4 +1,5 @@
-"""Every Python and shell block of README.md and docs/*.md runs, so a snippet cannot rot.
+"""Every Python and shell block of README.md, docs/*.md and experiments/README.md runs,
+so a snippet cannot rot.
 
 Each page's blocks run in order in a fresh directory (`experiments/` linked in), so one
 block may use what an earlier one made. Python blocks run as written. A shell line's
@@ -15,7 +16,6 @@ one in docs/levers.md and docs/python-api.md, a smoke compile in docs/tpu-compil
 conversions in docs/checkpoints.md) makes the test take about 45 s on 2 idle CPU cores.
 """
 
-import contextlib
 import importlib
 import pathlib
 import re
@@ -28,7 +28,8 @@ import tomllib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
+         "experiments/README.md"]
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```$", flags=re.M | re.S)
 OPERATORS = {"&&", "||", ";", "&", "|"}
 RUN_CONFIG = "minilm_jax.config"  # check_config of a parsed DistillConfig
@@ -133,10 +134,13 @@ def _script(path: str, args: list[str], monkeypatch) -> None:
   from absl import app, flags
   assert (ROOT / path).is_file(), f"{path} is not a file of the repository"
   before = set(flags.FLAGS)
+
+  def parse_only(main, argv=None, **_):
+    raise _Parsed(flags.FLAGS(argv or sys.argv))
+
   with monkeypatch.context() as m:
     _patch_parse(m)
-    m.setattr(app, "run", lambda main, argv=None, **_: (_ for _ in ()).throw(
-        _Parsed(flags.FLAGS(sys.argv))))
+    m.setattr(app, "run", parse_only)
     m.setattr(sys, "argv", [path, *args])
     try:
       runpy.run_path(str(ROOT / path), run_name="__main__")
