@@ -1,4 +1,4 @@
-"""Every Python and shell block of README.md, docs/*.md and experiments/README.md runs,
+"""Every Python and shell block of README.md, docs/*.md and experiments/**/README.md runs,
 so a snippet cannot rot.
 
 Each page's blocks run in order in a fresh directory (`experiments/` linked in), so one
@@ -8,7 +8,7 @@ commands are each checked the cheapest true way:
   corpus, `--help`, or a model an earlier block made); any other is parsed exactly as the
   command parses it (`cli_flags.parse`: its flags, the `--config file.py:variant` and the
   `--config.key=value` overrides) and its run config checked, but not run;
-- `python path/to/script.py ...` parses its absl flags without running;
+- `python -m experiments.<kind>.<name> ...` parses its absl flags without running;
 - setup (venv, pip, pytest, `python -c`) is checked for the files and code it names;
 - a command the test cannot check fails it: teach `_check_command` about it.
 Parsing takes well under a second a command. What runs here (README's smoke run, the
@@ -28,8 +28,8 @@ import tomllib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
-         "experiments/README.md"]
+PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix()
+                             for p in [*ROOT.glob("docs/*.md"), *ROOT.glob("experiments/**/README.md")])]
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```$", flags=re.M | re.S)
 OPERATORS = {"&&", "||", ";", "&", "|"}
 RUN_CONFIG = "minilm_jax.config"  # check_config of a parsed DistillConfig
@@ -129,10 +129,11 @@ def _minilm_jax(argv: list[str], monkeypatch) -> None:
   pytest.fail(f"{what} ran instead of stopping at its flags")
 
 
-def _script(path: str, args: list[str], monkeypatch) -> None:
-  """A script's absl flags parsed (`app.run` or `cli_flags.parse`), its main not run."""
+def _experiment(module: str, args: list[str], monkeypatch) -> None:
+  """`python -m experiments.<kind>.<name>`: its absl flags parsed (`cli_flags.parse`, or
+  `app.run`), its work not run."""
   from absl import app, flags
-  assert (ROOT / path).is_file(), f"{path} is not a file of the repository"
+  assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), f"no module {module} in the repository"
   before = set(flags.FLAGS)
 
   def parse_only(main, argv=None, **_):
@@ -141,17 +142,18 @@ def _script(path: str, args: list[str], monkeypatch) -> None:
   with monkeypatch.context() as m:
     _patch_parse(m)
     m.setattr(app, "run", parse_only)
-    m.setattr(sys, "argv", [path, *args])
+    m.setattr(sys, "argv", [module, *args])
     try:
-      runpy.run_path(str(ROOT / path), run_name="__main__")
+      runpy.run_module(module, run_name="__main__")
     except _Parsed:
-      pass
+      return
     except SystemExit as e:
-      _exit_ok(e, f"python {path} {shlex.join(args)}")
+      pytest.fail(f"python -m {module} {shlex.join(args)} does not parse: {e.code}")
     finally:
       for name in set(flags.FLAGS) - before:
         delattr(flags.FLAGS, name)
       flags.FLAGS.unparse_flags()
+  pytest.fail(f"python -m {module} {shlex.join(args)} ran instead of stopping at its flags")
 
 
 def _pip(args: list[str]) -> None:
@@ -177,8 +179,8 @@ def _python(args: list[str], monkeypatch) -> None:
     assert all((ROOT / a).exists() for a in args[2:] if not a.startswith("-") and not a.isdigit())
   elif args[0] == "-c":
     compile(args[1], "python -c", "exec")
-  elif args[0].endswith(".py"):
-    _script(args[0], args[1:], monkeypatch)
+  elif args[0] == "-m" and args[1].startswith("experiments."):
+    _experiment(args[1], args[2:], monkeypatch)
   else:
     pytest.fail(f"docs_test cannot check python {shlex.join(args)}")
 
