@@ -28,6 +28,7 @@ FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "stude
                  "text_feature", "doc_per_line", "doc_per_file", "two_segments", "seed", "loss_terms",
                  "internals_loss", "loss_teacher_layers", "loss_student_layers", "objective")
 _RUN_KEYS = ("teacher", "student_layers", "max_steps")  # a config.json with these is a run's
+RENAMED_FIELDS = {"num_relation_heads": "relation_heads"}  # as runs of earlier versions saved them
 
 
 def _as_json(cfg: DistillConfig) -> dict:
@@ -56,6 +57,8 @@ def read_config(workdir: pathlib.Path) -> dict | None:
                        "distill run (or its config.json was lost); use a new --workdir")
     return None
   old = _read_json(path)
+  if isinstance(old, dict):
+    old = {RENAMED_FIELDS.get(k, k): v for k, v in old.items()}
   if not isinstance(old, dict) or not all(k in old for k in _RUN_KEYS):
     what = ("a Hugging Face model's config" if isinstance(old, dict) and "model_type" in old
             else f"not a distill config (a JSON {type(old).__name__} without {', '.join(_RUN_KEYS)})")
