@@ -60,23 +60,32 @@ def run(mode: str = "cpu", routes: Sequence[str] = ROUTES, configs: Sequence[str
     seq = max(s for _, s in m.shapes)
     for w in works:
       for route in harness.best_routes(routes):
-        spec = {"kind": "fits", "mode": mode, "config": w.name, "route": route, "seq": seq}
-        probes = []
-        def fits(batch):
-          probes.append(batch)
-          result = harness.run_work(spec | {"batch": batch}, isolate, timeout)
-          if "error" in result:
-            raise RuntimeError(f"{route} {w.name} batch {batch}: {result['error']}")
-          return result["fits"]
-        try:
-          found, fails_at = harness.largest_batch(fits, m.max_batch_start, m.max_batch_limit)
-          result = {"max_batch": found, "fails_at": fails_at}
-        except RuntimeError as e:
-          result = {"error": str(e)[:500]}
-        emit(common | {"kind": "max_batch", "route": route, "framework": route.split("-")[0],
-                       "config": w.name, "seq": seq, "probes": probes} | result)
+        emit(common | _largest_batch(mode, w.name, route, seq, isolate, timeout))
   print(report.write_table(jsonl, mode))
   return rows
+
+
+def _largest_batch(mode: str, config: str, route: str, seq: int, isolate: bool,
+                   timeout: float | None) -> dict:
+  """The largest batch of `config` at `seq` that fits `route`, and the probes that found it."""
+  m = MODES[mode]
+  spec = {"kind": "fits", "mode": mode, "config": config, "route": route, "seq": seq}
+  probes = []
+
+  def fits(batch):
+    probes.append(batch)
+    result = harness.run_work(spec | {"batch": batch}, isolate, timeout)
+    if "error" in result:
+      raise RuntimeError(f"{route} {config} batch {batch}: {result['error']}")
+    return result["fits"]
+
+  try:
+    found, fails_at = harness.largest_batch(fits, m.max_batch_start, m.max_batch_limit)
+    result = {"max_batch": found, "fails_at": fails_at}
+  except RuntimeError as e:
+    result = {"error": str(e)[:500]}
+  return {"kind": "max_batch", "route": route, "framework": route.split("-")[0],
+          "config": config, "seq": seq, "probes": probes} | result
 
 
 def parse_shape(text: str) -> tuple[int, int]:

@@ -171,28 +171,13 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   Hugging Face directory `workdir/best` (with `score.RUN_FILE` for `score.score_model`).
   """
   cfg = dataclasses.replace(cfg, task=tasks.resolve_task(cfg.task))
-  is_squad = cfg.task == tasks.SQUAD
-  num_labels = None if is_squad else glue.get_task(cfg.task).num_labels
-  module, tokenizer_dir = build_model(cfg, num_labels)
-  tokenizer = tokenization.load(tokenizer_dir)
-  data = tasks.load(cfg.task, cfg.data, tokenizer, max_seq_len=cfg.max_seq_len,
-                    doc_stride=cfg.doc_stride, squad_train_articles=cfg.squad_train_articles,
-                    max_train_examples=cfg.max_train_examples,
-                    max_eval_examples=cfg.max_eval_examples)
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(cfg.batch_size, mesh)
-  sharding.check_batch_size(cfg.eval_batch_size, mesh)
-  n_train = len(data.train["input_ids"])
-  steps_per_epoch = n_train // cfg.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"{n_train} training rows do not fill one batch of {cfg.batch_size}: "
-                     "lower batch_size")
+  module, tokenizer_dir, data, mesh, steps_per_epoch = _prepare(cfg)
   optimizer = make_optimizer(cfg, steps_per_epoch * cfg.epochs)
   graphdef, params = nnx.split(module, nnx.Param)
   params = sharding.put_replicated(params, mesh)
   opt_state = sharding.put_replicated(optimizer.init(params), mesh)
   train_step, predict = make_steps(graphdef, optimizer, mesh, data.regression)
-  keys = QA_INPUTS if is_squad else GLUE_INPUTS
+  keys = QA_INPUTS if cfg.task == tasks.SQUAD else GLUE_INPUTS
   key = jax.random.key(cfg.seed)
   rng = np.random.default_rng(cfg.seed)
   lengths = data.train["attention_mask"].sum(axis=1)
@@ -241,14 +226,41 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   summary = {"best_score": best["score"], "best_epoch": best["epoch"], "history": history,
              "module": module, "data": data.stats, "model_info": info}
   if workdir is not None and jax.process_index() == 0:
-    out = heads.export_hf(pathlib.Path(workdir) / "best", module, tokenizer_dir,
-                          labels=data.labels, regression=data.regression, overwrite=True)
-    (out / score.RUN_FILE).write_text(json.dumps(
-        {"task": cfg.task, "max_seq_len": data.stats["max_seq_len"], "doc_stride": cfg.doc_stride,
-         "squad_train_articles": cfg.squad_train_articles, "epoch": best["epoch"],
-         "dev_score": best["score"]}, indent=2) + "\n")
-    summary["hf"] = str(out)
+    summary["hf"] = str(_export_best(cfg, pathlib.Path(workdir) / "best", module, tokenizer_dir,
+                                     data, best))
   return summary
+
+
+def _prepare(cfg: FinetuneConfig):
+  """The task model, its tokenizer's directory, the task's data, the mesh and steps per epoch."""
+  num_labels = None if cfg.task == tasks.SQUAD else glue.get_task(cfg.task).num_labels
+  module, tokenizer_dir = build_model(cfg, num_labels)
+  data = tasks.load(cfg.task, cfg.data, tokenization.load(tokenizer_dir),
+                    max_seq_len=cfg.max_seq_len, doc_stride=cfg.doc_stride,
+                    squad_train_articles=cfg.squad_train_articles,
+                    max_train_examples=cfg.max_train_examples,
+                    max_eval_examples=cfg.max_eval_examples)
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  sharding.check_batch_size(cfg.eval_batch_size, mesh)
+  n_train = len(data.train["input_ids"])
+  steps_per_epoch = n_train // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{n_train} training rows do not fill one batch of {cfg.batch_size}: "
+                     "lower batch_size")
+  return module, tokenizer_dir, data, mesh, steps_per_epoch
+
+
+def _export_best(cfg: FinetuneConfig, out: pathlib.Path, module, tokenizer_dir, data,
+                 best: dict) -> pathlib.Path:
+  """The best epoch's task model as a Hugging Face directory, with `score.RUN_FILE` beside it."""
+  out = heads.export_hf(out, module, tokenizer_dir, labels=data.labels,
+                        regression=data.regression, overwrite=True)
+  (out / score.RUN_FILE).write_text(json.dumps(
+      {"task": cfg.task, "max_seq_len": data.stats["max_seq_len"], "doc_stride": cfg.doc_stride,
+       "squad_train_articles": cfg.squad_train_articles, "epoch": best["epoch"],
+       "dev_score": best["score"]}, indent=2) + "\n")
+  return out
 
 
 def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]) -> dict:
