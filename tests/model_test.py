@@ -252,13 +252,6 @@ def test_embeddings_equal_the_lookups():
   np.testing.assert_array_equal(emb.token_types(types), emb.token_type_embeddings(types))
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU, bf16 heads take cuDNN")
-def test_attention_route_off_a_gpu_is_xla():
-  for dtype in (jnp.float32, jnp.bfloat16):
-    for dropout in (False, True):
-      assert attention.attention_implementation(dtype, 32, dropout) == "xla"
-
-
 def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
   """Rate 0 with a key is exactly the no-dropout path (1e-6); rate r zeroes probabilities
   whose 8 random bits of the key are >= (1 - r) 256 and scales the rest by 1 / (1 - r)."""

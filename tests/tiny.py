@@ -4,6 +4,8 @@ Plain functions and constants, imported by name (`from tiny import ...`): the su
 step_test's eight-device check imports them too, where no pytest fixture reaches.
 """
 
+import os
+
 import jax
 import numpy as np
 
@@ -12,6 +14,7 @@ from minilm_jax import checkpoint, optimizer as optimizer_lib, sharding
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
+from minilm_jax.model import AttentionInternals
 
 # A small random BERT: with the teacher's tokenizer it is conftest's `tiny_dir`.
 TINY_BERT = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -19,10 +22,10 @@ TINY_BERT = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, int
 
 
 def smoke_config(**changes):
-  """experiments/configs/demo.py's `smoke` variant with `changes` set."""
+  """experiments/configs/demo.py's `smoke` variant with `changes` set (paths as strings)."""
   cfg = demo.get_config("smoke")
   for k, v in changes.items():
-    setattr(cfg, k, v)
+    setattr(cfg, k, str(v) if isinstance(v, os.PathLike) else v)
   return cfg
 
 
@@ -63,6 +66,16 @@ def ragged_features(n=20, width=64, seed=0):
   types = ((np.arange(width)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
   return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": types,
           "labels": rng.integers(2, size=n).astype(np.int32)}
+
+
+def mask_of(lengths, t=7):
+  """An attention mask [len(lengths), t] with `lengths` real tokens per row."""
+  return (np.arange(t)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
+
+
+def internals(rng, width, b=3, t=7):
+  """Random query, key and value [b, t, width] of one layer."""
+  return AttentionInternals(*(rng.normal(size=(b, t, width)).astype(np.float32) for _ in range(3)))
 
 
 def build(cfg, teacher, mesh, micro_batches=1):
