@@ -243,14 +243,6 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   teacher_config.check_max_seq_len(512)
 
 
-def test_position_limit_of_roberta_models(tmp_path):
-  config = model_lib.ModelConfig(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1)
-  assert config.max_seq_len == 512
-  config.check_max_seq_len(512)
-  with pytest.raises(ValueError, match="usable 512"):
-    config.check_max_seq_len(513)
-
-
 def sentencepiece_dir(tmp_path):
   """A tiny XLM-R-like Unigram tokenizer: <s>=0, <pad>=1, </s>=2, <unk>=3, no download."""
   pieces = ["<s>", "<pad>", "</s>", "<unk>", "▁", "▁the", "▁fox", "▁dog", "▁quick", "s", "e",
