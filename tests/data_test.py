@@ -11,7 +11,6 @@ import tokenizers
 import transformers
 
 from minilm_jax import convert, corpus_tfds, data, documents, teachers, tokenization
-from minilm_jax import model as model_lib
 
 TEACHER = teachers.resolve_model_dir("all-MiniLM-L6-v2")
 BOOK = """The Project Gutenberg eBook of A Tiny Book
