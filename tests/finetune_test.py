@@ -11,7 +11,7 @@ from flax import nnx
 from minilm_jax import checkpoint, sharding
 from minilm_jax.finetune import heads, score, train
 from minilm_jax import model as model_lib
-from tiny import TINY_BERT, ragged_features
+from tiny import TINY_BERT, ragged_features, write_rte
 
 
 def _inputs(seed=0, batch=3, length=16):
@@ -82,22 +82,10 @@ def test_encoder_weights_come_from_hf_dir_or_checkpoint(tiny_dir, tmp_path, teac
     jax.tree.map(np.testing.assert_array_equal, got, params.to_pure_dict())
 
 
-def _write_rte(glue_dir, split, n, seed):
-  rng = np.random.default_rng(seed)
-  rows = ["index\tsentence1\tsentence2\tlabel"]
-  for i in range(n):
-    label = int(rng.integers(2))
-    word = "yes" if label == 0 else "no"
-    rows.append(f"{i}\tthe answer is {word} .\tit is {word} .\t"
-                f"{('entailment', 'not_entailment')[label]}")
-  (glue_dir / "RTE").mkdir(parents=True, exist_ok=True)
-  (glue_dir / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-
-
 def test_tiny_glue_run_keeps_best_epoch_and_exports(tiny_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
-  _write_rte(tmp_path / "glue", "train", 32, 0)
-  _write_rte(tmp_path / "glue", "dev", 12, 1)
+  write_rte(tmp_path / "glue", "train", 32, 0)
+  write_rte(tmp_path / "glue", "dev", 12, 1)
   cfg = train.FinetuneConfig(model=str(tiny_dir), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=3,
                                 learning_rate=1e-3)

@@ -11,6 +11,7 @@ import transformers
 from minilm_jax import tokenization
 from minilm_jax.finetune import heads, score, train
 from roberta_family import INLINE, build_teacher
+from tiny import write_rte
 
 FAMILIES = {"xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
 
@@ -76,11 +77,10 @@ def test_qa_export_matches_transformers(family_dir, tmp_path):
 
 def test_finetune_run_on_an_xlmr_student_exports_what_it_trained(tmp_path):
   """`finetune` end to end on a tiny XLM-R: the exported best epoch predicts as the run did."""
-  from finetune_test import _write_rte
   from minilm_jax.finetune import glue
   model_dir = build_teacher("xlm-roberta", tmp_path / "xlmr", INLINE * 3)
-  _write_rte(tmp_path / "glue", "train", 16, 0)
-  _write_rte(tmp_path / "glue", "dev", 8, 1)
+  write_rte(tmp_path / "glue", "train", 16, 0)
+  write_rte(tmp_path / "glue", "dev", 8, 1)
   cfg = train.FinetuneConfig(model=str(model_dir), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=1,
                                 learning_rate=1e-3)

@@ -78,6 +78,19 @@ def internals(rng, width, b=3, t=7):
   return AttentionInternals(*(rng.normal(size=(b, t, width)).astype(np.float32) for _ in range(3)))
 
 
+def write_rte(glue_dir, split, n, seed):
+  """An RTE `split` of `n` random pairs whose label the words tell ("yes": entailment), GLUE layout."""
+  rng = np.random.default_rng(seed)
+  rows = ["index\tsentence1\tsentence2\tlabel"]
+  for i in range(n):
+    label = int(rng.integers(2))
+    word = "yes" if label == 0 else "no"
+    rows.append(f"{i}\tthe answer is {word} .\tit is {word} .\t"
+                f"{('entailment', 'not_entailment')[label]}")
+  (glue_dir / "RTE").mkdir(parents=True, exist_ok=True)
+  (glue_dir / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+
+
 def build(cfg, teacher, mesh, micro_batches=1):
   """The jitted distillation step, its first state and the truncated teacher, on `mesh`."""
   setup = step_lib.make_setup(cfg, teacher[0])
