@@ -8,6 +8,7 @@ import json
 import jax
 import pytest
 
+from experiments.scripts import tpu_compile_report
 from minilm_jax import model as model_lib, sharding
 from minilm_jax import step as core_step
 from minilm_jax.config import DistillConfig
@@ -190,10 +191,6 @@ def _row(config, dropout, mfu, gb, batch=64, seq=128):
 
 
 def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets():
-  import importlib.util as iu
-  spec = iu.spec_from_file_location("tpu_compile_report", "experiments/scripts/tpu_compile_report.py")
-  page = iu.module_from_spec(spec)
-  spec.loader.exec_module(page)
   before = [_row("base-v1-attn0", 0, 0.29, 26.3) | {"model_flops": 0.29 * 0.0321 * 197e12, "xla_flops": 1.87e12}]
   unrolled = _row("base-v1", 0, 0.20, 40.0) | {"model_flops": 1.83e12, "xla_flops": 1.9e12}
   after = [unrolled | {"as_compiled": {"xla_flops": 1.8e12, "bytes_accessed": 22.3e9}},
@@ -202,7 +199,7 @@ def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets(
   # Before and after as XLA counts loops (once); the unrolled, true counts of the after row.
   assert "| base-v1 | 64 x 128 | 0 | 2.00 -> 2.00 | 26.3 -> 22.3 | 29% -> 34% | 40.0 | 9.5 / 48.8 | 20% |" in table
   assert "| base-v2 | 64 x 128 | 0 | (not compiled) -> 2.00 |" in table
-  targets = page.targets(after)
+  targets = tpu_compile_report.targets(after)
   assert "| base-v1 | 64 x 128 | 20% | >= 50% | no |" in targets  # the unrolled, true bound
   assert "| base-v2 | 64 x 128 | 55% | >= 50% | yes |" in targets
   assert "| base-v2 | 64 x 512 | not compiled | >= 40% | - |" in targets

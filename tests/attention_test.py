@@ -1,6 +1,7 @@
-"""The TPU attention route: Pallas splash attention against XLA's, and its choice.
+"""Attention: `fused_attention` against numpy (XLA's; cuDNN's and its fused dropout on a GPU),
+the TPU route's Pallas splash attention against XLA's, and the route's choice.
 
-The kernel runs here in Pallas's interpreter (CPU); the compile test builds the real
+The splash kernel runs here in Pallas's interpreter (CPU); the compile test builds the real
 Mosaic kernel for a TPU topology with libtpu's compiler, running nothing.
 """
 
@@ -31,6 +32,81 @@ def _xla(q, k, v, mask):
 
 def _splash(q, k, v, mask):
   return attention.splash_attention(q, k, v, mask, interpret=True)
+
+
+def _attention_reference(q, k, v, mask):
+  """numpy float64: softmax over unpadded keys of q k^T / sqrt(H), times v; [B, T, N, H]."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(mask[:, None, None, :] > 0, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), v)
+
+
+def _random_attention_inputs(dtype, b=3, t=40, n=4, h=32):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(b, t, n, h)).astype(np.float32) for _ in range(3))
+  lengths = np.array([t, 17, 1])  # right padding, as every tokenizer and packer here writes it
+  mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  cast = lambda x: jnp.asarray(x, dtype)
+  return (cast(q), cast(k), cast(v)), mask
+
+
+def test_fused_attention_matches_numpy_float32():
+  """The path every uncaptured float32 layer takes (XLA's attention), to 1e-5; full float32
+  matmuls, since a GPU's default for float32 is TF32 (10 mantissa bits)."""
+  (q, k, v), mask = _random_attention_inputs(jnp.float32)
+  assert attention.attention_implementation(jnp.float32, 32) == "xla"
+  with jax.default_matmul_precision("float32"):
+    got = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask)))
+  np.testing.assert_allclose(got, _attention_reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_fused_attention_cudnn_matches_numpy_bfloat16():
+  """On a GPU, bf16 heads go to cuDNN with the padding as key lengths; bf16 rounding
+  (8 mantissa bits on q, k, v and the output) bounds the difference: 2e-2 relative."""
+  (q, k, v), mask = _random_attention_inputs(jnp.bfloat16)
+  assert attention.attention_implementation(jnp.bfloat16, 32) == "cudnn"
+  got = np.asarray(jax.jit(attention.fused_attention)(q, k, v, jnp.asarray(mask)), np.float64)
+  want = _attention_reference(q, k, v, mask)
+  assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
+def test_attention_dropout_zero_is_the_fused_path_and_dropout_is_inverted():
+  """Rate 0 with a key is exactly the no-dropout path (1e-6); rate r zeroes probabilities
+  whose 8 random bits of the key are >= (1 - r) 256 and scales the rest by 1 / (1 - r)."""
+  (q, k, v), mask = _random_attention_inputs(jnp.float32)
+  key = jax.random.key(3)
+  with jax.default_matmul_precision("float32"):
+    fused = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask)))
+    zero = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.0, dropout_rng=key))
+    dropped = np.asarray(attention.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25, dropout_rng=key))
+  np.testing.assert_allclose(zero, fused, rtol=0, atol=1e-6)
+  b, t, n, h = q.shape
+  logits = np.einsum("btnh,bsnh->bnts", np.float64(q), np.float64(k)) / np.sqrt(h)
+  logits = np.where(mask[:, None, None, :] == 1, logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  keep = np.asarray(jax.random.bits(key, probs.shape, jnp.uint8)) < 192  # 0.75 * 256
+  want = np.einsum("bnts,bsnh->btnh", np.where(keep, probs / 0.75, 0.0), np.float64(v))
+  np.testing.assert_allclose(dropped, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused dropout needs a GPU")
+def test_fused_attention_cudnn_dropout_bfloat16():
+  """On a GPU, bf16 heads with dropout go to cuDNN with the dropout fused: with v = 1 each
+  output is the sum of the kept probabilities / (1 - r), 1 on average (inverted dropout is
+  unbiased) but not row by row; the backward pass compiles and is finite."""
+  (q, k, _), mask = _random_attention_inputs(jnp.bfloat16)
+  assert attention.attention_implementation(jnp.bfloat16, 32, True) == "cudnn"
+  ones = jnp.ones_like(k)
+  run = jax.jit(lambda q, k, v: attention.fused_attention(q, k, v, jnp.asarray(mask), dropout_rate=0.25,
+                                                          cudnn_dropout=True))
+  got = np.asarray(run(q, k, ones), np.float32)[mask.astype(bool)]
+  assert abs(got.mean() - 1) < 2e-2 and got.std() > 1e-2
+  grads = jax.grad(lambda q: run(q, k, ones).astype(jnp.float32).sum())(q)
+  assert np.isfinite(np.asarray(grads, np.float32)).all()
 
 
 @pytest.mark.parametrize("h", [32, 64])

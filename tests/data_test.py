@@ -11,7 +11,6 @@ import tokenizers
 import transformers
 
 from minilm_jax import convert, corpus_tfds, data, documents, teachers, tokenization
-from minilm_jax import model as model_lib
 
 TEACHER = teachers.resolve_model_dir("all-MiniLM-L6-v2")
 BOOK = """The Project Gutenberg eBook of A Tiny Book
@@ -241,14 +240,6 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   teacher_config = convert.read_hf_config(teacher_dir)[0]
   assert teacher_config.max_seq_len == 512  # 512 positions hold 512 tokens
   teacher_config.check_max_seq_len(512)
-
-
-def test_position_limit_of_roberta_models(tmp_path):
-  config = model_lib.ModelConfig(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1)
-  assert config.max_seq_len == 512
-  config.check_max_seq_len(512)
-  with pytest.raises(ValueError, match="usable 512"):
-    config.check_max_seq_len(513)
 
 
 def sentencepiece_dir(tmp_path):

@@ -16,19 +16,10 @@ import transformers
 
 from minilm_jax import checkpoint, cli, data, distill, model as model_lib, preemption
 from minilm_jax.metric_writer import read_metrics
+from tiny import comparable, params_of, smoke_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.py"
-
-
-def smoke_config(**kw):
-  spec = __import__("importlib.util").util.spec_from_file_location("demo", DEMO)
-  module = __import__("importlib.util").util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("smoke")
-  for k, v in kw.items():
-    setattr(cfg, k, v)
-  return cfg
 
 
 def distill_cli(workdir, *overrides, wait=True):
@@ -58,15 +49,6 @@ def test_smoke_run_exports_a_student_pytorch_loads(tmp_path):
   mine = model_lib.apply(config, params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
   real = batch["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(mine.last_hidden_state)[real], ref[real], rtol=0, atol=1e-5)
-
-
-def params_of(workdir):
-  _, params, _, step = checkpoint.restore_params(workdir)
-  return step, [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
-
-
-def comparable(records):
-  return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "examples_per_sec")} for r in records]
 
 
 @pytest.mark.parametrize("prng", ["auto", "rbg"])  # threefry on a CPU; rbg, accelerators' default

@@ -14,19 +14,10 @@ import pytest
 from sklearn.metrics import accuracy_score
 
 from minilm_jax import cli, convert, tokenization
-from minilm_jax import model as model_lib
 from minilm_jax.finetune import score, tasks
 
-TINY = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                             max_position_embeddings=128)
 FLAGS = ["--config.max_seq_len=48", "--config.epochs=2", "--config.batch_size=16",
          "--config.eval_batch_size=32", "--config.learning_rate=1e-3"]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, teacher_dir):
-  out = tmp_path_factory.mktemp("tiny") / "hf"
-  return convert.save_hf(out, TINY, model_lib.init_params(TINY, seed=3), teacher_dir)
 
 
 def _slice(src, dst, rows):

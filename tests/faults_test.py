@@ -7,7 +7,6 @@ One finished run is shared by the cases (copied per case); most cases stop befor
 
 import ctypes
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,25 +20,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from minilm_jax import checkpoint, cli, convert, distill, documents
-from minilm_jax import model as model_lib
+from minilm_jax import checkpoint, cli, distill, documents
 from minilm_jax.finetune import heads, train
 from minilm_jax.metric_writer import read_metrics
+from tiny import smoke_config
 from minilm_jax.teachers import resolve_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.py"
-
-
-def smoke_config(corpus, **kw):
-  spec = importlib.util.spec_from_file_location("demo", DEMO)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config("smoke")
-  cfg.corpus = str(corpus)
-  for k, v in kw.items():
-    setattr(cfg, k, v)
-  return cfg
 
 
 def digest(path: pathlib.Path) -> dict[str, str]:
@@ -61,7 +49,7 @@ def corpus(tmp_path_factory):
 def finished(tmp_path_factory, corpus):
   """A completed smoke run (steps 2 and 4, exported), to be copied, never changed."""
   workdir = tmp_path_factory.mktemp("finished") / "run"
-  distill.run(smoke_config(corpus), workdir)
+  distill.run(smoke_config(corpus=corpus), workdir)
   return workdir
 
 
@@ -84,7 +72,7 @@ def fails(argv) -> str:
 
 def test_divergence_is_caught_before_a_save_and_the_last_finite_checkpoint_kept(corpus, tmp_path):
   # lr 1e30: step 1 runs at lr 0 (warmup), step 2's update makes the student overflow.
-  cfg = smoke_config(corpus, learning_rate=1e30, max_steps=4, checkpoint_every=2, log_every=4,
+  cfg = smoke_config(corpus=corpus, learning_rate=1e30, max_steps=4, checkpoint_every=2, log_every=4,
                      keep_checkpoints=1, export_hf=False)
   with pytest.raises(FloatingPointError) as e:
     distill.run(cfg, tmp_path)
@@ -113,7 +101,7 @@ def test_nan_teacher_weight_is_named_before_anything_is_written(corpus, tmp_path
   teacher = _teacher_copy(tmp_path, poison)
   with pytest.raises(FloatingPointError, match=r"teacher .* non-finite weights in 1 tensors, e\.g\. "
                      r".*layers.*5.*value.*kernel.*corrupt"):
-    distill.run(smoke_config(corpus, teacher=str(teacher)), tmp_path / "run")
+    distill.run(smoke_config(corpus=corpus, teacher=str(teacher)), tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 
@@ -123,7 +111,7 @@ def test_teacher_overflow_is_told_apart_from_divergence(corpus, tmp_path):
   teacher = _teacher_copy(tmp_path, overflow)
   with pytest.raises(FloatingPointError, match=r"at step 1 \(batch 0 of the data order\): the "
                      r"teacher's outputs are non-finite.*Nothing non-finite was saved"):
-    distill.run(smoke_config(corpus, teacher=str(teacher), export_hf=False), tmp_path / "run")
+    distill.run(smoke_config(corpus=corpus, teacher=str(teacher), export_hf=False), tmp_path / "run")
   assert not any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
 
 
@@ -147,7 +135,7 @@ def test_distill_refuses_a_directory_that_is_not_a_run(corpus, tmp_path, finishe
   before = digest(hf_dir)
   with pytest.raises(ValueError, match=r"holds something other than a distill run \(.*config.json is "
                      r"a Hugging Face model's config\).*new or empty --workdir"):
-    distill.run(smoke_config(corpus), hf_dir)
+    distill.run(smoke_config(corpus=corpus), hf_dir)
   assert digest(hf_dir) == before
 
 
@@ -160,16 +148,10 @@ def _write_rte(glue_dir, split, n):
   (glue_dir / "RTE" / f"{split}.tsv").write_text("\n".join(rows[:n + 1]) + "\n")
 
 
-TINY = model_lib.ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                             max_position_embeddings=64)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """A tiny random BERT (HF dir), its fine-tuned-shaped RTE export and an RTE folder."""
-  root = tmp_path_factory.mktemp("tiny")
-  encoder = convert.save_hf(root / "hf", TINY, model_lib.init_params(TINY, seed=3),
-                            resolve_model_dir("all-MiniLM-L6-v2"))
+def tiny(tmp_path_factory, tiny_dir):
+  """conftest's tiny random BERT (HF dir), its fine-tuned-shaped RTE export and an RTE folder."""
+  root, encoder = tmp_path_factory.mktemp("tiny"), tiny_dir
   module, tok = train.build_model(train.FinetuneConfig(model=str(encoder), task="glue/rte"), 2)
   cls = heads.export_hf(root / "cls", module, tok, labels=("entailment", "not_entailment"))
   _write_rte(root / "glue", "train", 16)
@@ -202,13 +184,13 @@ def test_finetune_keeps_old_metrics_until_a_new_record_replaces_them(tiny, tmp_p
 def test_bad_config_is_refused_before_anything_is_written(corpus, run_copy, tmp_path, override,
                                                           message):
   with pytest.raises(ValueError, match=message):
-    distill.run(smoke_config(corpus, **override), tmp_path / "new")
+    distill.run(smoke_config(corpus=corpus, **override), tmp_path / "new")
   assert not (tmp_path / "new").exists()
   before = digest(run_copy)
   if "global_batch_size" in override:  # on an existing run, the resume guard speaks first
     message = r"another configuration \(global_batch_size: 8 -> 7; grad_accum_steps: 1 -> 2\)"
   with pytest.raises(ValueError, match=message):
-    distill.run(smoke_config(corpus, **override), run_copy)
+    distill.run(smoke_config(corpus=corpus, **override), run_copy)
   assert digest(run_copy) == before
 
 
@@ -220,9 +202,9 @@ def test_bad_config_is_refused_before_anything_is_written(corpus, run_copy, tmp_
                                          ("text_feature", "content")])
 def test_resume_refuses_changed_data_or_optimizer_fields(corpus, run_copy, field, value):
   before = digest(run_copy)
-  old = getattr(smoke_config(corpus), field)
+  old = getattr(smoke_config(corpus=corpus), field)
   with pytest.raises(ValueError, match=rf"another configuration \({field}: {old!r} -> {value!r}\)"):
-    distill.run(smoke_config(corpus, **{field: value}, max_steps=6), run_copy)
+    distill.run(smoke_config(corpus=corpus, **{field: value}, max_steps=6), run_copy)
   assert digest(run_copy) == before
 
 
@@ -236,14 +218,14 @@ def test_resume_refuses_a_changed_corpus_saying_what_changed(corpus, finished, t
   record = json.loads((workdir / "corpus.json").read_text())
   record["files"] = {str(changed / pathlib.Path(f).name): n for f, n in record["files"].items()}
   (workdir / "corpus.json").write_text(json.dumps(record))
-  distill.run(smoke_config(changed, max_steps=4), workdir)  # unchanged corpus: resumes (done)
+  distill.run(smoke_config(corpus=changed, max_steps=4), workdir)  # unchanged corpus: resumes (done)
   size = (changed / "b.txt").stat().st_size
   with (changed / "b.txt").open("a") as f:
     f.write("\nA paragraph added after the run started.\n")
   before = digest(workdir)
   with pytest.raises(ValueError, match=rf"corpus changed .*b\.txt: {size} -> {size + 42} bytes; "
                      r"examples: \d+ -> \d+.*Restore the corpus, or use a new --workdir"):
-    distill.run(smoke_config(changed, max_steps=6), workdir)
+    distill.run(smoke_config(corpus=changed, max_steps=6), workdir)
   assert digest(workdir) == before
 
 
@@ -272,7 +254,7 @@ def test_damaged_run_config_is_named(corpus, run_copy, text, message):
   (run_copy / "config.json").write_text(text)
   before = digest(run_copy)
   with pytest.raises(ValueError, match=message):
-    distill.run(smoke_config(corpus), run_copy)
+    distill.run(smoke_config(corpus=corpus), run_copy)
   assert digest(run_copy) == before
 
 
@@ -447,5 +429,5 @@ def test_corrupt_latest_checkpoint_offers_and_takes_resume_from_step(corpus, fin
 def test_resume_from_a_missing_step_names_the_steps_there(corpus, run_copy):
   before = digest(run_copy)
   with pytest.raises(ValueError, match=r"--resume-from-step 3: .*checkpoints has steps \[2, 4\]"):
-    distill.run(smoke_config(corpus), run_copy, resume_from_step=3)
+    distill.run(smoke_config(corpus=corpus), run_copy, resume_from_step=3)
   assert digest(run_copy) == before

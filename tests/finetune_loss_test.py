@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilm_jax.finetune import score, train
-from finetune_test import _ragged_features, tiny_dir  # noqa: F401 (fixture)
+from tiny import ragged_features
 
 
 def _losses_at_widths(module, batch, widths):
@@ -20,7 +20,7 @@ def test_qa_loss_ignores_padded_positions(tiny_dir):
   to its longest row (48) gives the same loss (it did not while padded positions took
   part in the softmax)."""
   module, _ = train.build_model(train.FinetuneConfig(model=str(tiny_dir), dropout=0.0), None)
-  features = _ragged_features(n=8)
+  features = ragged_features(n=8)
   rng = np.random.default_rng(1)
   lengths = features["attention_mask"].sum(1)
   batch = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -43,7 +43,7 @@ def test_qa_loss_ignores_padded_positions(tiny_dir):
 
 def test_classification_loss_is_exact_under_trimming(tiny_dir):
   module, _ = train.build_model(train.FinetuneConfig(model=str(tiny_dir), dropout=0.0), 2)
-  batch = _ragged_features(n=8)
+  batch = ragged_features(n=8)
   width = score.trimmed_width(batch["attention_mask"], 16)
   full, trimmed = _losses_at_widths(module, batch, (64, width))
   np.testing.assert_allclose(trimmed, full, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Task heads vs transformers' BertFor* after export, the schedule, and tiny end-to-end runs."""
+"""Task heads vs transformers' BertFor* after export, and tiny end-to-end runs."""
 
 import dataclasses
 import json
@@ -8,19 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from minilm_jax import checkpoint, convert, optimizer as optimizer_lib, sharding
+from minilm_jax import checkpoint, sharding
 from minilm_jax.finetune import heads, score, train
 from minilm_jax import model as model_lib
-
-TINY = model_lib.ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                             max_position_embeddings=128)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, teacher_dir):
-  """A small random BERT with the teacher's tokenizer, as a Hugging Face directory."""
-  out = tmp_path_factory.mktemp("tiny") / "hf"
-  return convert.save_hf(out, TINY, model_lib.init_params(TINY, seed=3), teacher_dir)
+from tiny import TINY_BERT, ragged_features, write_rte
 
 
 def _inputs(seed=0, batch=3, length=16):
@@ -83,36 +74,18 @@ def test_qa_export_matches_transformers(tiny_dir, tmp_path):
 
 
 def test_encoder_weights_come_from_hf_dir_or_checkpoint(tiny_dir, tmp_path, teacher_dir):
-  params = model_lib.init_params(TINY, seed=3)
-  ckpt = checkpoint.save_model(tmp_path / "ckpt", TINY, params, teacher_dir)
+  params = model_lib.init_params(TINY_BERT, seed=3)
+  ckpt = checkpoint.save_model(tmp_path / "ckpt", TINY_BERT, params, teacher_dir)
   for source in (tiny_dir, ckpt):
     module, _ = train.build_model(train.FinetuneConfig(model=str(source)), 2)
     got = nnx.state(module.encoder, nnx.Param).to_pure_dict()
     jax.tree.map(np.testing.assert_array_equal, got, params.to_pure_dict())
 
 
-def test_warmup_then_linear_decay():
-  schedule = optimizer_lib.warmup_linear_decay(1.0, 10, 100)  # fine-tuning: 10% of 100 steps
-  assert [float(schedule(s)) for s in (0, 5, 10, 55, 100)] == pytest.approx(
-      [0.0, 0.5, 1.0, 0.5, 0.0])
-
-
-def _write_rte(glue_dir, split, n, seed):
-  rng = np.random.default_rng(seed)
-  rows = ["index\tsentence1\tsentence2\tlabel"]
-  for i in range(n):
-    label = int(rng.integers(2))
-    word = "yes" if label == 0 else "no"
-    rows.append(f"{i}\tthe answer is {word} .\tit is {word} .\t"
-                f"{('entailment', 'not_entailment')[label]}")
-  (glue_dir / "RTE").mkdir(parents=True, exist_ok=True)
-  (glue_dir / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-
-
 def test_tiny_glue_run_keeps_best_epoch_and_exports(tiny_dir, tmp_path):
   transformers = pytest.importorskip("transformers")
-  _write_rte(tmp_path / "glue", "train", 32, 0)
-  _write_rte(tmp_path / "glue", "dev", 12, 1)
+  write_rte(tmp_path / "glue", "train", 32, 0)
+  write_rte(tmp_path / "glue", "dev", 12, 1)
   cfg = train.FinetuneConfig(model=str(tiny_dir), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=3,
                                 learning_rate=1e-3)
@@ -146,7 +119,7 @@ def test_tiny_squad_run(tiny_dir, tmp_path):
 
 
 def test_truncated_and_random_baselines(tiny_dir):
-  pretrained = model_lib.init_params(TINY, seed=3).to_pure_dict()
+  pretrained = model_lib.init_params(TINY_BERT, seed=3).to_pure_dict()
   cfg = train.FinetuneConfig(model=str(tiny_dir), num_layers=1)
   module, _ = train.build_model(cfg, 2)
   got = nnx.state(module.encoder, nnx.Param).to_pure_dict()
@@ -162,17 +135,6 @@ def test_truncated_and_random_baselines(tiny_dir):
     train.build_model(dataclasses.replace(cfg, num_layers=5), 2)
 
 
-def _ragged_features(n=20, width=64, seed=0):
-  """Rows of 3..40 real tokens padded to `width`, with labels."""
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(3, 41, n)
-  ids = rng.integers(1000, 2000, (n, width)).astype(np.int32)
-  mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
-  types = ((np.arange(width)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
-  return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": types,
-          "labels": rng.integers(2, size=n).astype(np.int32)}
-
-
 def test_trimming_padding_changes_no_number(tiny_dir):
   """Cutting a batch to its longest row (rounded up) gives the same logits, loss and update."""
   cfg = train.FinetuneConfig(model=str(tiny_dir), dropout=0.0)
@@ -181,7 +143,7 @@ def test_trimming_padding_changes_no_number(tiny_dir):
   mesh = sharding.make_mesh()
   optimizer = train.make_optimizer(cfg, total_steps=10)
   train_step, predict = train.make_steps(graphdef, optimizer, mesh, regression=False)
-  features = _ragged_features()
+  features = ragged_features()
   full = score.predict_all(predict, params, features, 8, mesh)
   trimmed = score.predict_all(predict, params, features, 8, mesh, length_bucket=16)
   np.testing.assert_allclose(trimmed, full, rtol=0, atol=1e-5)  # float32, rows back in order

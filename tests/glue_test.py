@@ -1,14 +1,11 @@
 """GLUE registry, TSV / TFDS readers and features, checked against transformers' tokenizer."""
 
-import pathlib
-
 import numpy as np
 import pytest
 
-from minilm_jax import teachers, tokenization
+from minilm_jax import tokenization
 from minilm_jax.finetune import glue
 
-SHARED_GLUE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 PAPER_TASKS = {"mnli", "qnli", "qqp", "rte", "sst2", "mrpc", "cola", "stsb"}
 
 # One tiny file per task in the original GLUE layout (header, column order, label strings).
@@ -41,11 +38,6 @@ def glue_dir(tmp_path):
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text, encoding="utf-8")
   return tmp_path
-
-
-@pytest.fixture(scope="module")
-def teacher_dir():
-  return teachers.resolve_model_dir("all-MiniLM-L6-v2")
 
 
 def test_registry_has_every_paper_task():
@@ -124,17 +116,18 @@ def test_encoding_leaves_callers_tokenizer_untouched(teacher_dir):
   assert tokenizer.to_str() == before
 
 
-@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data/glue is not present")
-def test_real_glue_files_match_manifest_counts(teacher_dir):
+def test_real_glue_files_match_manifest_counts(teacher_dir, shared_data):
+  if not (shared_data / "glue").is_dir():
+    pytest.skip(f"{shared_data / 'glue'} is not present")
   counts = {("sst2", "train"): 67349, ("sst2", "dev"): 872, ("cola", "train"): 8551,
             ("cola", "dev"): 1043, ("rte", "train"): 2490, ("rte", "dev"): 277,
             ("qnli", "dev"): 5463}
   for (task, split), n in counts.items():
-    examples = glue.load_glue(task, SHARED_GLUE, split)
+    examples = glue.load_glue(task, shared_data / "glue", split)
     assert len(examples) == n, (task, split)
     labels = {e.label for e in examples}
     assert labels == {0, 1}, (task, split)
-  rte = glue.load_glue("rte", SHARED_GLUE, "dev")
+  rte = glue.load_glue("rte", shared_data / "glue", "dev")
   features = glue.encode_examples(rte, tokenization.load(teacher_dir), "rte")
   assert features["input_ids"].shape == (277, 128)
   assert (features["attention_mask"].sum(1) == 128).any()  # some pairs really are truncated

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+import transformers
 from flax import nnx
 
 from minilm_jax import hf_names, mlm
@@ -60,7 +61,10 @@ def test_to_hf_then_from_hf_is_exact():
     hf_names.from_hf(table, tensors, abstract, "model.safetensors")
 
 
-def test_architecture_names():
-  assert hf_names.architecture("bert") == "BertModel"
-  assert hf_names.architecture("xlm-roberta", hf_names.QUESTION_ANSWERING) == "XLMRobertaForQuestionAnswering"
-  assert hf_names.architecture("bert", hf_names.MASKED_LM) == "BertForMaskedLM"
+@pytest.mark.parametrize("model_type", sorted(hf_names.ARCHITECTURES))
+def test_architectures_are_transformers_classes_of_the_model_type(model_type):
+  """What an export writes in config.json's `architectures`, for the encoder and each head,
+  is a class transformers has, of the same model type."""
+  for head in (None, hf_names.SEQUENCE_CLASSIFICATION, hf_names.QUESTION_ANSWERING, hf_names.MASKED_LM):
+    cls = getattr(transformers, hf_names.architecture(model_type, head))
+    assert cls.config_class.model_type == model_type, (head, cls)

@@ -1,44 +1,17 @@
 """Loss ablations as config (term lists) and bring-your-own losses of internals."""
 
-import importlib.util
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
-from losses_test import internals, mask_of, numpy_relation_loss
-from minilm_jax import distill, losses, optimizer as optimizer_lib, sharding
+from experiments.configs import tinybert_attention
+from minilm_jax import distill, optimizer as optimizer_lib, sharding
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax.metric_writer import read_metrics
-from step_test import build, random_batch, tiny_cfg
+from tiny import build, internals, mask_of, random_batch, tiny_cfg
 
-TINYBERT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "tinybert_attention.py"
-PAIRS = {"attention_transfer": ("query", "key"), "value_relation": ("value", "value"),
-         "qq_relation": ("query", "query"), "kk_relation": ("key", "key"), "vv_relation": ("value", "value")}
-
-
-def load(path):
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-@pytest.mark.parametrize("version,heads", [("v1", 12), ("v2", 6)])
-def test_each_term_list_is_the_numpy_sum_of_its_terms(version, heads):
-  rng = np.random.default_rng(5)
-  t, s, mask = internals(rng, 48), internals(rng, 48 if version == "v1" else 24), mask_of([7, 4, 1])
-  names = losses.TERMS[version]
-  for chosen in [names[:1], names[1:], names[-1:], names]:
-    got = losses.minilm_loss(t, s, mask, heads, chosen)
-    assert set(got) == set(chosen) | {"total"}  # only the chosen terms are computed and reported
-    want = {n: numpy_relation_loss(*(np.float64(getattr(x, f)) for x in (t, s) for f in PAIRS[n]),
-                                   mask, heads) for n in chosen}
-    for n in chosen:
-      np.testing.assert_allclose(got[n], want[n], rtol=1e-6, err_msg=n)
-    np.testing.assert_allclose(got["total"], sum(want.values()), rtol=1e-6)
+TINYBERT = tinybert_attention.__file__
 
 
 def test_config_term_list_reaches_the_step_and_its_metrics(teacher):
@@ -97,7 +70,7 @@ def test_tinybert_loss_matches_numpy():
   logits = lambda: rng.normal(size=(3, 4, 7, 7)).astype(np.float32) * 3
   pairs = [(internals(rng, 16).replace(logits=logits()), internals(rng, 16).replace(logits=logits()))
            for _ in range(2)]
-  got = load(TINYBERT).attention_mse(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), mask)
+  got = tinybert_attention.attention_mse(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), mask)
   want = [numpy_score_mse(t.logits, s.logits, mask) for t, s in pairs]
   np.testing.assert_allclose([got["attention_mse_1"], got["attention_mse_2"]], want, rtol=1e-6)
   np.testing.assert_allclose(got["total"], sum(want), rtol=1e-6)
@@ -105,7 +78,7 @@ def test_tinybert_loss_matches_numpy():
 
 def test_custom_loss_gets_its_layers_and_trains(teacher):
   """The TinyBERT example through the ordinary step: its layers, its terms, a falling loss."""
-  cfg = load(TINYBERT).get_config("smoke")
+  cfg = tinybert_attention.get_config("smoke")
   cfg.max_steps, cfg.student_dropout, cfg.learning_rate = 30, 0.0, 2e-3
   cfg.student_attention_dropout = 0.0
   setup = step_lib.make_setup(cfg, teacher[0])
@@ -120,7 +93,7 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
   args = (b["input_ids"], b["attention_mask"], b["token_type_ids"])
   t_out = model_lib.apply(setup.teacher, tp, *args, capture=(2, 5), return_logits=True).internals
   s_out = model_lib.apply(setup.student, state.params, *args, capture=(0, 1), return_logits=True).internals
-  want = load(TINYBERT).attention_mse((t_out[2], t_out[5]), (s_out[0], s_out[1]), b["attention_mask"])
+  want = tinybert_attention.attention_mse((t_out[2], t_out[5]), (s_out[0], s_out[1]), b["attention_mask"])
   totals = []
   for i in range(cfg.max_steps):
     state, metrics = step(state, tp, batches[i % 2])
@@ -136,7 +109,7 @@ def test_custom_loss_gets_its_layers_and_trains(teacher):
 
 
 def test_custom_loss_run_logs_its_terms(tmp_path):
-  cfg = load(TINYBERT).get_config("smoke")
+  cfg = tinybert_attention.get_config("smoke")
   cfg.export_hf, cfg.teacher_assistant = False, "off"
   summary = distill.run(cfg, tmp_path)
   assert summary["steps"] == 4 and np.isfinite(summary["last_loss"])

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from minilm_jax import losses
-from minilm_jax.model import AttentionInternals
+from tiny import internals, mask_of
 
-B, T = 3, 7
 LENGTHS = [7, 4, 1]  # one full row, one padded, one with a single real token
 V1, V2 = losses.TERMS["v1"], losses.TERMS["v2"]  # the papers' terms
+PAIRS = {"attention_transfer": ("query", "key"), "value_relation": ("value", "value"),
+         "qq_relation": ("query", "query"), "kk_relation": ("key", "key"), "vv_relation": ("value", "value")}
 
 
 def numpy_relation_loss(ta, tb, sa, sb, mask, heads):
@@ -31,14 +32,6 @@ def numpy_relation_loss(ta, tb, sa, sb, mask, heads):
     total += np.sum(pt * (np.log(pt) - np.log(ps)))
     count += n * heads
   return total / max(count, 1)
-
-
-def mask_of(lengths, t=T):
-  return (np.arange(t)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
-
-
-def internals(rng, width):
-  return AttentionInternals(*(rng.normal(size=(B, T, width)).astype(np.float32) for _ in range(3)))
 
 
 @pytest.mark.parametrize("teacher_width,student_width,heads", [(48, 48, 4), (96, 32, 4), (64, 48, 16)])
@@ -108,3 +101,18 @@ def test_relation_heads_must_divide_widths():
   t, s = internals(rng, 48), internals(rng, 40)
   with pytest.raises(ValueError, match="16 relation heads do not divide the hidden size 40"):
     losses.minilm_loss(t, s, mask_of(LENGTHS), 16, V2)
+
+
+@pytest.mark.parametrize("version,heads", [("v1", 12), ("v2", 6)])
+def test_each_term_list_is_the_numpy_sum_of_its_terms(version, heads):
+  rng = np.random.default_rng(5)
+  t, s, mask = internals(rng, 48), internals(rng, 48 if version == "v1" else 24), mask_of([7, 4, 1])
+  names = losses.TERMS[version]
+  for chosen in [names[:1], names[1:], names[-1:], names]:
+    got = losses.minilm_loss(t, s, mask, heads, chosen)
+    assert set(got) == set(chosen) | {"total"}  # only the chosen terms are computed and reported
+    want = {n: numpy_relation_loss(*(np.float64(getattr(x, f)) for x in (t, s) for f in PAIRS[n]),
+                                   mask, heads) for n in chosen}
+    for n in chosen:
+      np.testing.assert_allclose(got[n], want[n], rtol=1e-6, err_msg=n)
+    np.testing.assert_allclose(got["total"], sum(want.values()), rtol=1e-6)

@@ -13,23 +13,10 @@ from minilm_jax import checkpoint, convert, distill, mlm, optimizer as optimizer
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax import model as model_lib
-from step_test import assert_same_training
+from tiny import TINY_BERT, assert_same_training, packed_batch
 
-TINY = model_lib.ModelConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
-                             intermediate_size=64, max_position_embeddings=128, hidden_dropout=0.0,
-                             attention_dropout=0.0)
+TINY = TINY_BERT.replace(hidden_dropout=0.0, attention_dropout=0.0)
 SPEC = mlm.MaskingSpec(mask_id=103, special_ids=(101, 102, 0), vocab_size=30522)
-
-
-def packed_batch(batch=4, seq=40, seed=0):
-  """Rows like the pipeline's: [CLS] text [SEP], then [PAD] past a random length."""
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(seq // 2, seq + 1, size=batch)
-  ids = rng.integers(1000, 8000, size=(batch, seq)).astype(np.int32)
-  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-  ids[:, 0] = 101
-  ids[np.arange(batch), lengths - 1] = 102
-  return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
 def _randomized(params: dict, seed=1) -> dict:

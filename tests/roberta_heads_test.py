@@ -10,13 +10,14 @@ import transformers
 
 from minilm_jax import tokenization
 from minilm_jax.finetune import heads, score, train
-from multilingual_test import INLINE, build_teacher
+from roberta_family import INLINE, build_teacher
+from tiny import write_rte
 
 FAMILIES = {"xlm-roberta": "XLMRoberta", "roberta": "Roberta"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def tiny_dir(request, tmp_path_factory):
+def family_dir(request, tmp_path_factory):
   return request.param, build_teacher(request.param, tmp_path_factory.mktemp(request.param), INLINE * 3)
 
 
@@ -42,8 +43,8 @@ def _torch(hf, ids, mask):
                      attention_mask=torch.tensor(mask, dtype=torch.long))
 
 
-def test_classifier_export_matches_transformers(tiny_dir, tmp_path):
-  family, model_dir = tiny_dir
+def test_classifier_export_matches_transformers(family_dir, tmp_path):
+  family, model_dir = family_dir
   module, tokenizer_dir = train.build_model(train.FinetuneConfig(model=str(model_dir)), 3)
   assert module.encoder.pooler is None  # RoBERTa's head reads <s>, not a pooler
   _randomize(module.classifier_dense, 1)
@@ -59,8 +60,8 @@ def test_classifier_export_matches_transformers(tiny_dir, tmp_path):
   np.testing.assert_allclose(np.asarray(module(ids, mask, types)), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_qa_export_matches_transformers(tiny_dir, tmp_path):
-  family, model_dir = tiny_dir
+def test_qa_export_matches_transformers(family_dir, tmp_path):
+  family, model_dir = family_dir
   module, tokenizer_dir = train.build_model(train.FinetuneConfig(model=str(model_dir)), None)
   _randomize(module.qa_outputs, 3)
   out = heads.export_hf(tmp_path / "qa", module, tokenizer_dir)
@@ -76,11 +77,10 @@ def test_qa_export_matches_transformers(tiny_dir, tmp_path):
 
 def test_finetune_run_on_an_xlmr_student_exports_what_it_trained(tmp_path):
   """`finetune` end to end on a tiny XLM-R: the exported best epoch predicts as the run did."""
-  from finetune_test import _write_rte
   from minilm_jax.finetune import glue
   model_dir = build_teacher("xlm-roberta", tmp_path / "xlmr", INLINE * 3)
-  _write_rte(tmp_path / "glue", "train", 16, 0)
-  _write_rte(tmp_path / "glue", "dev", 8, 1)
+  write_rte(tmp_path / "glue", "train", 16, 0)
+  write_rte(tmp_path / "glue", "dev", 8, 1)
   cfg = train.FinetuneConfig(model=str(model_dir), task="rte", data=str(tmp_path / "glue"),
                                 max_seq_len=24, batch_size=8, eval_batch_size=8, epochs=1,
                                 learning_rate=1e-3)

@@ -2,17 +2,13 @@
 round trip on the real dev file, n-best decoding and a perfect-prediction run."""
 
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
-from minilm_jax import teachers, tokenization
+from minilm_jax import tokenization
 from minilm_jax.finetune import metrics, squad
 
-DEV = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "squad2" / \
-    "dev-v2.0.json"
-needs_dev = pytest.mark.skipif(not DEV.is_file(), reason="../shared/data/squad2 is not present")
 
 CONTEXT = ("Super Bowl 50 was an American football game. The American Football Conference "
            "champion Denver Broncos defeated the National Football Conference champion "
@@ -39,8 +35,8 @@ HAND_PREDS = {"q1": "the Broncos", "q2": "Panthers", "q3": "", "q4": "Santa Clar
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-  return tokenization.load(teachers.resolve_model_dir("all-MiniLM-L6-v2"))
+def tokenizer(teacher_dir):
+  return tokenization.load(teacher_dir)
 
 
 def test_official_answer_normalisation_exact_and_f1():
@@ -125,10 +121,9 @@ def test_windows_offsets_and_positions(tokenizer):
           & (features["input_ids"] != tokenizer.token_to_id("[SEP]"))).all()
 
 
-def test_features_match_transformers_run_qa(tokenizer):
+def test_features_match_transformers_run_qa(tokenizer, teacher_dir):
   transformers = pytest.importorskip("transformers")
-  reference = transformers.AutoTokenizer.from_pretrained(
-      str(teachers.resolve_model_dir("all-MiniLM-L6-v2")))
+  reference = transformers.AutoTokenizer.from_pretrained(str(teacher_dir))
   examples = squad.examples_from_articles(ARTICLES)
   features = squad.make_features(examples, tokenizer, max_len=40, doc_stride=10)
   expected = reference([e.question for e in examples], [e.context for e in examples],
@@ -191,9 +186,11 @@ def test_nbest_respects_span_rules_and_null_threshold(tokenizer):
                            null_threshold=2.0).predictions["q1"] == want
 
 
-@needs_dev
-def test_real_dev_counts_and_offsets_round_trip(tokenizer):
-  articles = squad.load_squad(DEV)
+def test_real_dev_counts_and_offsets_round_trip(tokenizer, shared_data):
+  dev = shared_data / "squad2" / "dev-v2.0.json"
+  if not dev.is_file():
+    pytest.skip(f"{dev} is not present")
+  articles = squad.load_squad(dev)
   examples = squad.examples_from_articles(articles)
   assert len(articles) == 35 and len(examples) == 11873
   assert sum(not e.answers for e in examples) == 5945

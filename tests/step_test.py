@@ -14,28 +14,7 @@ import pytest
 from minilm_jax import model as model_lib, optimizer as optimizer_lib, sharding
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
-
-def tiny_cfg(**kw):
-  base = dict(student_layers=1, student_hidden=96, student_heads=12, max_seq_len=32,
-              global_batch_size=8, max_steps=300, warmup_steps=10, learning_rate=1e-3)
-  return DistillConfig(**(base | kw))
-
-
-def random_batch(batch=8, seq=32, seed=0):
-  rng = np.random.default_rng(seed)
-  ids = rng.integers(1000, 8000, size=(batch, seq)).astype(np.int32)
-  ids[:, 0] = 101
-  lengths = rng.integers(seq // 2, seq + 1, size=batch)
-  mask = (np.arange(seq)[None] < lengths[:, None]).astype(np.int32)
-  return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
-def build(cfg, teacher, mesh, micro_batches=1):
-  setup = step_lib.make_setup(cfg, teacher[0])
-  optimizer = optimizer_lib.for_distillation(cfg)
-  state = jax.device_put(step_lib.init_state(cfg, setup, optimizer), sharding.replicated(mesh))
-  teacher_params = jax.device_put(step_lib.truncate_teacher(setup, teacher[1]), sharding.replicated(mesh))
-  return step_lib.make_train_step(setup, optimizer, mesh, micro_batches), state, teacher_params
+from tiny import assert_same_training, build, random_batch, tiny_cfg
 
 
 def test_gradient_accumulation_equals_one_big_batch(teacher):
@@ -51,20 +30,11 @@ def test_gradient_accumulation_equals_one_big_batch(teacher):
   assert_same_training(*results)
 
 
-def assert_same_training(one, many):
-  """(params, metrics) of 1 and several micro-batches: metrics to rtol 1e-5, params to 1e-5."""
-  (p1, m1), (p4, m4) = one, many
-  for k in m1:
-    np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, err_msg=k)
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
-
-
 EIGHT_DEVICES = r"""
 import json, sys
 import jax, numpy as np
-sys.path.insert(0, sys.argv[1])
-from step_test import tiny_cfg, random_batch, build
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/.."]  # tests/ (tiny.py) and the checkout (experiments/)
+from tiny import tiny_cfg, random_batch, build
 from minilm_jax import convert, sharding
 teacher = convert.load_hf("all-MiniLM-L6-v2")
 cfg = tiny_cfg(global_batch_size=16, dropout_prng=sys.argv[2])
@@ -111,22 +81,6 @@ def test_a_few_hundred_steps_lower_the_loss_clearly(teacher):
   assert losses[-10:].mean() < 0.6 * losses[:10].mean(), (losses[:10].mean(), losses[-10:].mean())
 
 
-def test_decay_mask_spares_biases_and_layer_norm():
-  params = model_lib.init_params(model_lib.ModelConfig(num_layers=1, hidden_size=32, num_heads=4,
-                                                       intermediate_size=64, vocab_size=64))
-  mask = optimizer_lib.decay_mask(params)
-  assert mask["layers"][0]["query"]["kernel"].get_value() is True
-  assert mask["embeddings"]["word_embeddings"]["embedding"].get_value() is True
-  assert mask["layers"][0]["query"]["bias"].get_value() is False
-  assert mask["layers"][0]["output_norm"]["scale"].get_value() is False
-
-
-def test_schedule_warms_up_then_decays():
-  schedule = optimizer_lib.warmup_linear_decay(1e-3, 10, 110)
-  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(60), schedule(110)],
-                             [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
-
-
 def _tiny_step_inputs(micro_batches=1, **cfg_changes):
   teacher = model_lib.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                                   max_position_embeddings=16)
@@ -166,10 +120,20 @@ def test_one_micro_batch_needs_no_scan_and_masks_use_the_chosen_prng(prng):
       assert setup.dropout_prng == "threefry2x32" and {k for k, _ in draws} == {"key<fry>"}, draws
 
 
+def _mask_shapes(**cfg_changes):
+  """The shapes of the random bits the step draws: one per dropout mask."""
+  step, args, _ = _tiny_step_inputs(**cfg_changes)
+  return {tuple(e.params["shape"]) for e in _eqns(jax.make_jaxpr(step)(*args).jaxpr)
+          if e.primitive.name == "random_bits"}
+
+
 def test_attention_dropout_is_its_own_field():
-  _, _, setup = _tiny_step_inputs(student_dropout=0.2, student_attention_dropout=0.0)
-  assert setup.student.hidden_dropout == 0.2 and setup.student.attention_dropout == 0.0
-  assert DistillConfig().student_attention_dropout == 0.1  # BERT's and the papers' default
+  """student_attention_dropout alone decides whether the student's attention probabilities
+  [B, N, T, S] get a dropout mask, student_dropout whether its hidden states [B, T, H] do."""
+  probs, hidden = (4, 4, 8, 8), (4, 8, 32)
+  assert _mask_shapes(student_dropout=0.0) == {probs}  # the default attention dropout, 0.1
+  assert _mask_shapes(student_dropout=0.2, student_attention_dropout=0.0) == {hidden}
+  assert _mask_shapes(student_dropout=0.0, student_attention_dropout=0.0) == set()
 
 
 def test_cudnn_fused_dropout_is_opt_in():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import transformers
 
-from distill_test import comparable, params_of, smoke_config
 from minilm_jax import distill, teacher_assistant
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax.metric_writer import MetricWriter, read_metrics
+from tiny import comparable, params_of, smoke_config
 
 
 def tiny_chain_config():

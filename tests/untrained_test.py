@@ -10,7 +10,7 @@ import pytest
 from minilm_jax import distill, optimizer as optimizer_lib, sharding
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
-from mlm_test import packed_batch
+from tiny import packed_batch
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
