@@ -4,7 +4,7 @@
 
 `fused_attention` is every encoder layer's attention: one function
 (`attention_implementation`) picks, for the platform the step is compiled for
-(`target_platform`), cuDNN flash attention on a GPU in bf16/fp16, in training with the
+(`sharding.target_platform`), cuDNN flash attention on a GPU in bf16/fp16, in training with the
 attention-probability dropout fused into the kernel when `cudnn_dropout` is set (opt-in:
 those masks do not follow the JAX key); Pallas splash attention (`splash_attention`) on a
 TPU for every layer without attention dropout; XLA elsewhere. The fused routes keep no
@@ -22,10 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
+from minilm_jax import sharding
 from minilm_jax.dropout import drop
-from minilm_jax.sharding import DATA_AXIS
 
 
 LANES = 128  # a TPU vector register's lanes: splash tiles sequences by multiples of it
@@ -42,19 +41,6 @@ def attention_probs(logits: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """softmax over keys of `logits` [B, N, T, S] with padded keys ([B, S] == 0) removed."""
   keep = attention_mask[:, None, None, :].astype(bool)
   return jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1, where=keep)
-
-
-def target_platform() -> str:
-  """The platform the computation being traced is compiled for: "cpu", "gpu" or "tpu".
-
-  The device platform of the abstract mesh in context (`jax.sharding.use_abstract_mesh`,
-  under which the training step is traced), else this host's backend: a step compiled
-  ahead of time for a TPU on a CPU host takes the TPU's route.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.abstract_device is not None:
-    return mesh.abstract_device.platform
-  return jax.default_backend()
 
 
 @functools.cache
@@ -146,12 +132,7 @@ def splash_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
                                 segment_ids=ids)
     return heads_first(out_BNTH)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and DATA_AXIS in mesh.axis_names and DATA_AXIS not in mesh.manual_axes:
-    # check_vma=False: the kernel's pallas_call declares its outputs without varying axes
-    attend = jax.shard_map(attend, mesh=mesh, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS),
-                           check_vma=False)
-  return attend(q_BTNH, k_BSNH, v_BSNH, attention_mask_BS)
+  return sharding.per_data_shard(attend)(q_BTNH, k_BSNH, v_BSNH, attention_mask_BS)
 
 
 def _cudnn_attention(q_BTNH, k_BSNH, v_BSNH, lengths_B, *, dropout_rate: float, seed: int):
@@ -200,7 +181,7 @@ def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
   dropout = dropout_rate > 0
   impl = "xla"
   if cudnn_dropout or not dropout:
-    impl = attention_implementation(q_BTNH.dtype, h, dropout, target_platform(), q_BTNH.shape[1])
+    impl = attention_implementation(q_BTNH.dtype, h, dropout, sharding.target_platform(), q_BTNH.shape[1])
   if impl == "splash":
     return splash_attention(q_BTNH, k_BSNH, v_BSNH, attention_mask_BS)
   if impl == "cudnn":

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import attention, loops, relation_kernel
+from minilm_jax import loops, relation_kernel, sharding
 from minilm_jax.relation_kernel import MASKED
 
 QUERY_BLOCK = 64   # queries per block (at most)
@@ -122,9 +122,10 @@ def blockwise_relation_loss(teacher_a: jax.Array, teacher_b: jax.Array, student_
       raise ValueError(f"{relation_heads} relation heads do not divide the hidden size "
                        f"{x.shape[-1]}: choose relation_heads that divides both teacher and "
                        "student widths")
-  if attention.target_platform() == "tpu" and relation_kernel.supported(teacher_a, student_a, mask,
-                                                                      relation_heads):
-    kl_BRT = relation_kernel.relation_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, relation_heads)
+  if sharding.target_platform() == "tpu" and relation_kernel.supported(teacher_a, student_a, mask,
+                                                                     relation_heads):
+    kl_BRT = relation_kernel.relation_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, relation_heads,
+                                              per_device=sharding.per_data_shard)
   else:
     kl_BRT = _xla_kl_rows(teacher_a, teacher_b, student_a, student_b, mask, relation_heads)
   queries = mask.astype(jnp.float32)

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 import tokenizers
 
-from minilm_jax import convert, documents, teachers, tokenization
+from minilm_jax import documents, teachers, tokenization
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -145,8 +145,7 @@ def pretraining_examples(
     corpus: "demo", local text files (paths/globs/dirs, comma-separated or a list), or
       "tfds:NAME[/CONFIG][:SPLIT]" for a TFDS dataset prepared in `data_dir`.
     tokenizer_dir: the teacher's directory (`teachers.resolve_model_dir` of its name),
-      holding tokenizer.json; when it has a config.json, `max_seq_len` is checked against
-      the model's position table.
+      holding tokenizer.json (the teacher's position table is checked by `step.make_setup`).
     max_seq_len: tokens per example, special tokens included (128; 512 for paper runs).
     data_dir: TFDS data directory (TFDS corpora only).
     two_segments: `[CLS] A [SEP] B [SEP]` with token_type 1 for B, instead of one segment.
@@ -159,10 +158,7 @@ def pretraining_examples(
     A `grain.MapDataset` of {"input_ids", "attention_mask", "token_type_ids"}: int32
     [max_seq_len] each, in corpus order; and the corpus statistics.
   """
-  model_dir = pathlib.Path(tokenizer_dir)
-  if (model_dir / "config.json").is_file():
-    convert.read_hf_config(model_dir)[0].check_max_seq_len(max_seq_len, "the teacher")
-  tok, special = tokenization.for_pretraining(model_dir)
+  tok, special = tokenization.for_pretraining(pathlib.Path(tokenizer_dir))
   docs = documents.load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
                         doc_per_file=doc_per_file, text_feature=text_feature,
                         max_documents=max_documents)

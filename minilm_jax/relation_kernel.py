@@ -26,9 +26,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
-
-from minilm_jax.sharding import DATA_AXIS
 
 MASKED = -1e9  # logit of a padded key: exp underflows to exactly 0, yet stays finite.
 
@@ -233,14 +230,14 @@ def _heads(x_BTD: jax.Array, relation_heads: int, length: int) -> jax.Array:
 
 def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.Array,
                      student_b: jax.Array, mask: jax.Array, relation_heads: int, *,
-                     interpret: bool = False) -> jax.Array:
+                     per_device=lambda rows: rows, interpret: bool = False) -> jax.Array:
   """KL(Rel(a_t, b_t) || Rel(a_s, b_s)) per relation head and query row: [B, R, T] float32.
 
   The arguments are `losses.relation_loss`'s; gradients flow to the student only. The
-  sequence is padded to a multiple of 128 (padded keys masked, padded rows dropped). Under
-  an abstract mesh with a `data` axis the kernel runs per device in `jax.shard_map`
-  (Mosaic calls are not partitioned automatically). `interpret` runs the kernels in
-  Pallas's interpreter (tests on a CPU).
+  sequence is padded to a multiple of 128 (padded keys masked, padded rows dropped).
+  `per_device` turns the kernel's function of one device's rows into the function of the
+  global batch (`sharding.per_data_shard` under a mesh: Mosaic calls are not partitioned
+  automatically). `interpret` runs the kernels in Pallas's interpreter (tests on a CPU).
   """
   t = mask.shape[1]
   length = _length(t)
@@ -254,9 +251,5 @@ def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.
     tb, sb = ta if same_t else heads(tb), sa if same_s else heads(sb)
     return _kl_rows(ta, tb, sa, sb, keep, interpret)[:, :, 0, :t]
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and DATA_AXIS in mesh.axis_names and DATA_AXIS not in mesh.manual_axes:
-    # check_vma=False: the kernels' pallas_calls declare their outputs without varying axes
-    rows = jax.shard_map(rows, mesh=mesh, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS), check_vma=False)
   ta, tb = jax.lax.stop_gradient(teacher_a), jax.lax.stop_gradient(teacher_b)
-  return rows(ta, tb, student_a, student_b, mask)
+  return per_device(rows)(ta, tb, student_a, student_b, mask)

@@ -15,6 +15,30 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def target_platform() -> str:
+  """The platform the computation being traced is compiled for: "cpu", "gpu" or "tpu".
+
+  The device platform of the abstract mesh in context (`jax.sharding.use_abstract_mesh`,
+  under which the training step is traced), else this host's backend: a step compiled
+  ahead of time for a TPU on a CPU host takes the TPU's route.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def per_data_shard(fn):
+  """`fn` (batch-leading arrays in and out) run on each device's rows in `jax.shard_map`
+  when the abstract mesh in context splits the batch over its `data` axis, else `fn`
+  itself. For Pallas kernels: XLA does not partition a Mosaic call automatically.
+  check_vma=False: a pallas_call declares its outputs without varying axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names or DATA_AXIS in mesh.manual_axes:
+    return fn
+  return jax.shard_map(fn, mesh=mesh, in_specs=P(DATA_AXIS), out_specs=P(DATA_AXIS), check_vma=False)
+
+
 def make_mesh(devices: list | None = None) -> Mesh:
   """A 1-D mesh named `data` over all devices (all processes) or the given ones."""
   devices = jax.devices() if devices is None else devices

@@ -156,7 +156,7 @@ def make_train_step(setup: Setup, optimizer: optax.GradientTransformation, mesh,
   real tokens of `attention_mask` (distillation). The step weights each micro-batch by
   that count, so the accumulated loss and gradient are the whole batch's exact mean.
   The step is traced under `mesh`'s abstract mesh, so every layer picks its attention route
-  for the platform it is compiled for (`attention.target_platform`).
+  for the platform it is compiled for (`sharding.target_platform`).
   """
   loss_fn = loss_fn or functools.partial(distill_loss, setup=setup)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from minilm_jax import attention, model as model_lib
+from minilm_jax import attention, model as model_lib, sharding
 from minilm_jax.sharding import DATA_AXIS
 
 
@@ -145,14 +145,14 @@ def test_route_follows_the_compile_target_not_the_host():
   attention without dropout and XLA with it, or for a length splash cannot tile, which
   warns once and gives XLA's numbers."""
   (q, k, v), mask = _inputs(t=40, lengths=(40, 17, 0))
-  assert attention.target_platform() == jax.default_backend()
+  assert sharding.target_platform() == jax.default_backend()
   cpu_mesh = Mesh(np.asarray(jax.devices()[:1]), (DATA_AXIS,))
   with jax.sharding.use_abstract_mesh(cpu_mesh.abstract_mesh):
-    assert attention.target_platform() == "cpu"
+    assert sharding.target_platform() == "cpu"
   tpu = jax.sharding.AbstractMesh((4,), (DATA_AXIS,), abstract_device=jax.sharding.AbstractDevice(
       device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
   with jax.sharding.use_abstract_mesh(tpu):
-    assert attention.target_platform() == "tpu"
+    assert sharding.target_platform() == "tpu"
   assert attention.attention_implementation(jnp.bfloat16, 32, False, "tpu", 512) == "splash"
   assert attention.attention_implementation(jnp.bfloat16, 32, True, "tpu", 512) == "xla"
   attention.attention_implementation.cache_clear()

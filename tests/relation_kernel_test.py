@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from minilm_jax import attention, blockwise_relation, losses, relation_kernel
+from minilm_jax import blockwise_relation, losses, relation_kernel, sharding
 from minilm_jax.model import AttentionInternals
 from minilm_jax.sharding import DATA_AXIS
 
@@ -77,7 +77,7 @@ def test_loss_dispatch_under_a_tpu_mesh(monkeypatch):
   calls = []
   kernel = relation_kernel.relation_kl_rows
   monkeypatch.setattr(relation_kernel, "relation_kl_rows",
-                      lambda *a: calls.append(a) or kernel(*a, interpret=True))
+                      lambda *a, **kw: calls.append(a) or kernel(*a, **kw, interpret=True))
   (ta, _, sa, _), mask = _inputs(128, (64, 32), (128, 40), True)
   teacher, student = AttentionInternals(ta, ta * 2, -ta), AttentionInternals(sa, sa * 2, -sa)
 
@@ -88,7 +88,7 @@ def test_loss_dispatch_under_a_tpu_mesh(monkeypatch):
   want, want_grads = jax.value_and_grad(functools.partial(v2, losses.relation_loss))(student)
   jax.value_and_grad(functools.partial(v2, blockwise_relation.blockwise_relation_loss))(student)
   assert not calls  # on this CPU host: the XLA path
-  monkeypatch.setattr(attention, "target_platform", lambda: "tpu")
+  monkeypatch.setattr(sharding, "target_platform", lambda: "tpu")
   mesh = Mesh(np.asarray(jax.devices()[:1]), (DATA_AXIS,))
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     got, got_grads = jax.jit(jax.value_and_grad(
