@@ -75,17 +75,6 @@ def read_hf_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray]
                           "point at a Hugging Face directory written by save_pretrained")
 
 
-def check_tokenizer(config: model_lib.ModelConfig, model_dir: str | os.PathLike) -> pathlib.Path:
-  """Checks that `tokenizer.json` exists and fits the embedding table; returns its path."""
-  model_dir = pathlib.Path(model_dir)
-  size = tokenization.load(model_dir).get_vocab_size(with_added_tokens=True)
-  path = model_dir / "tokenizer.json"
-  if size > config.vocab_size:
-    raise ValueError(f"{path} has {size} tokens but config.json vocab_size is {config.vocab_size}: "
-                     "the tokenizer does not belong to this model; use the model's own tokenizer")
-  return path
-
-
 def hf_to_params(config: model_lib.ModelConfig, tensors: Mapping[str, np.ndarray],
                  path: pathlib.Path) -> nnx.State:
   """Maps Hugging Face tensors onto our parameter pytree, checking names and shapes."""
@@ -97,12 +86,22 @@ def hf_to_params(config: model_lib.ModelConfig, tensors: Mapping[str, np.ndarray
 
 def load_hf(name_or_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, nnx.State]:
   """(config, float32 parameters) of a packaged teacher name or a local Hugging Face
-  BERT-family directory (a door: the name is resolved here; the readers take directories)."""
+  BERT-family directory (a door: the name is resolved here; the readers take directories).
+  Non-finite weights and a tokenizer that does not fit the embedding table are refused."""
   model_dir = resolve_model_dir(name_or_dir)
   config, _ = read_hf_config(model_dir)
-  check_tokenizer(config, model_dir)
   tensors, path = read_hf_tensors(model_dir)
-  return config, hf_to_params(config, tensors, path)
+  _check_finite(tensors, path)
+  params = hf_to_params(config, tensors, path)
+  tokenization.check_fits(model_dir, config.vocab_size)
+  return config, params
+
+
+def _check_finite(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+  """A NaN or inf weight would poison every output (a teacher's, every loss): refuse it."""
+  if bad := [name for name, x in tensors.items() if not np.isfinite(x).all()]:
+    raise FloatingPointError(f"{path} has non-finite weights in {len(bad)} tensors, e.g. {bad[0]}: "
+                             "the weights file is corrupt; restore it")
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -126,7 +125,7 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: M
   `hf_names.task`, and config.json names the task architecture.
   """
   out_dir, tokenizer_dir = pathlib.Path(out_dir), pathlib.Path(tokenizer_dir)
-  check_tokenizer(config, tokenizer_dir)
+  tokenization.check_fits(tokenizer_dir, config.vocab_size)
   tensors = params_to_hf(config, params, head)
   hf_config = (config.to_hf() | {"architectures": [hf_names.architecture(config.model_type, head)]}
                | dict(extra_config or {}))

@@ -97,7 +97,7 @@ def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """What the step minimises: the job picks it (`distill.objective`), the step only runs it."""
+  """What the step minimises: the job picks it (`objective.choose`), the step only runs it."""
   init_params: Callable  # (student ModelConfig, seed) -> the student's fresh parameters
   loss: Callable         # (params, teacher_params, batch, dropout_rng) -> (total, terms), one micro-batch
   has_teacher: bool = True  # False: the step gets no teacher parameters ({})

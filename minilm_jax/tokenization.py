@@ -41,6 +41,17 @@ def load(model_dir: str | pathlib.Path) -> tokenizers.Tokenizer:
     raise ValueError(f"{path} is not a readable tokenizers file ({e})") from e
 
 
+def check_fits(model_dir: str | pathlib.Path, vocab_size: int) -> pathlib.Path:
+  """Checks that `model_dir`'s tokenizer.json exists and that its ids fit an embedding table
+  of `vocab_size` rows (config.json's); returns its path."""
+  path = pathlib.Path(model_dir).expanduser() / "tokenizer.json"
+  size = load(model_dir).get_vocab_size(with_added_tokens=True)
+  if size > vocab_size:
+    raise ValueError(f"{path} has {size} tokens but config.json vocab_size is {vocab_size}: "
+                     "the tokenizer does not belong to this model; use the model's own tokenizer")
+  return path
+
+
 def plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
   """A copy with truncation and padding off (tokenizer.json files often ship them at 128 or
   512), for counting and cutting by true lengths."""

@@ -122,6 +122,10 @@ def test_error_shape_mismatch(hf_copy):
 
 
 def test_error_vocab_disagrees_with_tokenizer(hf_copy):
+  """Weights and config.json agree on 1,000 embedding rows; the tokenizer has 30,522 ids."""
+  tensors = safetensors.numpy.load_file(hf_copy / "model.safetensors")
+  tensors["embeddings.word_embeddings.weight"] = tensors["embeddings.word_embeddings.weight"][:1000]
+  safetensors.numpy.save_file(tensors, hf_copy / "model.safetensors", metadata={"format": "pt"})
   edit_config(hf_copy, vocab_size=1000)
   with pytest.raises(ValueError, match="tokenizer.json has 30522 tokens but config.json vocab_size is 1000"):
     convert.load_hf(hf_copy)

@@ -14,7 +14,7 @@ import torch
 import tqdm
 import transformers
 
-from minilm_jax import checkpoint, cli, data, distill, model as model_lib, preemption
+from minilm_jax import checkpoint, cli, data, distill, distill_loop, model as model_lib, preemption
 from minilm_jax.metric_writer import read_metrics
 from tiny import comparable, params_of, smoke_config
 
@@ -156,7 +156,7 @@ class _Loss:
 
 def test_progress_counts_finished_steps():
   bar = tqdm.tqdm(total=10, initial=2, file=io.StringIO())
-  progress = distill._Progress(bar)
+  progress = distill_loop._Progress(bar)
   losses = [_Loss() for _ in range(4)]
   for step, loss in zip(range(3, 7), losses):
     progress.dispatched(step, loss)

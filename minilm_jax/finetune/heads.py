@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minilm_jax import checkpoint, convert, hf_names
+from minilm_jax import checkpoint, convert, hf_names, tokenization
 from minilm_jax import model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
@@ -82,7 +82,7 @@ def load_encoder(model: str, use_pooler: bool) -> tuple[model_lib.ModelConfig, A
     model_dir = resolve_model_dir(model)  # a packaged name or an HF directory: resolved once, here
     config, _ = convert.read_hf_config(model_dir)
     tensors, source = convert.read_hf_tensors(model_dir)
-    tokenizer_dir = convert.check_tokenizer(config, model_dir).parent
+    tokenizer_dir = tokenization.check_fits(model_dir, config.vocab_size).parent
     has_pooler = any(k.endswith("pooler.dense.weight") for k in tensors)
     pure = convert.hf_to_params(config.replace(use_pooler=has_pooler), tensors,
                                 source).to_pure_dict()

@@ -121,7 +121,7 @@ def load_task_model(model_dir: pathlib.Path, task: str):
   config, hf = convert.read_hf_config(model_dir)
   num_labels = _check_head(model_dir, config, hf, task)
   tensors, path = convert.read_hf_tensors(model_dir)
-  tokenizer_dir = convert.check_tokenizer(config, model_dir).parent
+  tokenizer_dir = tokenization.check_fits(model_dir, config.vocab_size).parent
   config = config.replace(hidden_dropout=0.0, attention_dropout=0.0, dtype="float32")
   return heads.from_hf(config, num_labels, tensors, path), tokenizer_dir
 

@@ -1,0 +1,40 @@
+"""What a distill run minimises and what it exports: MiniLM's distillation or the MLM baseline.
+
+The step (`step.make_step`) runs any `step.Objective`; the job picks one here. Distillation
+(`objective="distill"`, the papers') trains a fresh encoder against the teacher and exports
+it as `hf/`. The baseline (`objective="mlm"`) trains BERT's masked LM from scratch on the
+same tokens, with no teacher: its tokenizer gives the masks, and it exports `hf-mlm/` (a
+`BertForMaskedLM`, BERT only) beside the encoder in `hf/`.
+"""
+
+import pathlib
+
+import jax
+import numpy as np
+
+from minilm_jax import convert, mlm
+from minilm_jax import model as model_lib
+from minilm_jax import step as step_lib
+from minilm_jax.config import DistillConfig
+
+
+def choose(cfg: DistillConfig, setup: step_lib.Setup, tokenizer_dir) -> step_lib.Objective:
+  """The run's objective: `step.distillation`, or the masked LM with the tokenizer's ids."""
+  if cfg.objective == "mlm":
+    return step_lib.Objective(mlm.init_params, mlm.make_loss(setup.student, tokenizer_dir),
+                              has_teacher=False)
+  return step_lib.distillation(setup)
+
+
+def export(cfg: DistillConfig, workdir: pathlib.Path, config: model_lib.ModelConfig, params,
+           tokenizer_dir: pathlib.Path) -> dict:
+  """Writes the trained student as `hf/` (a masked-LM run also as `hf-mlm/`); their paths."""
+  params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)
+  paths = {}
+  if cfg.objective == "mlm":
+    if config.model_type == "bert":
+      paths["hf_mlm"] = str(mlm.save_hf(workdir / "hf-mlm", config, params, tokenizer_dir,
+                                        overwrite=True))
+    params = mlm.encoder_params(params)
+  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, overwrite=True))
+  return paths
