@@ -7,6 +7,7 @@ as `--config.<field>=<value>`.
 
 import dataclasses
 import difflib
+import math
 
 import jax
 
@@ -108,9 +109,32 @@ def check_choice(what: str, value: str, choices) -> None:
     raise ValueError(f"{what} {value!r} is unknown: {hint}use one of {', '.join(map(repr, choices))}")
 
 
-def check_config(cfg: DistillConfig) -> None:
-  """Field values a run cannot start with, checked before anything is written."""
+def check_finite(cfg) -> None:
+  """Every float field of a config dataclass is a number: inf or NaN (`--config.learning_rate=inf`)
+  would pass the range checks below and surface only as a diverged step."""
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{field.name}={value} is not a finite number: pass --config.{field.name}="
+                       f"<number> (default {field.default})")
+
+
+def check_compute_dtype(cfg: DistillConfig, platform: str | None = None) -> None:
+  """`compute_dtype` names a dtype that `platform` (the one the step is compiled for; default:
+  this host's) computes in: XLA's CPU backend refuses float16 dot products."""
   check_choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
+  platform = platform or jax.default_backend()
+  if cfg.resolved_dtype(platform) == "float16" and platform == "cpu":
+    raise ValueError("compute_dtype='float16' does not run on CPU (XLA's CPU backend refuses float16 "
+                     "dot products): use --config.compute_dtype=bfloat16 or float32 ('auto' picks "
+                     "float32 on CPU), or run on a GPU")
+
+
+def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
+  """Field values a run cannot start with, checked before anything is written; `platform` is
+  the one the step is compiled for (default: this host's)."""
+  check_finite(cfg)
+  check_compute_dtype(cfg, platform)
   check_choice("version", cfg.version, tuple(losses.TERMS))
   check_choice("objective", cfg.objective, OBJECTIVES)
   positive = ("student_layers", "student_hidden", "student_heads", "max_seq_len",
@@ -124,13 +148,16 @@ def check_config(cfg: DistillConfig) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f"{name}={value!r} must be an integer >= 0")
+  if cfg.warmup_steps > cfg.max_steps:
+    raise ValueError(f"warmup_steps={cfg.warmup_steps} exceeds max_steps={cfg.max_steps}: the learning "
+                     "rate would never reach its peak; pass --config.warmup_steps=N with N <= max_steps")
   if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
     raise ValueError(f"seed={cfg.seed!r} must be an integer in [0, 2**32)")
   for name in ("student_dropout", "student_attention_dropout"):
     if not 0 <= getattr(cfg, name) < 1:
       raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1)")
   try:
-    jax.random.key(0, impl=cfg.resolved_prng())
+    jax.random.key(0, impl=cfg.resolved_prng(platform))
   except (ValueError, TypeError) as e:
     raise ValueError(f"dropout_prng {cfg.dropout_prng!r} is not a jax.random implementation ({e}): "
                      "use 'auto', 'threefry2x32' or 'rbg'") from e

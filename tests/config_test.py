@@ -5,7 +5,7 @@ import pytest
 
 from minilm_jax import sharding
 from minilm_jax import step as step_lib
-from minilm_jax.config import DistillConfig
+from minilm_jax.config import DistillConfig, check_config
 
 
 def test_bad_configs_fail_before_compute(teacher):
@@ -26,3 +26,22 @@ def test_bad_configs_fail_before_compute(teacher):
   with pytest.raises(ValueError, match="global_batch_size 30 is not divisible by 1 devices x 4 "
                      "gradient-accumulation steps: use a multiple of 4"):
     sharding.check_batch_size(30, mesh, 4)
+
+
+@pytest.mark.parametrize("field,value", [("learning_rate", float("inf")), ("clip_grad_norm", float("nan")),
+                                         ("adam_eps", float("-inf")), ("student_dropout", float("nan"))])
+def test_inf_and_nan_are_refused_in_every_float_field(field, value):
+  with pytest.raises(ValueError, match=rf"{field}=(-?inf|nan) is not a finite number: pass --config.{field}="):
+    check_config(DistillConfig(**{field: value}))
+
+
+def test_warmup_beyond_the_run_is_refused():
+  check_config(DistillConfig(warmup_steps=4, max_steps=4))
+  with pytest.raises(ValueError, match="warmup_steps=10 exceeds max_steps=4"):
+    check_config(DistillConfig(warmup_steps=10, max_steps=4))
+
+
+def test_float16_is_refused_on_the_cpu_it_would_compile_for():
+  check_config(DistillConfig(compute_dtype="float16"), platform="gpu")
+  with pytest.raises(ValueError, match="compute_dtype='float16' does not run on CPU.*bfloat16 or float32"):
+    check_config(DistillConfig(compute_dtype="float16"), platform="cpu")
