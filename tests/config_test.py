@@ -1,9 +1,16 @@
 """The run's config: values refused before any compute."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import pytest
+from tiny import smoke_config
 
 from minilm_jax import sharding
+from minilm_jax import workdir as workdir_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig, check_config
 
@@ -45,3 +52,21 @@ def test_float16_is_refused_on_the_cpu_it_would_compile_for():
   check_config(DistillConfig(compute_dtype="float16"), platform="gpu")
   with pytest.raises(ValueError, match="compute_dtype='float16' does not run on CPU.*bfloat16 or float32"):
     check_config(DistillConfig(compute_dtype="float16"), platform="cpu")
+
+
+def test_a_resumed_batch_names_the_device_counts_that_divide_it(tmp_path):
+  """A batch-8 run resumed on 3 devices: the batch is fixed by the run, so the fix is a device
+  count that divides it, not "use a multiple of 3"."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  workdir_lib.write(tmp_path / "run", smoke_config(), {})
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+      "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=3",
+      "PYTHONPATH": str(root)}
+  done = subprocess.run([sys.executable, "-m", "minilm_jax", "distill",
+                         f"--config={root / 'experiments' / 'configs' / 'demo.py'}:smoke",
+                         f"--workdir={tmp_path / 'run'}"], env=env, cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode != 0
+  assert (f"global_batch_size 8 is not divisible by 3 devices x 1 gradient-accumulation steps, and "
+          f"the batch of the run in {tmp_path / 'run'} is fixed by its checkpoints: resume it on a "
+          "device count that divides 8 (1, 2, 4, 8), or start a new --workdir") in done.stderr, done.stderr
