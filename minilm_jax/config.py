@@ -148,9 +148,6 @@ def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f"{name}={value!r} must be an integer >= 0")
-  if cfg.warmup_steps > cfg.max_steps:
-    raise ValueError(f"warmup_steps={cfg.warmup_steps} exceeds max_steps={cfg.max_steps}: the learning "
-                     "rate would never reach its peak; pass --config.warmup_steps=N with N <= max_steps")
   if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
     raise ValueError(f"seed={cfg.seed!r} must be an integer in [0, 2**32)")
   for name in ("student_dropout", "student_attention_dropout"):
@@ -166,6 +163,13 @@ def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
                      "rule: student depth and width at most half the teacher's), 'on' or 'off'")
   if cfg.assistant_steps < 0:
     raise ValueError(f"assistant_steps {cfg.assistant_steps} is negative: use 0 (= max_steps) or more")
+  stages = {"max_steps": cfg.max_steps}
+  if cfg.assistant_steps and cfg.teacher_assistant != "off":  # the teacher assistant's own run
+    stages["assistant_steps"] = cfg.assistant_steps
+  for name, steps in stages.items():
+    if cfg.warmup_steps > steps:
+      raise ValueError(f"warmup_steps={cfg.warmup_steps} exceeds {name}={steps}: the learning rate "
+                       f"would never reach its peak; pass --config.warmup_steps=N with N <= {name}")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")

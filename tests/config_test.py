@@ -46,6 +46,9 @@ def test_warmup_beyond_the_run_is_refused():
   check_config(DistillConfig(warmup_steps=4, max_steps=4))
   with pytest.raises(ValueError, match="warmup_steps=10 exceeds max_steps=4"):
     check_config(DistillConfig(warmup_steps=10, max_steps=4))
+  with pytest.raises(ValueError, match="warmup_steps=10 exceeds assistant_steps=4"):
+    check_config(DistillConfig(warmup_steps=10, assistant_steps=4))
+  check_config(DistillConfig(warmup_steps=10, assistant_steps=4, teacher_assistant="off"))
 
 
 def test_float16_is_refused_on_the_cpu_it_would_compile_for():
