@@ -121,7 +121,7 @@ def _distill_flags(argv: list[str]) -> flags.FlagValues:
   """`--config FILE [--config.key=value ...] --workdir DIR`, the cluster, `--resume-from-step`."""
   usage = ("usage: python -m minilm_jax distill --config experiments/configs/NAME.py --workdir DIR "
            "[--config.key=value ...] [--resume-from-step N] [--distributed "
-           "[--coordinator-address HOST:PORT --num-processes N --process-id I]]")
+           "[--coordinator-address HOST:PORT --num-processes N --process-id I] [--join-timeout S]]")
 
   def define(fv):
     flags.DEFINE_string("workdir", None, "run directory (re-using it resumes)", flag_values=fv)
@@ -134,6 +134,8 @@ def _distill_flags(argv: list[str]) -> flags.FlagValues:
                          "JAX_NUM_PROCESSES)", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("process-id", None, "this process, 0 .. num-processes - 1 (env "
                          "JAX_PROCESS_ID)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("join-timeout", 300, "seconds the processes wait for each other to "
+                         "start before they fail, naming the missing ones", lower_bound=1, flag_values=fv)
     flags.DEFINE_integer("resume-from-step", None, "resume from this checkpoint step instead of "
                          "the latest (later steps are moved aside, not deleted)", flag_values=fv)
 
@@ -150,11 +152,12 @@ def _distill_flags(argv: list[str]) -> flags.FlagValues:
 
 
 def _cluster(fv) -> dict | None:
-  """`jax.distributed.initialize` arguments: None (one process) or those named (JAX finds the rest)."""
+  """`cluster.join` arguments: None (one process) or those named (JAX finds the rest) and the
+  join timeout."""
   given = {name.replace("-", "_"): fv[name].value for name in CLUSTER_FLAGS
            if fv[name].value is not None}
   if not given:
-    return {} if fv.distributed else None
+    return {"timeout_s": fv["join-timeout"].value} if fv.distributed else None
   if len(given) < len(CLUSTER_FLAGS) and not fv.distributed:
     missing = [f"--{n} ({e})" for n, e in CLUSTER_FLAGS.items() if n.replace("-", "_") not in given]
     sys.exit(f"error: naming the cluster takes --coordinator-address, --num-processes and "
@@ -164,14 +167,15 @@ def _cluster(fv) -> dict | None:
   if given.get("process_id", -1) >= given.get("num_processes", 1 << 30):
     sys.exit(f"error: --process-id {given['process_id']} must be below --num-processes "
              f"{given['num_processes']} (ids are 0 .. {given['num_processes'] - 1})")
-  return given
+  return given | {"timeout_s": fv["join-timeout"].value}
 
 
 def _init_runtime(cluster: dict | None) -> None:
   import logging
   import jax
   if cluster is not None:
-    jax.distributed.initialize(**cluster)
+    from minilm_jax import cluster as cluster_lib
+    cluster_lib.join(**cluster)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)

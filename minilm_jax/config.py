@@ -7,6 +7,7 @@ as `--config.<field>=<value>`.
 
 import dataclasses
 import difflib
+import math
 
 import jax
 
@@ -108,9 +109,32 @@ def check_choice(what: str, value: str, choices) -> None:
     raise ValueError(f"{what} {value!r} is unknown: {hint}use one of {', '.join(map(repr, choices))}")
 
 
-def check_config(cfg: DistillConfig) -> None:
-  """Field values a run cannot start with, checked before anything is written."""
+def check_finite(cfg) -> None:
+  """Every float field of a config dataclass is a number: inf or NaN (`--config.learning_rate=inf`)
+  would pass the range checks below and surface only as a diverged step."""
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{field.name}={value} is not a finite number: pass --config.{field.name}="
+                       f"<number> (default {field.default})")
+
+
+def check_compute_dtype(cfg: DistillConfig, platform: str | None = None) -> None:
+  """`compute_dtype` names a dtype that `platform` (the one the step is compiled for; default:
+  this host's) computes in: XLA's CPU backend refuses float16 dot products."""
   check_choice("compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
+  platform = platform or jax.default_backend()
+  if cfg.resolved_dtype(platform) == "float16" and platform == "cpu":
+    raise ValueError("compute_dtype='float16' does not run on CPU (XLA's CPU backend refuses float16 "
+                     "dot products): use --config.compute_dtype=bfloat16 or float32 ('auto' picks "
+                     "float32 on CPU), or run on a GPU")
+
+
+def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
+  """Field values a run cannot start with, checked before anything is written; `platform` is
+  the one the step is compiled for (default: this host's)."""
+  check_finite(cfg)
+  check_compute_dtype(cfg, platform)
   check_choice("version", cfg.version, tuple(losses.TERMS))
   check_choice("objective", cfg.objective, OBJECTIVES)
   positive = ("student_layers", "student_hidden", "student_heads", "max_seq_len",
@@ -130,7 +154,7 @@ def check_config(cfg: DistillConfig) -> None:
     if not 0 <= getattr(cfg, name) < 1:
       raise ValueError(f"{name}={getattr(cfg, name)} must be in [0, 1)")
   try:
-    jax.random.key(0, impl=cfg.resolved_prng())
+    jax.random.key(0, impl=cfg.resolved_prng(platform))
   except (ValueError, TypeError) as e:
     raise ValueError(f"dropout_prng {cfg.dropout_prng!r} is not a jax.random implementation ({e}): "
                      "use 'auto', 'threefry2x32' or 'rbg'") from e
@@ -139,6 +163,13 @@ def check_config(cfg: DistillConfig) -> None:
                      "rule: student depth and width at most half the teacher's), 'on' or 'off'")
   if cfg.assistant_steps < 0:
     raise ValueError(f"assistant_steps {cfg.assistant_steps} is negative: use 0 (= max_steps) or more")
+  stages = {"max_steps": cfg.max_steps}
+  if cfg.assistant_steps and cfg.teacher_assistant != "off":  # the teacher assistant's own run
+    stages["assistant_steps"] = cfg.assistant_steps
+  for name, steps in stages.items():
+    if cfg.warmup_steps > steps:
+      raise ValueError(f"warmup_steps={cfg.warmup_steps} exceeds {name}={steps}: the learning rate "
+                       f"would never reach its peak; pass --config.warmup_steps=N with N <= {name}")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")

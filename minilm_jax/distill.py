@@ -85,9 +85,10 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   if teacher.config != stage.teacher:
     raise ValueError(f"{teacher.directory} is not the teacher the {stage.name} stage was set up "
                      f"for ({teacher.config} != {stage.teacher}): use a new --workdir")
-  workdir_lib.check_resumable(workdir, workdir_lib.read_config(workdir), cfg)
+  workdir_lib.check_resumable(workdir, old := workdir_lib.read_config(workdir), cfg)
   mesh = sharding.make_mesh()
-  sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps)
+  sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps,
+                            str(workdir) if old else None)
   examples, stats = data.pretraining_examples(
       cfg.corpus, teacher.directory, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
       two_segments=cfg.two_segments, doc_per_line=cfg.doc_per_line, doc_per_file=cfg.doc_per_file,

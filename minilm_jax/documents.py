@@ -125,7 +125,9 @@ def tfds_documents(corpus: str, data_dir: str | None, text_feature: str = "text"
                    max_documents: int | None = None) -> list[str]:
   """Reads the text feature of every record of a prepared TFDS dataset (no download)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; TFDS corpora only)
+  from minilm_jax import corpus_tfds  # pylint: disable=g-import-not-at-top
   name, split = parse_tfds_corpus(corpus)
+  corpus_tfds.check_prepared(name, data_dir)
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,

@@ -79,6 +79,12 @@ _HEADS = {
         ("cls.predictions", ("head",), "bias")),
 }
 
+# Tensors a file may hold beside a table's: buffers transformers saves with the encoder, and,
+# when the encoder alone is read (a teacher saved as BertForMaskedLM), its task model's head.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+_HEAD_MODULES = ("cls.", "lm_head.", "classifier.", "qa_outputs.")
+_WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"
+
 Table = list[tuple[str, tuple, bool]]
 
 
@@ -123,7 +129,7 @@ def architecture(model_type: str, head: str | None = None) -> str:
 def encoder_prefix(tensors: Mapping[str, np.ndarray], path: os.PathLike) -> str:
   """The prefix of the encoder's tensors in a file (any of `ENCODER_PREFIXES`)."""
   for prefix in ENCODER_PREFIXES:
-    if f"{prefix}embeddings.word_embeddings.weight" in tensors:
+    if prefix + _WORD_EMBEDDINGS in tensors:
       return prefix
   raise ValueError(f"{path} has no embeddings.word_embeddings.weight (under any of the prefixes "
                    f"{[p for p in ENCODER_PREFIXES if p]}): it is not a BERT-family encoder")
@@ -139,17 +145,43 @@ def to_hf(table: Table, params: Mapping) -> dict[str, np.ndarray]:
   return out
 
 
+def check_names(table: Table, tensors: Mapping[str, np.ndarray], path: os.PathLike) -> None:
+  """The file's tensors are the table's, both ways: none missing (the encoder's and the task
+  head's named apart) and none that config.json does not imply (an extra layer, a pooler
+  config.json says is absent, a stray tensor), except `_BUFFERS` and, when the table is the
+  encoder alone, the tensors of the head the file's task model has (`_HEAD_MODULES`)."""
+  task = any(ours[0] == "encoder" for _, ours, _ in table)
+  head = [hf for hf, ours, _ in table if task and ours[0] != "encoder"]
+  missing = [hf for hf, _, _ in table if hf not in tensors and hf not in head]
+  if missing:
+    raise ValueError(f"{path} lacks {len(missing)} tensors that config.json implies, e.g. "
+                     f"{missing[:3]}: the weights do not match config.json (num_hidden_layers, "
+                     "add_pooling_layer); fix config.json or export the model again")
+  if missing_head := [hf for hf in head if hf not in tensors]:
+    raise ValueError(f"{path} lacks the task head's {', '.join(missing_head)}: it holds an encoder "
+                     "without its complete head; export the task model again (finetune writes "
+                     "DIR/seed-N/best)")
+  names = {hf for hf, _, _ in table}
+  prefix = next(hf for hf, _, _ in table if hf.endswith(_WORD_EMBEDDINGS)).removesuffix(_WORD_EMBEDDINGS)
+  unread = {prefix + buffer for buffer in _BUFFERS}
+  extra = [k for k in tensors if k not in names and k not in unread
+           and (task or not k.startswith(_HEAD_MODULES))]
+  if extra:
+    raise ValueError(f"{path} holds {len(extra)} tensors that config.json does not imply: "
+                     f"{', '.join(extra[:5])}{', ...' if len(extra) > 5 else ''}; the weights do not "
+                     "match config.json (num_hidden_layers, add_pooling_layer, architectures): fix "
+                     "config.json or export the model again")
+
+
 def from_hf(table: Table, tensors: Mapping[str, np.ndarray], abstract: Mapping,
             path: os.PathLike) -> dict:
   """Hugging Face tensors as our parameters, shaped like `abstract` (a nested dict of
-  arrays or shapes), float32; every tensor of the table must be there, in its shape."""
+  arrays or shapes), float32; the file's tensors must be the table's (`check_names`), each
+  in its shape."""
   # Old TensorFlow-era checkpoints name LayerNorm parameters gamma / beta.
   tensors = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
              for k, v in tensors.items()}
-  missing = [hf for hf, _, _ in table if hf not in tensors]
-  if missing:
-    raise ValueError(f"{path} lacks {len(missing)} tensors that config.json implies, e.g. "
-                     f"{missing[:3]}: the weights do not match config.json (layers, pooler, head)")
+  check_names(table, tensors, path)
   shapes = {ours: x.shape for ours, x in _flatten(abstract)}
   out = {}
   for hf, ours, transposed in table:

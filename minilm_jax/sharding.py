@@ -54,13 +54,26 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh: Mesh, micro_batches: int = 1) -> None:
-  """Each device must get the same whole number of examples in every micro-batch."""
+def check_batch_size(global_batch_size: int, mesh: Mesh, micro_batches: int = 1,
+                     resumed_run: str | None = None) -> None:
+  """Each device must get the same whole number of examples in every micro-batch.
+
+  A resumed run (`resumed_run`, its workdir) cannot change its batch: the fix is then a device
+  count, and the device counts that divide the batch are named.
+  """
   per_step = mesh.size * micro_batches
-  if global_batch_size % per_step:
-    raise ValueError(
-        f"global_batch_size {global_batch_size} is not divisible by {mesh.size} devices x "
-        f"{micro_batches} gradient-accumulation steps: use a multiple of {per_step}")
+  if not global_batch_size % per_step:
+    return
+  what = (f"global_batch_size {global_batch_size} is not divisible by {mesh.size} devices x "
+          f"{micro_batches} gradient-accumulation steps")
+  if resumed_run is None:
+    raise ValueError(f"{what}: use a multiple of {per_step}")
+  per_pass = global_batch_size // micro_batches
+  fits = [d for d in range(1, per_pass + 1) if per_pass % d == 0]
+  counts = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
+  raise ValueError(f"{what}, and the batch of the run in {resumed_run} is fixed by its checkpoints: "
+                   f"resume it on a device count that divides {per_pass} ({counts}), or start a new "
+                   "--workdir to change the batch")
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -65,7 +65,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
   step is compiled for: this host's by default, "tpu" when compiling for a pod slice from
   a machine without one (`minilm_jax.aot`).
   """
-  check_config(cfg)
+  check_config(cfg, platform)
   layer = cfg.teacher_layer or teacher_full.num_layers
   if not 1 <= layer <= teacher_full.num_layers:
     raise ValueError(f"teacher_layer {cfg.teacher_layer} is out of range: the teacher has "

@@ -121,6 +121,41 @@ def test_error_shape_mismatch(hf_copy):
     convert.load_hf(hf_copy)
 
 
+def _edit_weights(d, edit):
+  tensors = safetensors.numpy.load_file(d / "model.safetensors")
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_error_weights_beyond_config(hf_copy):
+  """A teacher's weights match its config.json both ways: a stray tensor, or layers and a
+  pooler that config.json says are not there, are refused by name, not ignored."""
+  _edit_weights(hf_copy, lambda t: t.update(stray=np.zeros(3, np.float32)))
+  with pytest.raises(ValueError, match="model.safetensors holds 1 tensors that config.json does not "
+                     "imply: stray; .*fix config.json or export the model again"):
+    convert.load_hf(hf_copy)
+  _edit_weights(hf_copy, lambda t: t.pop("stray"))
+  edit_config(hf_copy, num_hidden_layers=5, add_pooling_layer=False)
+  with pytest.raises(ValueError, match="holds 18 tensors that config.json does not imply: encoder.layer.5."):
+    convert.load_hf(hf_copy)
+  edit_config(hf_copy, num_hidden_layers=7, add_pooling_layer=True)
+  with pytest.raises(ValueError, match="lacks 16 tensors that config.json implies, e.g. "
+                     "\\['encoder.layer.6.attention.self.query.weight'"):
+    convert.load_hf(hf_copy)
+
+
+def test_a_masked_lm_teachers_head_is_not_read(hf_copy, teacher):
+  """A teacher saved as a task model (BertForMaskedLM: encoder under "bert.", head under "cls.")
+  gives its encoder; the head is not the encoder's and not refused."""
+  def as_masked_lm(tensors):
+    for name in list(tensors):
+      tensors[f"bert.{name}"] = tensors.pop(name)
+    tensors["cls.predictions.bias"] = np.zeros(30522, np.float32)
+  _edit_weights(hf_copy, as_masked_lm)
+  _, params = convert.load_hf(hf_copy)
+  jax.tree.map(np.testing.assert_array_equal, params.to_pure_dict(), teacher[1].to_pure_dict())
+
+
 def test_error_vocab_disagrees_with_tokenizer(hf_copy):
   """Weights and config.json agree on 1,000 embedding rows; the tokenizer has 30,522 ids."""
   tensors = safetensors.numpy.load_file(hf_copy / "model.safetensors")

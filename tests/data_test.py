@@ -187,6 +187,31 @@ def test_tfds_build_and_read_back(tmp_path):
   assert (from_tfds.documents, from_tfds.tokens) == (from_file.documents, from_file.tokens)
 
 
+def test_damaged_tfds_is_named_and_rebuilt(tmp_path, capsys):
+  """A truncated shard or a missing dataset_info.json (a build cut short) is named with its
+  directory and the fix; `data --build-tfds` then rebuilds it instead of keeping it."""
+  from minilm_jax import cli  # pylint: disable=g-import-not-at-top
+  (tmp_path / "book.txt").write_text(BOOK)
+  build = ["data", "--build-tfds", str(tmp_path / "book.txt"), "--data-dir", str(tmp_path / "tfds")]
+  built = corpus_tfds.build_text_corpus(str(tmp_path / "book.txt"), tmp_path / "tfds")
+  shard = next(built.glob("text_corpus-train.array_record-*"))
+  for cut in (1000, len(shard.read_bytes()) // 2 + 4000):
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(ValueError, match=rf"{built}: shard {shard.name} is missing, truncated or "
+                       r"corrupt .*rebuild it: `python -m minilm_jax data --build-tfds FILES"):
+      documents.load_documents("tfds:text_corpus", data_dir=str(tmp_path / "tfds"))
+    cli.main(build)
+    assert "wrote" in capsys.readouterr().out
+    assert len(documents.load_documents("tfds:text_corpus", data_dir=str(tmp_path / "tfds"))) == 2
+  (built / "dataset_info.json").unlink()
+  with pytest.raises(FileNotFoundError, match=rf"{built} has no dataset_info.json: .*rebuild it"):
+    documents.load_documents("tfds:text_corpus", data_dir=str(tmp_path / "tfds"))
+  cli.main(build)
+  assert len(documents.load_documents("tfds:text_corpus", data_dir=str(tmp_path / "tfds"))) == 2
+  cli.main(build)
+  assert "already built" in capsys.readouterr().out
+
+
 def test_text_files_gutenberg_xz_globs_and_doc_per_line(tmp_path):
   with lzma.open(tmp_path / "b.xz", "wt", encoding="utf-8") as f:
     f.write(BOOK)

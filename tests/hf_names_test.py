@@ -56,8 +56,15 @@ def test_to_hf_then_from_hf_is_exact():
   assert tensors["classifier.out_proj.weight"].shape == (3, 8)  # [out, in], as PyTorch's Linear
   back = hf_names.from_hf(table, tensors, abstract, "model.safetensors")
   jax.tree.map(np.testing.assert_array_equal, back, params)
+  with pytest.raises(ValueError, match="holds 1 tensors that config.json does not imply: stray;"):
+    hf_names.from_hf(table, tensors | {"stray": np.zeros(1)}, abstract, "model.safetensors")
+  with pytest.raises(ValueError, match="lacks 1 tensors that config.json implies, e.g. "
+                     r"\['roberta.embeddings.LayerNorm.bias'\]"):
+    hf_names.from_hf(table, {k: v for k, v in tensors.items() if k != "roberta.embeddings.LayerNorm.bias"},
+                     abstract, "model.safetensors")
   del tensors["classifier.dense.bias"]
-  with pytest.raises(ValueError, match="lacks 1 tensors .*classifier.dense.bias"):
+  with pytest.raises(ValueError, match="lacks the task head's classifier.dense.bias: .*export the task "
+                     "model again"):
     hf_names.from_hf(table, tensors, abstract, "model.safetensors")
 
 

@@ -126,7 +126,7 @@ def test_micro_batches_weight_by_the_loss_tokens(teacher):
   although the rows predict very different numbers of tokens (a mean of micro-batch means,
   or weighting by attention_mask, would not)."""
   cfg = DistillConfig(objective="mlm", student_layers=1, student_hidden=32, student_heads=2,
-                      student_dropout=0.0, max_seq_len=40, global_batch_size=16, max_steps=10)
+                      student_dropout=0.0, max_seq_len=40, global_batch_size=16, max_steps=100)
   setup = step_lib.make_setup(cfg, teacher[0])
   mesh = sharding.make_mesh()
   batch = packed_batch(batch=16)

@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from minilm_jax import atomic, checkpoint, cli, convert, preemption
+from minilm_jax import atomic, checkpoint, cli, cluster, convert, preemption
 from minilm_jax.config import DistillConfig
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import train as finetune_train
@@ -240,6 +240,32 @@ def test_cluster_flags_come_together_or_from_the_environment(monkeypatch, tmp_pa
   with pytest.raises(SystemExit, match="JAX_NUM_PROCESSES='two'"):
     cli.main(argv)
   assert not tmp_path.joinpath("config.json").exists()
+
+
+def test_a_process_whose_peers_never_join_fails_in_time_naming_them(tmp_path):
+  """Process 0 of 2 started alone, and process 1 of 2 started alone (no coordinator), each end
+  after --join-timeout with one line naming the coordinator, the count and who is missing,
+  not with JAX's 5 minutes of silence and a C++ abort; nothing is written."""
+  timeout, env, procs = 5, _env(1, tmp_path / "jax-cache"), []
+  for i in (0, 1):
+    address = f"localhost:{_free_port()}"
+    cmd = [sys.executable, "-m", "minilm_jax", "distill", *ARGS, f"--workdir={tmp_path / str(i)}",
+           "--coordinator-address", address, "--num-processes", "2", "--process-id", str(i),
+           "--join-timeout", str(timeout)]
+    procs.append((address, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)))
+  outs = [(address, p.communicate(timeout=STOP_SECONDS + timeout)[0], p.returncode)
+          for address, p in procs]
+  for address, out, code in outs:
+    assert code == cluster.JOIN_FAILED_EXIT_CODE and "Check failure" not in out, out[-3000:]
+  (a0, out0, _), (a1, out1, _) = outs
+  assert (f"error: process 0 waited {timeout} s at the coordinator {a0}, but the run's 2 processes "
+          "did not all join: process 1 never joined; start every process") in out0
+  assert f"error: process 1 waited {timeout} s at the coordinator {a1}, " in out1
+  assert f"process 0, the coordinator, is not reachable at {a1}" in out1
+  assert not any(tmp_path.glob("[01]"))
+  assert "one or more of processes 1, 2, 3 never joined" in cluster.not_joined("h:1", 4, 0, 9, None)
+  assert "one or more of processes 2, 3 never joined" in cluster.not_joined("h:1", 4, 1, 9, True)
 
 
 def _torn_reads(path: pathlib.Path, write, rewrites: int = 300) -> int:

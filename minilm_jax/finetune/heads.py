@@ -141,10 +141,6 @@ def from_hf(config: model_lib.ModelConfig, num_labels: int | None, tensors: dict
   head = hf_names.QUESTION_ANSWERING if num_labels is None else hf_names.SEQUENCE_CLASSIFICATION
   params = nnx.state(module, nnx.Param)
   table = hf_names.task(module.encoder.config, head, hf_names.encoder_prefix(tensors, path))
-  if missing := [hf for hf, ours, _ in table if ours[0] != "encoder" and hf not in tensors]:
-    raise ValueError(f"{path} lacks the task head's {', '.join(missing)}: it is not a complete "
-                     f"{hf_names.architecture(config.model_type, head)}; export it again (finetune "
-                     "writes DIR/seed-N/best)")
   loaded = hf_names.from_hf(table, tensors, params.to_pure_dict(), path)
   nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, loaded))
   nnx.update(module, params)
