@@ -116,14 +116,26 @@ def test_an_unfinished_distill_run_is_named_and_refused(tmp_path, teacher_dir, c
     assert "distilled encoder without a task head: fine-tune it first" in message
 
 
-def test_overwrite_replaces_results_once_the_new_run_finished(tmp_path, teacher_dir):
-  write_rte(tmp_path / "glue", "train", 16, 0)
+def test_a_teacher_assistant_run_stands_for_its_student_stage(tmp_path, teacher_dir):
+  (tmp_path / "ta" / "assistant").mkdir(parents=True)
+  with pytest.raises(ValueError, match="has not started its student stage"):
+    source.model_source(str(tmp_path / "ta"))
+  student = _distill_run(tmp_path / "ta" / "student", 40, 40, teacher_dir)
+  model, info = source.model_source(str(tmp_path / "ta"))
+  assert model == str(student) and info["run"] == str(student) and info["step"] == 40
+
+
+def test_overwrite_replaces_results_once_the_new_run_finished(tmp_path, teacher_dir, caplog):
+  write_rte(tmp_path / "glue", "train", 20, 0)
   write_rte(tmp_path / "glue", "dev", 8, 1)
   run = _distill_run(tmp_path / "run", 7, 300, teacher_dir)
   workdir = tmp_path / "ft"
   _old_results(workdir)
   shutil.copytree(workdir / "seed-0", workdir / "seed-5")
-  cli.main(_finetune(run, workdir, "--overwrite", "--allow-unfinished", data=tmp_path / "glue"))
+  with caplog.at_level(logging.INFO):
+    cli.main(_finetune(run, workdir, "--overwrite", "--allow-unfinished", data=tmp_path / "glue"))
+  assert "the UNFINISHED distill run" in caplog.text
+  assert "each epoch leaves out 4 of 20 training rows" in caplog.text
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["model_source"] | {"model": None} == {
       "model": None, "run": str(run), "step": 7, "max_steps": 300, "teacher": "all-MiniLM-L6-v2"}

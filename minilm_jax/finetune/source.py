@@ -15,7 +15,6 @@ import pathlib
 from minilm_jax import checkpoint, teacher_assistant
 from minilm_jax import workdir as workdir_lib
 
-
 EXPORTS = ("hf", "hf-mlm")  # what a finished distill run exports beside checkpoints/
 
 
@@ -64,15 +63,12 @@ def model_source(model: str, allow_unfinished: bool = False) -> tuple[str, dict]
     logging.info("model %s: not a distill run (a Hugging Face directory, packaged name or "
                  "checkpoint)", model)
     return model, {"model": model}
-  cfg = workdir_lib.read_config(run) or {}
-  max_steps, steps = cfg.get("max_steps"), _steps(run)
+  cfg = workdir_lib.read_config(run)  # a run's config.json: refused if missing or corrupt
+  max_steps, steps = cfg["max_steps"], _steps(run)
   step = max_steps if path.name in EXPORTS else (steps[-1] if steps else 0)
   info = {"model": model, "run": str(run), "step": step, "max_steps": max_steps,
-          "teacher": cfg.get("teacher")}
-  if max_steps is None:
-    logging.warning("model %s: distill run %s at step %s; its %s is missing, so whether it "
-                    "finished is unknown", model, run, step, workdir_lib.CONFIG_FILE)
-  elif step < max_steps:
+          "teacher": cfg["teacher"]}
+  if step < max_steps:
     if not allow_unfinished:
       raise ValueError(
           f"--model {model} is the distill run {run} stopped at step {step} of {max_steps} "
@@ -82,5 +78,5 @@ def model_source(model: str, allow_unfinished: bool = False) -> tuple[str, dict]
                     "(--allow-unfinished)", model, run, step, max_steps)
   else:
     logging.info("model %s: distill run %s, step %d of %d (finished), teacher %s", model, run,
-                 step, max_steps, cfg.get("teacher"))
+                 step, max_steps, cfg["teacher"])
   return model, info
