@@ -175,6 +175,9 @@ def test_misplaced_squad_answers_are_counted_skipped_and_named(tmp_path, teacher
   path.write_text(json.dumps({"version": "v2.0", "data": []}))
   with pytest.raises(ValueError, match="holds no articles"):
     squad.load_squad(path)
+  del articles[2]["paragraphs"][0]["qas"][4]["answers"][0]["text"]
+  with pytest.raises(ValueError, match=r"squad.json is not in the SQuAD 2.0 layout \(KeyError: 'text'"):
+    squad.misplaced_answers(articles, path)
   with pytest.raises(ValueError, match="holds 1 article.*needs at least 2"):
     squad.dev_split(_articles(1), 1)
 

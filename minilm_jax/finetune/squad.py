@@ -82,13 +82,19 @@ def misplaced_answers(articles: list[dict], path: str | pathlib.Path) -> set[str
   scoring uses only the answers' texts, so they stay in the scored articles.
   """
   found, total = [], 0
-  for article in articles:
-    for paragraph in article["paragraphs"]:
-      for qa in paragraph["qas"]:
-        for answer in qa["answers"]:
-          total += 1
-          if why := _misplaced(paragraph["context"], answer["text"], answer["answer_start"]):
-            found.append((qa["id"], why))
+  try:
+    for article in articles:
+      for paragraph in article["paragraphs"]:
+        for qa in paragraph["qas"]:
+          qid, _, answers = qa["id"], qa["question"], qa["answers"]  # as the examples read them
+          for answer in answers:
+            total += 1
+            if why := _misplaced(paragraph["context"], answer["text"], answer["answer_start"]):
+              found.append((qid, why))
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path} is not in the SQuAD 2.0 layout ({type(e).__name__}: {e}): each "
+                     "article holds paragraphs of a context and qas (id, question, answers of "
+                     "text and answer_start)") from e
   if not found:
     return set()
   examples = "; ".join(f"{qid}: {why}" for qid, why in found[:3])
