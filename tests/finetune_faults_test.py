@@ -62,6 +62,8 @@ def test_bad_config_is_refused_before_anything_is_written(tiny_dir, tmp_path):
   assert "must be distinct" in exit_of(_finetune(tiny_dir, tmp_path / "w", "--seeds",
                                                  "0,0"))
   assert not (tmp_path / "w").exists()
+  assert "RTE/train.tsv not found" in exit_of(_finetune(tiny_dir, tmp_path / "w"))  # no data
+  assert list(tmp_path.iterdir()) == []  # neither the workdir nor its temporary sibling
 
 
 def _old_results(workdir):
