@@ -73,14 +73,15 @@ def data(argv: list[str]) -> None:
     flags.DEFINE_string("data-dir", None, "TFDS data_dir to read from / write into", flag_values=fv)
     flags.DEFINE_string("tokenizer", "all-MiniLM-L6-v2", "HF directory or packaged teacher name",
                         flag_values=fv)
-    flags.DEFINE_integer("max-seq-len", 128, "tokens per example", flag_values=fv)
-    flags.DEFINE_integer("show", 3, "decoded examples to print", flag_values=fv)
+    flags.DEFINE_integer("max-seq-len", 128, "tokens per example", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("show", 3, "decoded examples to print", lower_bound=0, flag_values=fv)
     flags.DEFINE_bool("two-segments", False, "pack two segments per example", flag_values=fv)
     flags.DEFINE_bool("doc-per-line", False, "one document per line (default: blank-line blocks)",
                       flag_values=fv)
     flags.DEFINE_bool("doc-per-file", False, "one document per file", flag_values=fv)
     flags.DEFINE_string("text-feature", "text", "the TFDS dataset's text feature", flag_values=fv)
-    flags.DEFINE_integer("max-documents", None, "read only the first N documents", flag_values=fv)
+    flags.DEFINE_integer("max-documents", None, "read only the first N documents", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "rebuild an already prepared TFDS dataset", flag_values=fv)
 
   fv = parse("data", argv, define, usage)
@@ -211,7 +212,8 @@ def finetune(argv: list[str]) -> None:
   from minilm_jax import finetune as finetune_lib
   from minilm_jax.finetune import tasks
   usage = ("usage: python -m minilm_jax finetune --task glue/<task>|squad2 --model MODEL "
-           "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...]")
+           "--workdir DIR [--data PATH] [--seeds 0,1,2] [--config.key=value ...] [--overwrite] "
+           "[--allow-unfinished]")
 
   def define(fv):
     flags.DEFINE_string("task", None, "glue/<task> (sst2, cola, rte, ...) or squad2", flag_values=fv)
@@ -222,6 +224,10 @@ def finetune(argv: list[str]) -> None:
     flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
                         flag_values=fv)
     flags.DEFINE_list("seeds", None, "comma-separated seeds (default: --config.seed)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace the results a --workdir holds (once the new "
+                      "runs finish)", flag_values=fv)
+    flags.DEFINE_bool("allow-unfinished", False, "fine-tune the latest checkpoint of a distill run "
+                      "that stopped before max_steps", flag_values=fv)
 
   fv = parse("finetune", argv, define, usage, required=("task", "model", "workdir"),
              config=finetune_lib.FinetuneConfig())
@@ -233,7 +239,8 @@ def finetune(argv: list[str]) -> None:
   cfg = dataclasses.replace(fv.config, task=task, model=fv.model,
                             data=fv.data or fv.config.data or _default_data(task))
   _init_runtime(None)
-  summary = finetune_lib.run_seeds(cfg, fv.workdir, seeds)
+  summary = finetune_lib.run_seeds(cfg, fv.workdir, seeds, overwrite=fv.overwrite,
+                                   allow_unfinished=fv["allow-unfinished"].value)
   print(json.dumps({k: summary[k] for k in ("task", "model", "seeds", "scores", "mean", "std",
                                             "wall_time_s")}, indent=2))
 
@@ -249,8 +256,10 @@ def evaluate(argv: list[str]) -> None:
     flags.DEFINE_string("task", None, "glue/<task> or squad2 (default: the run's task)", flag_values=fv)
     flags.DEFINE_string("data", None, "GLUE folder or SQuAD dev JSON (default: the shared data)",
                         flag_values=fv)
-    flags.DEFINE_integer("max-seq-len", None, "default: the run's max_seq_len", flag_values=fv)
-    flags.DEFINE_integer("batch-size", 128, "examples per forward pass", flag_values=fv)
+    flags.DEFINE_integer("max-seq-len", None, "default: the run's max_seq_len", lower_bound=1,
+                         flag_values=fv)
+    flags.DEFINE_integer("batch-size", 128, "examples per forward pass", lower_bound=1,
+                         flag_values=fv)
 
   fv = parse("evaluate", argv, define, usage, required=("model",))
   from minilm_jax.finetune import score, tasks
@@ -271,7 +280,14 @@ COMMANDS = {"distill": distill, "data": data, "convert": convert, "benchmark": b
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] not in COMMANDS:
-    print(f"usage: python -m minilm_jax {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+    usage = f"usage: python -m minilm_jax {{{','.join(COMMANDS)}}} ..."
+    if argv and not argv[0].startswith("-"):
+      import difflib
+      close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+      hint = f"did you mean {close[0]}? " if close else ""
+      usage = (f"error: unknown command {argv[0]!r}: {hint}the commands are "
+               f"{', '.join(COMMANDS)}\n{usage}")
+    print(usage, file=sys.stderr)
     sys.exit(2)
   try:
     COMMANDS[argv[0]](argv[1:])

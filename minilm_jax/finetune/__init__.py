@@ -8,7 +8,9 @@ exported as Hugging Face `*ForSequenceClassification` / `*ForQuestionAnswering`
 directories. `train` fine-tunes (AdamW with warmup and linear decay, one jitted
 data-parallel step, length-trimmed batches) and keeps the epoch whose dev score is
 best; `score` scores a model on the dev set, during training and for the CLI's
-`evaluate` command; `metrics` are the official GLUE and SQuAD 2.0 metrics.
+`evaluate` command; `metrics` are the official GLUE and SQuAD 2.0 metrics. Before
+anything is written, `checks` refuses config values and workdirs the run cannot use and
+`source` names the model handed over (a distill run's step; an unfinished run refused).
 
 SQuAD 2.0 has only its dev file here, so `task="squad2"` fine-tunes on the first
 `squad_train_articles` dev articles and scores the rest (`squad.dev_split`): a dev-split

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from minilm_jax import convert, hf_names, sharding, tokenization
+from minilm_jax import checkpoint, convert, hf_names, sharding, tokenization
 from minilm_jax import model as model_lib
-from minilm_jax.finetune import glue, heads, tasks
+from minilm_jax.finetune import glue, heads, source, tasks
 
 RUN_FILE = "finetune.json"  # written next to an exported model: task, lengths, dev score
 LENGTH_BUCKET = 16          # a batch's width: its longest row rounded up to a multiple of this
@@ -89,6 +89,10 @@ def resolve_model(model: str | pathlib.Path) -> tuple[pathlib.Path, dict]:
     seeds = sorted(p.name for p in path.glob("seed-*"))
     raise ValueError(f"{path} holds a multi-seed fine-tuning ({', '.join(seeds)}): pass one "
                      f"run, e.g. --model {path / (seeds[0] if seeds else 'seed-0')}")
+  if source.distill_run(path) is not None or (path / checkpoint.MODEL_FILE).is_file():
+    raise ValueError(f"{model} is a distilled encoder without a task head: fine-tune it first "
+                     f"(python -m minilm_jax finetune --task glue/<task> --model {model} --workdir "
+                     "DIR), then evaluate DIR/seed-N/best")
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path / 'config.json'} is missing: pass the Hugging Face directory "
                             "a finetune run exported (DIR/seed-N/best) or its run directory")

@@ -25,6 +25,7 @@ dev-split measurement, not comparable with the papers' dev-set numbers.
 import collections
 import dataclasses
 import json
+import logging
 import pathlib
 
 import numpy as np
@@ -32,6 +33,8 @@ import tokenizers
 
 from minilm_jax import tokenization
 from minilm_jax.finetune import glue, metrics
+
+MAX_MISPLACED = 0.05  # the largest share of answers not at their answer_start a file may hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +57,55 @@ def load_squad(path: str | pathlib.Path) -> list[dict]:
   if not isinstance(dataset, dict) or not isinstance(dataset.get("data"), list):
     raise ValueError(f"{path} is not a SQuAD file: expected {{'version': ..., 'data': "
                      "[articles]}} as in the official dev-v2.0.json")
+  if not dataset["data"]:
+    raise ValueError(f"{path} holds no articles (its 'data' list is empty): pass the official "
+                     "SQuAD 2.0 JSON (dev-v2.0.json) or a file of the same layout")
   return dataset["data"]
+
+
+def _misplaced(context: str, text: str, start) -> str | None:
+  """Why an answer is not the text at its `answer_start` in `context`; None if it is."""
+  if isinstance(start, bool) or not isinstance(start, int):
+    return f"answer_start {start!r} is not an integer"
+  if not 0 <= start <= len(context) - len(text):
+    return f"{text!r} at {start} lies outside the {len(context)}-character context"
+  if context[start:start + len(text)] != text:
+    return f"{text!r} is not at {start} ({context[start:start + len(text)]!r} is)"
+  return None
+
+
+def misplaced_answers(articles: list[dict], path: str | pathlib.Path) -> set[str]:
+  """The ids of questions with an answer outside its context or not at its `answer_start`,
+  counted and named in the log; more than `MAX_MISPLACED` of the answers refuse the file.
+
+  Training on them would teach wrong spans (a start past the context trains "no answer");
+  scoring uses only the answers' texts, so they stay in the scored articles.
+  """
+  found, total = [], 0
+  try:
+    for article in articles:
+      for paragraph in article["paragraphs"]:
+        for qa in paragraph["qas"]:
+          qid, _, answers = qa["id"], qa["question"], qa["answers"]  # as the examples read them
+          for answer in answers:
+            total += 1
+            if why := _misplaced(paragraph["context"], answer["text"], answer["answer_start"]):
+              found.append((qid, why))
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{path} is not in the SQuAD 2.0 layout ({type(e).__name__}: {e}): each "
+                     "article holds paragraphs of a context and qas (id, question, answers of "
+                     "text and answer_start)") from e
+  if not found:
+    return set()
+  examples = "; ".join(f"{qid}: {why}" for qid, why in found[:3])
+  if len(found) > MAX_MISPLACED * total:
+    raise ValueError(f"{path}: {len(found)} of {total} answers are not at their answer_start "
+                     f"(more than {MAX_MISPLACED:.0%}; e.g. {examples}): the file's offsets are "
+                     "damaged; pass the official file or fix its answer_start values")
+  ids = {qid for qid, _ in found}
+  logging.warning("%s: %d of %d answers are not at their answer_start (e.g. %s); their %d "
+                  "questions are left out of training", path, len(found), total, examples, len(ids))
+  return ids
 
 
 def examples_from_articles(articles: list[dict]) -> list[SquadExample]:
@@ -70,6 +121,9 @@ def dev_split(articles: list[dict], num_train_articles: int) -> tuple[list[dict]
   Splitting by article keeps every passage on one side, so no scored context was seen
   in fine-tuning. The dev file has 35 articles.
   """
+  if len(articles) < 2:
+    raise ValueError(f"the SQuAD file holds {len(articles)} article(s): the dev split needs at "
+                     "least 2, one to train on and one to score")
   if not 0 < num_train_articles < len(articles):
     raise ValueError(f"num_train_articles={num_train_articles} must leave both sides "
                      f"non-empty: pick 1..{len(articles) - 1} of the {len(articles)} articles")
@@ -221,16 +275,21 @@ def task_data(path: str | pathlib.Path, tokenizer: tokenizers.Tokenizer, max_len
   (0 = all), and the scored articles keep only the kept questions. The dev metrics map
   (start, end) logits to `answer_metrics`, with `score` the F1 as a fraction.
   """
-  train_articles, eval_articles = dev_split(load_squad(path), squad_train_articles)
+  articles = load_squad(path)
+  misplaced = misplaced_answers(articles, path)
+  train_articles, eval_articles = dev_split(articles, squad_train_articles)
   train_ex = (examples_from_articles(train_articles)[:max_train_examples or None] if with_train
               else [])
+  kept_train = [e for e in train_ex if e.qid not in misplaced]
   eval_ex = examples_from_articles(eval_articles)[:max_eval_examples or None]
   kept = {e.qid for e in eval_ex}
   eval_articles = [{**a, "paragraphs": [{**p, "qas": [q for q in p["qas"] if q["id"] in kept]}
                                         for p in a["paragraphs"]]} for a in eval_articles]
-  train_f = make_features(train_ex, tokenizer, max_len, doc_stride) if train_ex else {}
+  train_f = make_features(kept_train, tokenizer, max_len, doc_stride) if kept_train else {}
   eval_f = make_features(eval_ex, tokenizer, max_len, doc_stride)
-  stats = {"max_seq_len": max_len, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+  stats = {"max_seq_len": max_len, "train_examples": len(kept_train),
+           "train_skipped_misplaced": len(train_ex) - len(kept_train),
+           "eval_examples": len(eval_ex),
            "train_features": len(train_f.get("input_ids", ())),
            "eval_features": len(eval_f["input_ids"]),
            "split": f"SQuAD 2.0 dev by article: {squad_train_articles} train / "

@@ -27,9 +27,9 @@ import optax
 import tqdm
 from flax import nnx
 
-from minilm_jax import checkpoint, optimizer as optimizer_lib, sharding, tokenization
+from minilm_jax import atomic, checkpoint, optimizer as optimizer_lib, sharding, tokenization
 from minilm_jax import model as model_lib
-from minilm_jax.finetune import glue, heads, score, tasks
+from minilm_jax.finetune import checks, glue, heads, score, source, tasks
 from minilm_jax.metric_writer import MetricWriter
 
 QA_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
@@ -170,6 +170,7 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
   `workdir`, also writes metrics.jsonl + TensorBoard per epoch and the best model as a
   Hugging Face directory `workdir/best` (with `score.RUN_FILE` for `score.score_model`).
   """
+  checks.check_config(cfg)
   cfg = dataclasses.replace(cfg, task=tasks.resolve_task(cfg.task))
   module, tokenizer_dir, data, mesh, steps_per_epoch = _prepare(cfg)
   optimizer = make_optimizer(cfg, steps_per_epoch * cfg.epochs)
@@ -248,6 +249,9 @@ def _prepare(cfg: FinetuneConfig):
   if steps_per_epoch == 0:
     raise ValueError(f"{n_train} training rows do not fill one batch of {cfg.batch_size}: "
                      "lower batch_size")
+  if n_train % cfg.batch_size:
+    logging.info("each epoch leaves out %d of %d training rows (the ragged last batch; other rows "
+                 "each epoch)", n_train % cfg.batch_size, n_train)
   return module, tokenizer_dir, data, mesh, steps_per_epoch
 
 
@@ -263,31 +267,56 @@ def _export_best(cfg: FinetuneConfig, out: pathlib.Path, module, tokenizer_dir, 
   return out
 
 
-def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]) -> dict:
+def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int], *,
+              overwrite: bool = False, allow_unfinished: bool = False) -> dict:
   """One `run` per seed in `workdir/seed-N`, then `workdir/summary.json`.
 
-  The summary holds each seed's best dev score, best epoch and wall time (model loading,
-  tokenisation, training, scoring and export), their mean and sample standard
-  deviation, the model's size and the config: everything `experiments/scripts/report.py` needs.
+  Everything is checked before anything is written (`checks`, `source.model_source`): a
+  workdir holding results is replaced only with `overwrite`, and then only once every
+  seed has finished (the runs are written into a hidden sibling that is renamed into
+  place, `atomic.write_dir`); an unfinished distill run is fine-tuned only with
+  `allow_unfinished`. The summary holds each seed's best dev score, best epoch and wall
+  time (model loading, tokenisation, training, scoring and export), their mean and sample
+  standard deviation, the model's size and source and the config: everything
+  `experiments/scripts/report.py` needs.
   """
-  if not seeds:
-    raise ValueError("no seeds given: pass e.g. --seeds 0 or --seeds 0,1,2")
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"seeds {list(seeds)} must be distinct and at least one (each writes "
+                     "seed-N/): pass e.g. --seeds 0 or --seeds 0,1,2")
+  for seed in seeds:
+    checks.check_config(dataclasses.replace(cfg, seed=seed))
   workdir = pathlib.Path(workdir)
+  checks.check_workdir(workdir, [p for p in (cfg.model, cfg.data)
+                                 if p and pathlib.Path(p).expanduser().exists()], overwrite)
+  model, model_info = source.model_source(cfg.model, allow_unfinished)
+  cfg = dataclasses.replace(cfg, model=model)
+  summary = {}
+  atomic.write_dir(workdir, lambda tmp: summary.update(
+      _run_all(cfg, tmp, workdir, seeds, model_info)), overwrite=True)
+  return summary
+
+
+def _run_all(cfg: FinetuneConfig, tmp: pathlib.Path, workdir: pathlib.Path, seeds: list[int],
+             model_info: dict) -> dict:
+  """Every seed's run and the summary in `tmp`, the hidden sibling of `workdir` that
+  `run_seeds` renames into place; the summary (paths as they will be in `workdir`)."""
+  logging.info("writing into %s, renamed to %s once every seed is done", tmp, workdir)
   runs = []
   for seed in seeds:
     began = time.perf_counter()
-    out = run(dataclasses.replace(cfg, seed=seed), workdir / f"seed-{seed}")
+    out = run(dataclasses.replace(cfg, seed=seed), tmp / f"{checks.SEED_PREFIX}{seed}")
+    final = workdir / f"{checks.SEED_PREFIX}{seed}" / "best"
     runs.append({"seed": seed, "best_score": out["best_score"], "best_epoch": out["best_epoch"],
-                 "wall_time_s": time.perf_counter() - began, "hf": out.get("hf"),
+                 "wall_time_s": time.perf_counter() - began,
+                 "hf": str(final) if "hf" in out else None,
                  "history": out["history"]})
   scores = [r["best_score"] for r in runs]
   task = tasks.resolve_task(cfg.task)
   summary = {"task": task, "metric": tasks.task_metric(task), "model": cfg.model,
-             **out["model_info"], "seeds": list(seeds), "scores": scores,
-             "mean": float(np.mean(scores)),
+             "model_source": model_info, **out["model_info"], "seeds": list(seeds),
+             "scores": scores, "mean": float(np.mean(scores)),
              "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
              "wall_time_s": [r["wall_time_s"] for r in runs], "data": out["data"],
              "runs": runs, "config": dataclasses.asdict(cfg)}
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  atomic.write_file(tmp / checks.SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
   return summary
