@@ -10,7 +10,7 @@ import difflib
 
 import jax
 
-from minilm_jax import losses
+from minilm_jax import losses, student_init
 from minilm_jax import model as model_lib
 
 OBJECTIVES = ("distill", "mlm")
@@ -51,6 +51,7 @@ class DistillConfig:
   student_hidden: int = 384           # D
   student_heads: int = 12             # N (v1 needs the teacher's head count)
   student_intermediate: int = 0       # F; 0 = 4 * D
+  student_init: str = "random"        # "random", "spaced" or 1-based teacher layers "2,4,6" (student_init.py)
   student_dropout: float = 0.1        # hidden dropout (embeddings, sublayer outputs) during distillation
   student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
   fused_attention_dropout: bool = False  # GPU: that dropout fused in cuDNN (faster; its masks do not resume exactly)
@@ -139,6 +140,9 @@ def check_config(cfg: DistillConfig) -> None:
                      "rule: student depth and width at most half the teacher's), 'on' or 'off'")
   if cfg.assistant_steps < 0:
     raise ValueError(f"assistant_steps {cfg.assistant_steps} is negative: use 0 (= max_steps) or more")
+  if student_init.parse(cfg.student_init) != student_init.RANDOM and cfg.objective == "mlm":
+    raise ValueError(f"student_init={cfg.student_init!r} copies teacher layers, but objective='mlm' "
+                     "is the masked-LM baseline trained from scratch: use student_init='random'")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")

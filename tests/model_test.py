@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from minilm_jax import attention, model as model_lib
+from minilm_jax import attention, model as model_lib, student_init
 
 SENTENCES = ["MiniLM distils the self-attention of the teacher's last layer.",
              "A short one.",
@@ -59,7 +59,7 @@ def test_teacher_matches_pytorch(teacher, batch, torch_outputs):
 
 def test_truncated_teacher_matches_pytorch_hidden_state(teacher, batch, torch_outputs):
   config, params = teacher
-  pure = model_lib.bottom_layers(params.to_pure_dict(), 4)
+  pure = student_init.bottom_layers(params.to_pure_dict(), 4)
   pure.pop("pooler")
   config = config.replace(num_layers=4, use_pooler=False)
   state = model_lib.abstract_params(config)
