@@ -55,6 +55,9 @@ def test_teacher_matches_pytorch(teacher, batch, torch_outputs):
     probs = attention.attention_probs(out.internals[i].logits, batch["attention_mask"])
     np.testing.assert_allclose(real(probs, batch), real(torch_outputs.attentions[i], batch),
                                rtol=0, atol=1e-5, err_msg=f"layer {i}")
+    np.testing.assert_allclose(real(out.internals[i].hidden, batch),  # layer i's output
+                               real(torch_outputs.hidden_states[i + 1], batch),
+                               rtol=0, atol=1e-5, err_msg=f"layer {i}")
 
 
 def test_truncated_teacher_matches_pytorch_hidden_state(teacher, batch, torch_outputs):

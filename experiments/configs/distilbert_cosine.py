@@ -52,6 +52,6 @@ def get_config(variant: str = "") -> DistillConfig:
       teacher="all-MiniLM-L6-v2", student_layers=3, student_hidden=384, student_heads=12,
       student_init="spaced", internals_loss=f"{pathlib.Path(__file__).resolve()}:cosine_loss",
       loss_teacher_layers=(6,), loss_student_layers=(3,),
-      corpus="demo", max_seq_len=128, global_batch_size=16, max_steps=200, learning_rate=1e-4,
+      corpus="demo", max_seq_len=128, global_batch_size=16, max_steps=200, learning_rate=5e-4,
       warmup_steps=20, log_every=10, checkpoint_every=100)
   return common.smoke(cfg) if smoke else cfg
