@@ -140,7 +140,8 @@ def check_config(cfg: DistillConfig) -> None:
                      "rule: student depth and width at most half the teacher's), 'on' or 'off'")
   if cfg.assistant_steps < 0:
     raise ValueError(f"assistant_steps {cfg.assistant_steps} is negative: use 0 (= max_steps) or more")
-  if student_init.parse(cfg.student_init) != student_init.RANDOM and cfg.objective == "mlm":
+  chosen_init = student_init.parse(cfg.student_init)  # a malformed choice raises here
+  if chosen_init != student_init.RANDOM and cfg.objective == "mlm":
     raise ValueError(f"student_init={cfg.student_init!r} copies teacher layers, but objective='mlm' "
                      "is the masked-LM baseline trained from scratch: use student_init='random'")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:

@@ -36,7 +36,7 @@ def bottom_layers(pure: dict, num_layers: int) -> dict:
 
 
 def parse(spec: str) -> tuple[int, ...] | str:
-  """"random", "spaced" or the 1-based layer numbers of "2,4,6"; anything else raises."""
+  """The choice `spec` names: "random", "spaced" or the 1-based layers of "2,4,6"; else raises."""
   if spec in (RANDOM, SPACED):
     return spec
   try:

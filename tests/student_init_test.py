@@ -78,6 +78,9 @@ def test_step_zero_is_the_chosen_teacher_layers_bit_for_bit(teacher):
   pairs += [(student["layers"][i], full["layers"][n]) for i, n in enumerate((1, 2, 5))]
   for mine, theirs in pairs:
     jax.tree.map(np.testing.assert_array_equal, mine, theirs)
+  abstract = step_lib.abstract_inputs(cfg, setup, optimizer, mesh)[0]  # needs no teacher (aot)
+  shapes = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+  assert shapes(abstract) == shapes(state)
   step = step_lib.make_train_step(setup, optimizer, mesh)
   state, _ = step(jax.device_put(state, sharding.replicated(mesh)),
                   step_lib.truncate_teacher(setup, on_device), sharding.global_batch(packed_batch(8, 32), mesh))
