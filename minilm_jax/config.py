@@ -11,7 +11,7 @@ import math
 
 import jax
 
-from minilm_jax import losses
+from minilm_jax import losses, student_init
 from minilm_jax import model as model_lib
 
 OBJECTIVES = ("distill", "mlm")
@@ -52,6 +52,7 @@ class DistillConfig:
   student_hidden: int = 384           # D
   student_heads: int = 12             # N (v1 needs the teacher's head count)
   student_intermediate: int = 0       # F; 0 = 4 * D
+  student_init: str = "random"        # "random", "spaced" or 1-based teacher layers "2,4,6" (student_init.py)
   student_dropout: float = 0.1        # hidden dropout (embeddings, sublayer outputs) during distillation
   student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
   fused_attention_dropout: bool = False  # GPU: that dropout fused in cuDNN (faster; its masks do not resume exactly)
@@ -170,6 +171,10 @@ def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
     if cfg.warmup_steps > steps:
       raise ValueError(f"warmup_steps={cfg.warmup_steps} exceeds {name}={steps}: the learning rate "
                        f"would never reach its peak; pass --config.warmup_steps=N with N <= {name}")
+  chosen_init = student_init.parse(cfg.student_init)  # a malformed choice raises here
+  if chosen_init != student_init.RANDOM and cfg.objective == "mlm":
+    raise ValueError(f"student_init={cfg.student_init!r} copies teacher layers, but objective='mlm' "
+                     "is the masked-LM baseline trained from scratch: use student_init='random'")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")

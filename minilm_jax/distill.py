@@ -113,7 +113,7 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
     abstract = step_lib.abstract_inputs(cfg, setup, optimizer, mesh, goal)[0]
     state = checkpoint.restore_state(mngr, abstract, iterator)
   else:
-    state = jax.device_put(step_lib.init_state(cfg, setup, optimizer, goal), replicated)
+    state = jax.device_put(step_lib.init_state(cfg, setup, optimizer, goal, teacher.params), replicated)
   teacher_params = (jax.device_put(step_lib.truncate_teacher(setup, teacher.params), replicated)
                     if goal.has_teacher else {})
   logging.info("distilling %s layer %d -> student %s on %d devices; corpus: %s; resuming at step %d",

@@ -4,7 +4,8 @@ A loss of internals is a function `(teacher_internals, student_internals, mask) 
 scalar terms with a "total"`: MiniLM (v1) and MiniLMv2 are two built in (`losses.minilm_loss`
 of one teacher layer against the student's last), and `DistillConfig.internals_loss`
 names any other ("module:function" or "path/file.py:function", e.g. TinyBERT's
-attention MSE in `experiments/configs/tinybert_attention.py`) over the layers of
+attention MSE in `experiments/configs/tinybert_attention.py`, DistilBERT's hidden-state
+cosine in `experiments/configs/distilbert_cosine.py`) over the layers of
 `loss_teacher_layers` / `loss_student_layers`. `choose` checks the run's choice against
 the two models before any compute.
 """
@@ -22,8 +23,9 @@ from minilm_jax import model as model_lib
 
 # A distillation loss of internals: (teacher_internals, student_internals, mask) -> named
 # scalar terms with a "total" (what is minimised). The internals are the captured layers'
-# `AttentionInternals` (q, k, v before dropout; a custom loss also gets the attention
-# logits), in the order of `loss_teacher_layers` / `loss_student_layers`; mask is [B, T].
+# `AttentionInternals` (q, k, v before dropout, the layer's output hidden states; a custom
+# loss also gets the attention logits), in the order of `loss_teacher_layers` /
+# `loss_student_layers`; mask is [B, T].
 InternalsLoss = Callable[[tuple[model_lib.AttentionInternals, ...],
                           tuple[model_lib.AttentionInternals, ...], jax.Array], dict[str, jax.Array]]
 

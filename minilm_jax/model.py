@@ -6,8 +6,8 @@ and skips padding) and in the size of the token-type table.
 
 MiniLM distils the self-attention of one layer, so the encoder exposes, for the layers
 named in `capture`, their queries, keys and values ([B, T, D], heads concatenated, taken
-before any dropout) and on request the attention logits (computed beside the layer's
-attention, which XLA merges with its own). Every layer's attention goes through
+before any dropout), their output hidden states and on request the attention logits
+(computed beside the layer's attention, which XLA merges with its own). Every layer's attention goes through
 `attention.fused_attention` (cuDNN flash attention on a GPU in bf16/fp16, Pallas splash
 attention on a TPU without attention dropout, XLA elsewhere;
 `attention.py` says which route a layer takes and how its dropout works).
@@ -149,11 +149,14 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class AttentionInternals:
-  """What one captured layer exposes for distillation; all taken before dropout."""
+  """What one captured layer exposes for distillation. Queries, keys and values are taken
+  before any dropout of their layer; `hidden` is the layer's output, which the next layer
+  reads (in training after the layer's own dropout, as in BERT)."""
   query: jax.Array                     # [B, T, D], heads concatenated
   key: jax.Array                       # [B, S, D]
   value: jax.Array                     # [B, S, D]
   logits: jax.Array | None = None      # [B, N, T, S] float32, q k^T / sqrt(H), unmasked
+  hidden: jax.Array | None = None      # [B, T, D] the layer's output hidden states
 
 
 @flax.struct.dataclass
@@ -266,8 +269,7 @@ class Layer(nnx.Module):
     h = self.attention_norm(dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
     y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))
     y = self.output_norm(dropout(self.hidden_dropout, y, rngs[2]) + h)
-    internals = AttentionInternals(q_BTD, k_BTD, v_BTD, logits if return_logits else None)
-    return y, (internals if capture else None)
+    return y, (AttentionInternals(q_BTD, k_BTD, v_BTD, logits, y) if capture else None)
 
 
 class Encoder(nnx.Module):
@@ -289,13 +291,12 @@ class Encoder(nnx.Module):
       attention_mask: [B, T], 1 for real tokens, 0 for padding (default: all real).
       token_type_ids: [B, T] segment ids (default: all 0).
       dropout_rng: a PRNG key turns on training-mode dropout; None is eval mode.
-      capture: indices (0-based) of the layers whose q, k, v (and logits) to return.
+      capture: indices (0-based) of the layers whose q, k, v, output (and logits) to return.
       return_logits: also return the captured layers' attention logits.
     """
     c = self.config
-    num_layers = c.num_layers
-    if bad := [i for i in capture if not 0 <= i < num_layers]:
-      raise ValueError(f"capture layers {bad} are outside the {num_layers} layers (0-based)")
+    if bad := [i for i in capture if not 0 <= i < c.num_layers]:
+      raise ValueError(f"capture layers {bad} are outside the {c.num_layers} layers (0-based)")
     if input_ids.shape[1] > c.max_seq_len:
       raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the position table "
                        f"({c.max_position_embeddings} positions, {c.max_seq_len} usable): "
@@ -304,28 +305,16 @@ class Encoder(nnx.Module):
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    rngs = [None] * (num_layers + 1) if dropout_rng is None else list(jax.random.split(dropout_rng, num_layers + 1))
+    rngs = [None] * (c.num_layers + 1) if dropout_rng is None else list(jax.random.split(dropout_rng, c.num_layers + 1))
     x = self.embeddings(input_ids, token_type_ids, rngs[0])
     internals = {}
-    for i in range(num_layers):
+    for i in range(c.num_layers):
       x, captured = self.layers[i](x, attention_mask, rngs[i + 1], capture=i in capture,
                                    return_logits=return_logits)
       if captured is not None:
         internals[i] = captured
-    pooled = None
-    if self.pooler is not None:
-      pooled = jnp.tanh(self.pooler(x[:, 0]))
+    pooled = None if self.pooler is None else jnp.tanh(self.pooler(x[:, 0]))
     return EncoderOutput(x, pooled, internals)
-
-
-def bottom_layers(pure: dict, num_layers: int) -> dict:
-  """A model's pure parameter dict with only its bottom `num_layers` layers (embeddings and
-  any pooler kept): the teacher up to the layer it is distilled from, the truncated-teacher
-  baseline. The config to go with it is `config.replace(num_layers=num_layers)`."""
-  total = len(pure["layers"])
-  if not 1 <= num_layers <= total:
-    raise ValueError(f"num_layers={num_layers} is outside 1..{total} (the model's layers)")
-  return {**pure, "layers": {i: pure["layers"][i] for i in range(num_layers)}}
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> nnx.State:

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minilm_jax import internals_loss, loops, sharding
+from minilm_jax import internals_loss, loops, sharding, student_init
 from minilm_jax import model as model_lib
 from minilm_jax import optimizer as optimizer_lib
 from minilm_jax.config import DistillConfig, check_config, student_model
@@ -55,6 +55,7 @@ class Setup:
   student_layers: tuple[int, ...]    # 0-based student layers whose internals the loss gets
   return_logits: bool                # capture attention logits too (custom losses)
   dropout_prng: str = "threefry2x32"  # jax.random implementation of the step's dropout keys
+  student_init: tuple[int, ...] = ()  # 0-based teacher layers the student starts from; () = fresh
 
 
 def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
@@ -83,12 +84,13 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
                           internals_loss.choose(cfg, teacher, student))
   teacher.check_max_seq_len(cfg.max_seq_len, "the teacher")  # the student shares its table
   return Setup(teacher, student, relation_heads, loss, teacher_layers, student_layers,
-               return_logits=bool(cfg.internals_loss), dropout_prng=cfg.resolved_prng(platform))
+               return_logits=bool(cfg.internals_loss), dropout_prng=cfg.resolved_prng(platform),
+               student_init=student_init.teacher_layers(cfg.student_init, teacher_full, student))
 
 
 def truncate_teacher(setup: Setup, params: nnx.State) -> nnx.State:
   """The teacher's parameters up to the distilled layer, cast to the compute dtype."""
-  pure = model_lib.bottom_layers(params.to_pure_dict(), setup.teacher.num_layers)
+  pure = student_init.bottom_layers(params.to_pure_dict(), setup.teacher.num_layers)
   pure.pop("pooler", None)
   state = model_lib.abstract_params(setup.teacher)
   nnx.replace_by_pure_dict(state, pure)
@@ -109,9 +111,13 @@ def distillation(setup: Setup) -> Objective:
 
 
 def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation,
-               objective: Objective | None = None) -> TrainState:
-  """Step 0: the objective's fresh parameters (default: `distillation`), their optimizer state."""
+               objective: Objective | None = None, teacher_params: nnx.State | None = None) -> TrainState:
+  """Step 0: the objective's fresh parameters (default: `distillation`), with the teacher layers
+  of `setup.student_init` copied in from `teacher_params` (the whole teacher, float32), and
+  their optimizer state."""
   params = (objective or distillation(setup)).init_params(setup.student, cfg.seed)
+  if setup.student_init:
+    params = student_init.from_teacher(params, teacher_params, setup.student_init)
   rng = jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.seed), 1))
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
@@ -227,7 +233,8 @@ def abstract_inputs(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientT
   def placed(tree, where):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
   replicated = sharding.replicated(mesh)
-  state = placed(jax.eval_shape(lambda: init_state(cfg, setup, optimizer, objective)), replicated)
+  fresh = dataclasses.replace(setup, student_init=())  # the same shapes, whatever the init
+  state = placed(jax.eval_shape(lambda: init_state(cfg, fresh, optimizer, objective)), replicated)
   teacher = {} if not objective.has_teacher else placed(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setup.teacher.dtype),
                    model_lib.abstract_params(setup.teacher)), replicated)

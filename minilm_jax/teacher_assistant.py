@@ -69,6 +69,10 @@ def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig, workdir: pathlib.
   stage can be checked against its teacher before the first starts."""
   if not uses_assistant(cfg, teacher):
     return [Stage("", cfg, teacher, workdir)]
+  if cfg.student_init != "random":  # an assistant of the teacher's width is the teacher's own cut
+    raise ValueError(f"student_init={cfg.student_init!r} copies teacher layers into a student of the "
+                     "teacher's width, where a teacher assistant (for students at most half as wide) "
+                     "would be the teacher itself: set teacher_assistant='off', or student_init='random'")
   assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
   exported = model_lib.ModelConfig.from_hf(student_model(assistant_cfg, teacher).to_hf())
   return [Stage(ASSISTANT, assistant_cfg, teacher, workdir / ASSISTANT),

@@ -26,7 +26,8 @@ FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "stude
                  "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
                  "global_batch_size", "grad_accum_steps", "clip_grad_norm", "corpus", "data_dir",
                  "text_feature", "doc_per_line", "doc_per_file", "two_segments", "seed", "loss_terms",
-                 "internals_loss", "loss_teacher_layers", "loss_student_layers", "objective")
+                 "internals_loss", "loss_teacher_layers", "loss_student_layers", "objective",
+                 "student_init")
 _RUN_KEYS = ("teacher", "student_layers", "max_steps")  # a config.json with these is a run's
 RENAMED_FIELDS = {"num_relation_heads": "relation_heads"}  # as runs of earlier versions saved them
 

@@ -37,7 +37,7 @@ def load(name):
 
 
 def test_the_glob_finds_the_config_files_and_not_their_helper():
-  assert {"ablations", "demo", "paper", "tinybert_attention"} <= {p.stem for p in FILES} - {"common"}
+  assert {"ablations", "demo", "distilbert_cosine", "paper", "tinybert_attention"} <= {p.stem for p in FILES} - {"common"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)

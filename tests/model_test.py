@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from minilm_jax import attention, model as model_lib
+from minilm_jax import attention, model as model_lib, student_init
 
 SENTENCES = ["MiniLM distils the self-attention of the teacher's last layer.",
              "A short one.",
@@ -55,11 +55,14 @@ def test_teacher_matches_pytorch(teacher, batch, torch_outputs):
     probs = attention.attention_probs(out.internals[i].logits, batch["attention_mask"])
     np.testing.assert_allclose(real(probs, batch), real(torch_outputs.attentions[i], batch),
                                rtol=0, atol=1e-5, err_msg=f"layer {i}")
+    np.testing.assert_allclose(real(out.internals[i].hidden, batch),  # layer i's output
+                               real(torch_outputs.hidden_states[i + 1], batch),
+                               rtol=0, atol=1e-5, err_msg=f"layer {i}")
 
 
 def test_truncated_teacher_matches_pytorch_hidden_state(teacher, batch, torch_outputs):
   config, params = teacher
-  pure = model_lib.bottom_layers(params.to_pure_dict(), 4)
+  pure = student_init.bottom_layers(params.to_pure_dict(), 4)
   pure.pop("pooler")
   config = config.replace(num_layers=4, use_pooler=False)
   state = model_lib.abstract_params(config)

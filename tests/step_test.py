@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments.configs import distilbert_cosine
 from minilm_jax import model as model_lib, optimizer as optimizer_lib, sharding
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
-from tiny import assert_same_training, build, random_batch, tiny_cfg
+from tiny import assert_same_training, build, mask_of, packed_batch, random_batch, tiny_cfg
 
 
 def test_gradient_accumulation_equals_one_big_batch(teacher):
@@ -149,3 +150,52 @@ def test_metrics_count_real_tokens():
   batch["attention_mask"] = jnp.array([[1] * 8, [1] * 5 + [0] * 3, [1] * 2 + [0] * 6, [0] * 8], jnp.int32)
   _, metrics = step(state, teacher, batch)
   assert float(metrics["tokens"]) == 15
+
+
+def numpy_cosine_loss(teacher_hidden, student_hidden, mask):
+  """DistilBERT's cosine loss in numpy (float64): mean over real tokens of 1 - cos(h_S, h_T)."""
+  t, s = np.asarray(teacher_hidden, np.float64), np.asarray(student_hidden, np.float64)
+  real = np.asarray(mask, bool)
+  t, s = t[real], s[real]
+  cosine = (s * t).sum(-1) / (np.linalg.norm(s, axis=-1) * np.linalg.norm(t, axis=-1))
+  return (1 - cosine).mean()
+
+
+def test_distilbert_cosine_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  teacher, student = (rng.normal(size=(3, 7, 16)).astype(np.float32) for _ in range(2))
+  student[0, :2] = 2.5 * teacher[0, :2]  # same direction: cosine 1, no loss
+  mask = mask_of([7, 4, 2])
+  got = distilbert_cosine.hidden_cosine(teacher, student, mask)
+  np.testing.assert_allclose(got, numpy_cosine_loss(teacher, student, mask), rtol=1e-6)
+  student[mask == 0] = 1e3  # padded positions do not count
+  np.testing.assert_allclose(distilbert_cosine.hidden_cosine(teacher, student, mask), got, rtol=1e-6)
+
+
+def test_a_custom_loss_on_hidden_states_trains_a_teacher_initialised_student(teacher):
+  """distilbert_cosine.py through the ordinary step: the student starts from teacher layers
+  2, 4, 6, its first loss is numpy's cosine loss between the two models' last hidden states,
+  and the loss falls."""
+  cfg = distilbert_cosine.get_config("smoke")
+  cfg.max_steps, cfg.student_dropout, cfg.student_attention_dropout = 8, 0.0, 0.0
+  setup = step_lib.make_setup(cfg, teacher[0])
+  assert (setup.student_init, setup.teacher_layers, setup.student_layers) == ((1, 3, 5), (5,), (2,))
+  optimizer = optimizer_lib.for_distillation(cfg)
+  mesh = sharding.make_mesh()
+  state = jax.device_put(step_lib.init_state(cfg, setup, optimizer, teacher_params=teacher[1]),
+                         sharding.replicated(mesh))
+  tp = step_lib.truncate_teacher(setup, teacher[1])
+  batches = [packed_batch(8, 32, seed=i) for i in range(2)]
+  args = (batches[0]["input_ids"], batches[0]["attention_mask"], batches[0]["token_type_ids"])
+  want = numpy_cosine_loss(model_lib.apply(setup.teacher, tp, *args).last_hidden_state,
+                           model_lib.apply(setup.student, state.params, *args).last_hidden_state,
+                           batches[0]["attention_mask"])
+  step = step_lib.make_train_step(setup, optimizer, mesh)
+  totals = []
+  for i in range(cfg.max_steps):
+    state, metrics = step(state, tp, sharding.global_batch(batches[i % 2], mesh))
+    totals.append(float(metrics["loss/total"]))
+    if i == 0:
+      assert set(metrics) == {"loss/hidden_cosine_1", "loss/total", "grad_norm", "tokens"}
+      np.testing.assert_allclose(float(metrics["loss/hidden_cosine_1"]), want, rtol=1e-5)
+  assert np.mean(totals[-2:]) < 0.7 * np.mean(totals[:2]), totals

@@ -27,7 +27,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from minilm_jax import atomic, checkpoint, optimizer as optimizer_lib, sharding, tokenization
+from minilm_jax import atomic, checkpoint, optimizer as optimizer_lib, sharding, student_init, tokenization
 from minilm_jax import model as model_lib
 from minilm_jax.finetune import checks, glue, heads, score, source, tasks
 from minilm_jax.metric_writer import MetricWriter
@@ -66,7 +66,7 @@ class FinetuneConfig:
 def _baseline_encoder(cfg: FinetuneConfig, config: model_lib.ModelConfig, pure: dict):
   """The bottom `cfg.num_layers` layers, and/or fresh weights of that shape (`random_init`)."""
   if cfg.num_layers:
-    pure = model_lib.bottom_layers(pure, cfg.num_layers)
+    pure = student_init.bottom_layers(pure, cfg.num_layers)
     config = config.replace(num_layers=cfg.num_layers)
   if cfg.random_init:
     pure = model_lib.init_params(config, seed=cfg.seed).to_pure_dict()
