@@ -32,6 +32,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from minilm_jax import atomic, checkpoint, convert, data, mlm, preemption, sharding, teacher_assistant
+from minilm_jax import heldout
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax import workdir as workdir_lib
@@ -109,12 +110,15 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
       cfg.corpus, teacher.directory, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
       two_segments=cfg.two_segments, doc_per_line=cfg.doc_per_line, doc_per_file=cfg.doc_per_file,
       text_feature=cfg.text_feature)
-  corpus = workdir_lib.corpus_record(cfg, examples)
+  train_examples, heldout_examples = data.hold_out(examples, cfg.heldout_documents, cfg.seed)
+  corpus = workdir_lib.corpus_record(cfg, examples, heldout_examples)
   workdir_lib.check_corpus(workdir, corpus)
-  iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+  iterator = data.batch_iterator(train_examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
   goal = objective(cfg, setup, teacher.directory)
   schedule, optimizer, step_fn = step_lib.make_step(cfg, setup, mesh, goal)
+  evaluation = heldout.Evaluation(goal.loss, mesh, heldout_examples, eval_every=cfg.eval_every,
+                                  global_batch_size=cfg.global_batch_size, max_steps=cfg.max_steps)
   export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)
@@ -137,16 +141,19 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
                teacher.directory, setup.teacher.num_layers, setup.student, mesh.size, stats,
                int(state.step))
   state, (first_loss, last_loss), preempted = _train(
-      stage, setup, mesh, mngr, iterator, step_fn, schedule, state, teacher_params)
+      stage, setup, mesh, mngr, iterator, step_fn, schedule, state, teacher_params, evaluation)
   summary = {"workdir": str(workdir), "steps": int(state.step), "first_loss": first_loss,
              "last_loss": last_loss, "preempted": preempted, "corpus": dataclasses.asdict(stats)}
+  if evaluation.last is not None:
+    summary["last_eval"] = evaluation.last
   if cfg.export_hf and int(state.step) == cfg.max_steps and jax.process_index() == 0:
     summary |= _export(cfg, workdir, export_config, state.params, teacher.directory)
   return summary
 
 
 def _train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: ocp.CheckpointManager,
-           iterator, step_fn, schedule, state: step_lib.TrainState, teacher_params):
+           iterator, step_fn, schedule, state: step_lib.TrainState, teacher_params,
+           evaluation: heldout.Evaluation):
   """The loop: (final state, (first, last) logged loss, whether pre-empted).
 
   Step N's metrics and finiteness are read only once step N+1 is dispatched, so the host
@@ -166,6 +173,7 @@ def _train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: oc
       batch = sharding.global_batch(next(iterator), mesh)
       state, metrics = step_fn(state, teacher_params, batch)
       done = step + 1
+      metrics = metrics | evaluation(done, state.params, teacher_params)  # {} unless due
       guard.check_previous(done, metrics, batch)
       log.write_previous(done, metrics)
       progress.finished(done - 1)  # its loss was read: it has finished
@@ -215,7 +223,8 @@ class _Log:
     """After step `done` is dispatched: writes the record held, and holds this step's if due."""
     self.tokens = self.tokens + metrics["tokens"]  # real tokens since the last record, summed on device
     self.flush()
-    if done % self.cfg.log_every == 0 or done == self.cfg.max_steps:
+    evaluated = heldout.PREFIX + "total" in metrics  # an evaluation is always written
+    if done % self.cfg.log_every == 0 or done == self.cfg.max_steps or evaluated:
       self.pending, self.tokens = (done, metrics, self.tokens), 0
 
   def flush(self) -> None:
@@ -223,7 +232,7 @@ class _Log:
       return
     step, metrics, tokens = self.pending
     record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
-    seconds = time.perf_counter() - self.last[1]
+    seconds = time.perf_counter() - self.last[1] - record.get("eval_seconds", 0.0)  # training only
     record["learning_rate"] = float(self.schedule(step - 1))
     record["examples_per_sec"] = (step - self.last[0]) * self.cfg.global_batch_size / seconds
     record["tokens_per_sec"] = float(tokens) / seconds  # real tokens: padding is not work done
