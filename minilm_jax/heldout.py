@@ -27,10 +27,11 @@ PREFIX = "eval/"
 def batches(examples: data.PackedExamples, global_batch_size: int, process_index: int,
             process_count: int) -> list[dict[str, np.ndarray]]:
   """This process's rows of each global batch of `examples`, in order, padding rows last."""
-  per_process = global_batch_size // process_count
+  per_process, n = global_batch_size // process_count, len(examples)
   out = []
-  for lo in range(process_index * per_process, len(examples), global_batch_size):
-    rows = np.arange(lo, min(lo + per_process, len(examples)))
+  for first in range(0, n, global_batch_size):  # every process builds every batch, maybe all padding
+    lo = first + process_index * per_process
+    rows = np.arange(min(lo, n), min(lo + per_process, n))
     batch = examples.gather(rows)
     fill = per_process - len(rows)
     out.append({k: np.pad(v, ((0, fill), (0, 0)), constant_values=examples.special.pad
