@@ -1,4 +1,4 @@
-"""Held-out evaluation: whole documents never trained on, their loss without dropout, the run's records."""
+"""Held-out evaluation: whole documents never trained on, their loss without dropout, the records."""
 
 import collections
 import json
@@ -13,6 +13,7 @@ import pytest
 from minilm_jax import data, distill, heldout, losses, sharding, teachers, workdir
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
+from minilm_jax.metric_writer import read_metrics
 from tiny import comparable, params_of, smoke_config, tiny_cfg
 
 TEACHER = teachers.resolve_model_dir("all-MiniLM-L6-v2")
@@ -32,7 +33,7 @@ def test_heldout_documents_are_whole_fixed_by_the_seed_and_never_in_a_training_b
   chosen = set(np.unique(held.documents))
   assert len(chosen) == 4 and chosen.isdisjoint(train.documents)
   # Whole documents: every example of a chosen document is held out, every other one trained on.
-  assert len(train) + len(held) == len(demo) == len(held) + np.isin(demo.documents, list(chosen), invert=True).sum()
+  assert len(train) == len(demo) - len(held) == np.isin(demo.documents, list(chosen), invert=True).sum()
   assert np.array_equal(held.documents, np.sort(held.documents))  # corpus order
   assert set(np.unique(data.hold_out(demo, 4, seed=0)[1].documents)) == chosen
   assert set(np.unique(data.hold_out(demo, 4, seed=1)[1].documents)) != chosen
@@ -71,8 +72,9 @@ def reference_loss(setup, params, teacher_params, batch):
   """MiniLM's v1 terms over `batch` as one batch, student in eval mode, with the loss module's
   [B, R, T, S] reference (`relation_loss`), not the step's blockwise loss."""
   args = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-  t = model_lib.apply(setup.teacher, teacher_params, *args, capture=setup.teacher_layers).internals[setup.teacher_layers[-1]]
-  s = model_lib.apply(setup.student, params, *args, capture=setup.student_layers).internals[setup.student_layers[-1]]
+  (t_layer,), (s_layer,) = setup.teacher_layers, setup.student_layers
+  t = model_lib.apply(setup.teacher, teacher_params, *args, capture=(t_layer,)).internals[t_layer]
+  s = model_lib.apply(setup.student, params, *args, capture=(s_layer,)).internals[s_layer]
   mask, r = batch["attention_mask"], setup.relation_heads
   terms = {"attention_transfer": losses.relation_loss(t.query, t.key, s.query, s.key, mask, r),
            "value_relation": losses.relation_loss(t.value, t.value, s.value, s.value, mask, r)}
@@ -91,7 +93,8 @@ def test_evaluation_equals_the_loss_over_all_heldout_examples_without_dropout(de
   mesh = sharding.make_mesh()
   evaluation = heldout.Evaluation(step_lib.distillation(setup).loss, mesh, held, global_batch_size=8,
                                   eval_every=3, max_steps=10)
-  assert [s for s in range(1, 11) if evaluation.due(s)] == [3, 6, 9, 10] and evaluation(4, params, tp) == {}
+  assert [s for s in range(1, 11) if evaluation.due(s)] == [3, 6, 9, 10]
+  assert evaluation(4, params, tp) == {}
   got = evaluation(9, params, tp)
   assert got["eval_seconds"] > 0
   want = reference_loss(setup, params, tp, held.gather(np.arange(len(held))))
@@ -127,7 +130,7 @@ def test_a_run_logs_eval_terms_and_evaluating_changes_no_training(tmp_path, monk
   records = json.loads((tmp_path / "eval" / "corpus.json").read_text())["heldout"]
   assert records["examples"] == 14 and len(records["documents"]) == 2
   assert set(records["documents"]).isdisjoint(trained_on[0].documents)
-  metrics = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+  metrics = read_metrics(tmp_path / "eval")
   assert [r["step"] for r in metrics] == [2, 3, 4]  # log_every 2; the evaluation at 3 is written too
   evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")} for r in metrics]
   terms = ["attention_transfer", "total", "value_relation"]
@@ -135,11 +138,12 @@ def test_a_run_logs_eval_terms_and_evaluating_changes_no_training(tmp_path, monk
   assert summary["last_eval"] == {"step": 4} | evals[2]
   assert {"eval/total", "eval/attention_transfer", "loss/total"} <= tensorboard_tags(tmp_path / "eval")
 
-  plain = distill.run(smoke_config(heldout_documents=2, max_steps=4, export_hf=False), tmp_path / "plain")
+  plain_cfg = smoke_config(heldout_documents=2, max_steps=4, export_hf=False)
+  plain = distill.run(plain_cfg, tmp_path / "plain")
   assert "last_eval" not in plain
   without_eval = [{k: v for k, v in r.items() if not k.startswith("eval")} for r in metrics]
-  plain_metrics = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
-  assert comparable(plain_metrics) == comparable([r for r in without_eval if r["step"] != 3])
+  logged = [r for r in without_eval if r["step"] != 3]  # step 3 was written for its evaluation
+  assert comparable(read_metrics(tmp_path / "plain")) == comparable(logged)
   for a, b in zip(params_of(tmp_path / "eval")[1], params_of(tmp_path / "plain")[1]):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match=r"another configuration \(heldout_documents: 2 -> 3\)"):
@@ -153,7 +157,7 @@ def test_resume_refuses_another_heldout_set(demo, tmp_path):
   assert after["sha256"] == before["sha256"] and "heldout" not in before
   workdir.write(tmp_path, cfg, before)
   workdir.check_corpus(tmp_path, before)
-  with pytest.raises(ValueError, match=r"held-out set differs .*\(none -> documents \[50, 66\]\).*new --workdir"):
+  with pytest.raises(ValueError, match=r"held-out set differs .*\(none -> documents \[50, 66\]\).*--workdir"):
     workdir.check_corpus(tmp_path, after)
 
 
@@ -187,3 +191,24 @@ def test_four_devices_evaluate_as_one():
   assert got["devices"] == 4 and got["one"].keys() == got["four"].keys() != set()
   for k in got["one"]:
     assert got["four"][k] == pytest.approx(got["one"][k], rel=1e-6), k
+
+
+def test_plot_metrics_draws_eval_terms_beside_training_terms(tmp_path, monkeypatch):
+  from experiments.scripts import plot_metrics  # pylint: disable=g-import-not-at-top
+  terms = {"loss/total": 1.0, "loss/attention_transfer": 0.6, "loss/value_relation": 0.4,
+           "learning_rate": 1e-4, "grad_norm": 1.0, "tokens_per_sec": 10.0}
+  held = {"eval/total": 1.2, "eval/attention_transfer": 0.7, "eval/value_relation": 0.5}
+  records = [{"step": s} | terms | (held if s % 20 == 0 else {}) for s in range(10, 70, 10)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  monkeypatch.setattr(plot_metrics, "RESULTS", tmp_path / "results")
+  plot_metrics.main(["--workdir", str(tmp_path), "--name", "run"])
+  assert (tmp_path / "results" / "run-loss.png").is_file()
+  lines = {line.get_label(): line for line in plot_metrics.plt.gcf().axes[0].get_lines()}
+  assert sorted(lines) == sorted(["total", "attention_transfer", "value_relation", "total (held-out)",
+                                  "attention_transfer (held-out)", "value_relation (held-out)"])
+  assert list(lines["total (held-out)"].get_xdata()) == [20, 40, 60]
+  assert lines["total (held-out)"].get_color() == lines["total"].get_color()
+  table = (tmp_path / "results" / "run.md").read_text().splitlines()
+  assert "| step | loss/attention_transfer | loss/total | loss/value_relation | eval/attention_transfer" in table[4]
+  assert "| 10 | 0.6 | 1 | 0.4 |  |  |  | 0.0001 | 1 | 10 |" in table
+  assert "| 20 | 0.6 | 1 | 0.4 | 0.7 | 1.2 | 0.5 | 0.0001 | 1 | 10 |" in table
