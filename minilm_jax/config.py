@@ -65,7 +65,7 @@ class DistillConfig:
   two_segments: bool = False          # pack [CLS] A [SEP] B [SEP] with token types 0 / 1
   max_seq_len: int = 128              # tokens per example, [CLS] and [SEP] included
   data_workers: int = 0               # grain worker processes (0 = in the main process)
-  heldout_documents: int = 0          # whole documents kept out of training (drawn by seed), the held-out set
+  heldout_documents: int = 0          # whole documents kept out of training (drawn by seed): held out
   # Optimisation (paper: peak 3e-4 / 5e-4, 4k warmup, 400k steps, batch 1024).
   global_batch_size: int = 32         # examples per optimizer step, over all devices and hosts
   grad_accum_steps: int = 1           # micro-batches per step (global batch / this per pass)
@@ -146,8 +146,9 @@ def check_config(cfg: DistillConfig) -> None:
     raise ValueError(f"eval_every={cfg.eval_every} needs a held-out set: set "
                      "--config.heldout_documents=N (whole documents kept out of training)")
   if cfg.eval_every and cfg.objective == "mlm":
-    raise ValueError("eval_every: the held-out evaluation scores the distillation loss, and "
-                     "objective='mlm' has none (its masks are random): use eval_every=0")
+    raise ValueError(f"eval_every={cfg.eval_every} with objective='mlm': the held-out evaluation "
+                     "needs a loss without randomness, and the masked LM draws its masks at "
+                     "random: use eval_every=0")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")

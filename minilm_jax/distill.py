@@ -118,7 +118,8 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   goal = objective(cfg, setup, teacher.directory)
   schedule, optimizer, step_fn = step_lib.make_step(cfg, setup, mesh, goal)
   evaluation = heldout.Evaluation(goal.loss, mesh, heldout_examples, eval_every=cfg.eval_every,
-                                  global_batch_size=cfg.global_batch_size, max_steps=cfg.max_steps)
+                                  batch_size=cfg.global_batch_size // cfg.grad_accum_steps,
+                                  max_steps=cfg.max_steps)
   export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)

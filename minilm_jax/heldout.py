@@ -3,13 +3,14 @@
 Every `eval_every` steps and at the last, a run computes its loss terms over the held-out
 set (`data.hold_out`) with the student in eval mode: the loss function the step trains with
 (`step.Objective.loss`), given no dropout key. The set is cut into global batches of the
-training batch's shape and sharding, in corpus order, the last filled with padding rows
-(attention mask 0, which no loss counts); each process builds only its own block of rows of
-each, as in training. Each term is a mean over the set's real tokens, the batches weighted
-by their tokens as the step weights micro-batches (`step.make_train_step`), so the result
-is one loss over all held-out examples at once, whatever the batch size or device count.
-The values are logged as `eval/<term>` in the step's record, beside the training terms, with
-the evaluation's wall time as `eval_seconds` (not counted in the record's tokens/s).
+step's micro-batch shape (one that fits in memory) and the training batch's sharding, in
+corpus order, the last filled with padding rows (attention mask 0, which no loss counts);
+each process builds only its own block of rows of each, as in training. Each term is a
+mean over the set's real tokens, the batches weighted by their tokens as the step weights
+micro-batches (`step.make_train_step`): the loss of all held-out examples as one batch,
+whatever the batch size or device count. The values are logged as `eval/<term>` in the
+step's record, beside the training terms, with the evaluation's wall time as
+`eval_seconds` (left out of the record's tokens/s).
 """
 
 import time
@@ -59,10 +60,12 @@ class Evaluation:
   """A run's held-out loss terms at its evaluation steps; `last` holds the latest as floats."""
 
   def __init__(self, loss_fn: Callable, mesh, examples: data.PackedExamples | None, *,
-               global_batch_size: int, eval_every: int, max_steps: int):
+               batch_size: int, eval_every: int, max_steps: int):
+    """`batch_size`: examples per evaluation batch over all processes (a multiple of the
+    mesh size); `examples` may be None when `eval_every` is 0 (no evaluation)."""
     self.mesh, self.every, self.max_steps = mesh, eval_every, max_steps
     self.batches = [] if not eval_every else batches(
-        examples, global_batch_size, jax.process_index(), jax.process_count())
+        examples, batch_size, jax.process_index(), jax.process_count())
     self.weighted = make_weighted_loss(loss_fn, mesh)
     self.last = None  # {"step": s, <term>: mean} of the latest evaluation
 

@@ -13,6 +13,7 @@ import pytest
 from minilm_jax import data, distill, heldout, losses, sharding, teachers, workdir
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
+from minilm_jax.config import DistillConfig, check_config
 from minilm_jax.metric_writer import read_metrics
 from tiny import comparable, params_of, smoke_config, tiny_cfg
 
@@ -68,6 +69,18 @@ def test_each_process_takes_its_block_of_every_heldout_batch(demo):
         np.testing.assert_array_equal(np.concatenate([b[i][k] for b in blocks]), batch[k])
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"eval_every": 10}, r"eval_every=10 needs a held-out set: set --config.heldout_documents=N"),
+    ({"eval_every": 10, "heldout_documents": 2, "objective": "mlm"}, "eval_every=10 with objective='mlm'.*use eval_every=0"),
+    ({"heldout_documents": -1}, "heldout_documents=-1 must be an integer >= 0"),
+    ({"eval_every": True}, "eval_every=True must be an integer >= 0"),
+])
+def test_bad_heldout_settings_are_refused(changes, message):
+  with pytest.raises(ValueError, match=message):
+    check_config(DistillConfig(**changes))
+  check_config(DistillConfig(heldout_documents=2))  # a held-out set without evaluation is fine
+
+
 def reference_loss(setup, params, teacher_params, batch):
   """MiniLM's v1 terms over `batch` as one batch, student in eval mode, with the loss module's
   [B, R, T, S] reference (`relation_loss`), not the step's blockwise loss."""
@@ -91,7 +104,7 @@ def test_evaluation_equals_the_loss_over_all_heldout_examples_without_dropout(de
   tp = step_lib.truncate_teacher(setup, teacher_params)
   held = data.hold_out(demo, 2, seed=0)[1]
   mesh = sharding.make_mesh()
-  evaluation = heldout.Evaluation(step_lib.distillation(setup).loss, mesh, held, global_batch_size=8,
+  evaluation = heldout.Evaluation(step_lib.distillation(setup).loss, mesh, held, batch_size=8,
                                   eval_every=3, max_steps=10)
   assert [s for s in range(1, 11) if evaluation.due(s)] == [3, 6, 9, 10]
   assert evaluation(4, params, tp) == {}
@@ -175,7 +188,7 @@ held = data.hold_out(data.pretraining_examples("demo", teachers.resolve_model_di
 out = {}
 for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
   evaluation = heldout.Evaluation(step_lib.distillation(setup).loss, sharding.make_mesh(devices), held,
-                                  global_batch_size=8, eval_every=1, max_steps=1)
+                                  batch_size=8, eval_every=1, max_steps=1)
   out[name] = {k: float(v) for k, v in evaluation(1, student, tp).items() if k.startswith("eval/")}
 print(json.dumps({"devices": jax.device_count(), **out}))
 """
