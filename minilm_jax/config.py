@@ -67,6 +67,7 @@ class DistillConfig:
   two_segments: bool = False          # pack [CLS] A [SEP] B [SEP] with token types 0 / 1
   max_seq_len: int = 128              # tokens per example, [CLS] and [SEP] included
   data_workers: int = 0               # grain worker processes (0 = in the main process)
+  heldout_documents: int = 0          # whole documents kept out of training (drawn by seed): held out
   # Optimisation (paper: peak 3e-4 / 5e-4, 4k warmup, 400k steps, batch 1024).
   global_batch_size: int = 32         # examples per optimizer step, over all devices and hosts
   grad_accum_steps: int = 1           # micro-batches per step (global batch / this per pass)
@@ -81,6 +82,7 @@ class DistillConfig:
   seed: int = 0                       # student init, dropout and data order
   # Bookkeeping.
   log_every: int = 10                 # steps between metric records
+  eval_every: int = 0                 # steps between held-out evaluations (and one at the end); 0 = none
   checkpoint_every: int = 200         # steps between checkpoints (and one at the end)
   keep_checkpoints: int = 3           # checkpoints kept
   export_hf: bool = True              # write the student as a Hugging Face directory at the end
@@ -145,7 +147,8 @@ def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f"{name}={value!r} must be a positive integer: pass --config.{name}=N, N >= 1")
-  for name in ("teacher_layer", "student_intermediate", "warmup_steps", "data_workers"):
+  for name in ("teacher_layer", "student_intermediate", "warmup_steps", "data_workers",
+               "heldout_documents", "eval_every"):
     value = getattr(cfg, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f"{name}={value!r} must be an integer >= 0")
@@ -175,6 +178,13 @@ def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
   if chosen_init != student_init.RANDOM and cfg.objective == "mlm":
     raise ValueError(f"student_init={cfg.student_init!r} copies teacher layers, but objective='mlm' "
                      "is the masked-LM baseline trained from scratch: use student_init='random'")
+  if cfg.eval_every and not cfg.heldout_documents:
+    raise ValueError(f"eval_every={cfg.eval_every} needs a held-out set: set "
+                     "--config.heldout_documents=N (whole documents kept out of training)")
+  if cfg.eval_every and cfg.objective == "mlm":
+    raise ValueError(f"eval_every={cfg.eval_every} with objective='mlm': the held-out evaluation "
+                     "needs a loss without randomness, and the masked LM draws its masks at "
+                     "random: use eval_every=0")
   if not cfg.learning_rate > 0 or cfg.clip_grad_norm < 0:
     raise ValueError(f"learning_rate={cfg.learning_rate} must be > 0 and clip_grad_norm="
                      f"{cfg.clip_grad_norm} >= 0 (0 = no clipping)")

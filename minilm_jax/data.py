@@ -8,10 +8,11 @@ as BERT's, else 4; ~2 GB per billion BERT tokens). TFDS sources are tokenized ea
 simple, exact, and resumable by example index; for corpora beyond host memory, prepare a
 subset ("tfds:NAME:train[:10%]") or cap `max_documents`.
 
-`batch_iterator` turns the packed examples into a grain pipeline: global shuffle with a seed
-(reshuffled each epoch), repeat, global batches of which each process builds only its own
-contiguous block of rows, worker processes and prefetch, with an exactly resumable,
-JSON-serialisable iterator state that is the same on every process.
+`hold_out` splits whole documents off as a held-out set, never trained on (evaluated by
+`minilm_jax.heldout`). `batch_iterator` turns the packed examples into a grain pipeline:
+global shuffle with a seed (reshuffled each epoch), repeat, global batches of which each
+process builds only its own contiguous block of rows, worker processes and prefetch, with
+an exactly resumable, JSON-serialisable iterator state that is the same on every process.
 """
 
 import dataclasses
@@ -63,19 +64,20 @@ class CorpusStats:
 class PackedExamples(grain.MapDataset):
   """BERT examples as a grain MapDataset; holds the tokens once and builds rows on access.
 
-  Example i is tokens[starts[i] : starts[i] + lengths[i]] of one document, the first
-  a_lengths[i] of them in segment A and the rest in segment B (two_segments only).
+  Example i is tokens[starts[i] : starts[i] + lengths[i]] of document documents[i], the
+  first a_lengths[i] of them in segment A and the rest in segment B (two_segments only).
   `gather` builds a whole batch with a few numpy ops instead of one row at a time.
   """
 
   def __init__(self, tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-               a_lengths: np.ndarray, special: tokenization.SpecialIds, max_seq_len: int,
-               two_segments: bool):
+               a_lengths: np.ndarray, documents: np.ndarray, special: tokenization.SpecialIds,
+               max_seq_len: int, two_segments: bool):
     super().__init__()
     self.tokens = tokens  # uint16 or int32 [total tokens], all documents concatenated
     self.starts = starts  # int64 [examples], offset of each example in `tokens`
     self.lengths = lengths  # int32 [examples], text tokens of each example
     self.a_lengths = a_lengths  # int32 [examples], text tokens in segment A
+    self.documents = documents  # int64 [examples], the corpus index of each example's document
     self.special = special  # [CLS]/[SEP]/[PAD] ids
     self.max_seq_len = max_seq_len  # row length
     self.two_segments = two_segments  # `[CLS] A [SEP] B [SEP]`, token_type 1 for B
@@ -110,6 +112,11 @@ class PackedExamples(grain.MapDataset):
     return {"input_ids": ids, "attention_mask": (pos < used).astype(np.int32),
             "token_type_ids": ((pos >= a + 2) & (pos < used) & self.two_segments).astype(np.int32)}
 
+  def select(self, rows: np.ndarray) -> "PackedExamples":
+    """Examples `rows` (indices, in that order), sharing this set's tokens."""
+    return PackedExamples(self.tokens, self.starts[rows], self.lengths[rows], self.a_lengths[rows],
+                          self.documents[rows], self.special, self.max_seq_len, self.two_segments)
+
 
 def pack_documents(token_docs: Sequence[np.ndarray], special: tokenization.SpecialIds, max_seq_len: int,
                    two_segments: bool = False) -> PackedExamples:
@@ -130,8 +137,8 @@ def pack_documents(token_docs: Sequence[np.ndarray], special: tokenization.Speci
   tokens = np.concatenate(token_docs) if len(token_docs) else np.zeros(0, np.int32)
   if not len(tokens) or tokens.max() < 2**16:  # BERT's 30,522 ids fit in half the memory
     tokens = tokens.astype(np.uint16)
-  return PackedExamples(tokens, starts, lengths, a_lengths.astype(np.int32), special,
-                        max_seq_len, two_segments)
+  return PackedExamples(tokens, starts, lengths, a_lengths.astype(np.int32), doc_of_example,
+                        special, max_seq_len, two_segments)
 
 
 def pretraining_examples(
@@ -173,6 +180,26 @@ def pretraining_examples(
   stats = CorpusStats(str(corpus), sum(len(d) > 0 for d in token_docs), len(packed.tokens),
                       len(packed), int((packed.lengths < capacity).sum()), max_seq_len, seconds)
   return packed, stats
+
+
+def hold_out(examples: PackedExamples, documents: int,
+             seed: int) -> tuple[PackedExamples, PackedExamples | None]:
+  """Whole documents split off the corpus: (training examples, held-out examples).
+
+  `documents` of the corpus's documents with text are drawn by `seed` (the same on every
+  process and every resume); their examples, in corpus order, are the held-out set and the
+  training examples are all the others, so no held-out token is ever trained on. With 0
+  documents the corpus is returned unchanged, with no held-out set.
+  """
+  if documents == 0:
+    return examples, None
+  ids = np.unique(examples.documents)
+  if documents >= len(ids):
+    raise ValueError(f"heldout_documents={documents} leaves no document to train on: the corpus "
+                     f"has {len(ids)} documents with text; hold out fewer")
+  chosen = np.random.default_rng(seed).choice(ids, documents, replace=False)
+  held = np.isin(examples.documents, chosen)
+  return examples.select(np.flatnonzero(~held)), examples.select(np.flatnonzero(held))
 
 
 # ----------------------------------------------------------------------------- loading

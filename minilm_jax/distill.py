@@ -26,7 +26,8 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from minilm_jax import checkpoint, convert, data, distill_loop, objective, sharding, teacher_assistant
+from minilm_jax import checkpoint, convert, data, distill_loop, heldout, objective, sharding
+from minilm_jax import teacher_assistant
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax import workdir as workdir_lib
@@ -93,12 +94,16 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
       cfg.corpus, teacher.directory, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
       two_segments=cfg.two_segments, doc_per_line=cfg.doc_per_line, doc_per_file=cfg.doc_per_file,
       text_feature=cfg.text_feature)
-  corpus = workdir_lib.corpus_record(cfg, examples)
+  train_examples, heldout_examples = data.hold_out(examples, cfg.heldout_documents, cfg.seed)
+  corpus = workdir_lib.corpus_record(cfg, examples, heldout_examples)
   workdir_lib.check_corpus(workdir, corpus)
-  iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
+  iterator = data.batch_iterator(train_examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
   goal = objective.choose(cfg, setup, teacher.directory)
   schedule, optimizer, step_fn = step_lib.make_step(cfg, setup, mesh, goal)
+  evaluation = heldout.Evaluation(goal.loss, mesh, heldout_examples, eval_every=cfg.eval_every,
+                                  batch_size=cfg.global_batch_size // cfg.grad_accum_steps,
+                                  max_steps=cfg.max_steps)
   export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)
@@ -120,9 +125,11 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
                teacher.directory, setup.teacher.num_layers, setup.student, mesh.size, stats,
                int(state.step))
   state, (first_loss, last_loss), preempted = distill_loop.train(
-      stage, setup, mesh, mngr, iterator, step_fn, schedule, state, teacher_params)
+      stage, setup, mesh, mngr, iterator, step_fn, schedule, state, teacher_params, evaluation)
   summary = {"workdir": str(workdir), "steps": int(state.step), "first_loss": first_loss,
              "last_loss": last_loss, "preempted": preempted, "corpus": dataclasses.asdict(stats)}
+  if evaluation.last is not None:
+    summary["last_eval"] = evaluation.last
   if cfg.export_hf and int(state.step) == cfg.max_steps and jax.process_index() == 0:
     summary |= objective.export(cfg, workdir, export_config, state.params, teacher.directory)
   return summary

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from minilm_jax import atomic, checkpoint, preemption, sharding, teacher_assistant
+from minilm_jax import atomic, checkpoint, heldout, preemption, sharding, teacher_assistant
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
@@ -29,7 +29,8 @@ from minilm_jax.metric_writer import MetricWriter, read_metrics
 
 
 def train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: ocp.CheckpointManager,
-           iterator, step_fn, schedule, state: step_lib.TrainState, teacher_params):
+          iterator, step_fn, schedule, state: step_lib.TrainState, teacher_params,
+          evaluation: heldout.Evaluation):
   """Runs `stage` from `state` to `max_steps` or a pre-emption: (final state, (first, last)
   logged loss, whether pre-empted). A resumed run first drops the metric records logged
   after its checkpoint: they will be redone.
@@ -53,6 +54,7 @@ def train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: ocp
       batch = sharding.global_batch(next(iterator), mesh)
       state, metrics = step_fn(state, teacher_params, batch)
       done = step + 1
+      metrics = metrics | evaluation(done, state.params, teacher_params)  # {} unless due
       guard.check_previous(done, metrics, batch)
       log.write_previous(done, metrics)
       progress.finished(done - 1)  # its loss was read: it has finished
@@ -88,7 +90,8 @@ class _Log:
     """After step `done` is dispatched: writes the record held, and holds this step's if due."""
     self.tokens = self.tokens + metrics["tokens"]  # real tokens since the last record, summed on device
     self.flush()
-    if done % self.cfg.log_every == 0 or done == self.cfg.max_steps:
+    evaluated = heldout.PREFIX + "total" in metrics  # an evaluation is always written
+    if done % self.cfg.log_every == 0 or done == self.cfg.max_steps or evaluated:
       self.pending, self.tokens = (done, metrics, self.tokens), 0
 
   def flush(self) -> None:
@@ -96,7 +99,7 @@ class _Log:
       return
     step, metrics, tokens = self.pending
     record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
-    seconds = time.perf_counter() - self.last[1]
+    seconds = time.perf_counter() - self.last[1] - record.get("eval_seconds", 0.0)  # training only
     record["learning_rate"] = float(self.schedule(step - 1))
     record["examples_per_sec"] = (step - self.last[0]) * self.cfg.global_batch_size / seconds
     record["tokens_per_sec"] = float(tokens) / seconds  # real tokens: padding is not work done

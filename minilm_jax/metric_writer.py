@@ -1,6 +1,9 @@
 """Metrics a person can plot: `metrics.jsonl` (one JSON object per record) and TensorBoard.
 
-Only process 0 writes. TensorBoard goes through tensorboardX, which needs no TensorFlow.
+Only process 0 writes. TensorBoard goes through tensorboardX, which needs no TensorFlow. A
+distillation record holds the step's training terms `loss/<term>` and, at an evaluation step,
+the same terms over the held-out set, `eval/<term>` (`minilm_jax.heldout`); each scalar is a
+TensorBoard tag of its own name, so the two families sit side by side.
 """
 
 import json

@@ -3,7 +3,8 @@
 A directory is a distill run's when it is empty or new, or its `config.json` is a
 `DistillConfig`. Reusing one resumes, so whatever fixes the checkpoints' contents or the
 batches they continue with must be unchanged: the frozen config fields and the corpus
-itself, recorded in `corpus.json` (file sizes and a SHA-256 of the tokenized examples).
+itself, recorded in `corpus.json` (file sizes, a SHA-256 of the tokenized examples and the
+held-out documents).
 Every check reads only; `write` runs after all of them passed, each file written whole
 (a temporary file, then `os.replace`), so a refused run leaves the directory as it was.
 """
@@ -27,7 +28,7 @@ FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "stude
                  "global_batch_size", "grad_accum_steps", "clip_grad_norm", "corpus", "data_dir",
                  "text_feature", "doc_per_line", "doc_per_file", "two_segments", "seed", "loss_terms",
                  "internals_loss", "loss_teacher_layers", "loss_student_layers", "objective",
-                 "student_init")
+                 "student_init", "heldout_documents")
 _RUN_KEYS = ("teacher", "student_layers", "max_steps")  # a config.json with these is a run's
 RENAMED_FIELDS = {"num_relation_heads": "relation_heads"}  # as runs of earlier versions saved them
 
@@ -87,16 +88,22 @@ def check_resumable(workdir: pathlib.Path, old: dict | None, cfg: DistillConfig)
                      "use a new --workdir, or the same settings to resume")
 
 
-def corpus_record(cfg: DistillConfig, examples: data.PackedExamples) -> dict:
-  """What the run reads: local files with their sizes, and a SHA-256 of the packed examples."""
+def corpus_record(cfg: DistillConfig, examples: data.PackedExamples,
+                  heldout: data.PackedExamples | None = None) -> dict:
+  """What the run reads: local files with their sizes, a SHA-256 of the packed examples
+  (the whole corpus) and, with a held-out set, its documents (corpus indices) and size."""
   files = {}
   if cfg.corpus != "demo" and not cfg.corpus.startswith("tfds:"):
     files = {str(p): p.stat().st_size for p in documents.expand_paths(cfg.corpus)}
   digest = hashlib.sha256()
   for array in (examples.tokens, examples.starts, examples.lengths, examples.a_lengths):
     digest.update(np.ascontiguousarray(array).tobytes())
-  return {"files": files, "examples": len(examples), "tokens": int(len(examples.tokens)),
-          "sha256": digest.hexdigest()}
+  record = {"files": files, "examples": len(examples), "tokens": int(len(examples.tokens)),
+            "sha256": digest.hexdigest()}
+  if heldout is not None:
+    record["heldout"] = {"documents": np.unique(heldout.documents).tolist(),
+                         "examples": len(heldout), "tokens": int(heldout.lengths.sum())}
+  return record
 
 
 def check_corpus(workdir: pathlib.Path, record: dict) -> None:
@@ -106,6 +113,7 @@ def check_corpus(workdir: pathlib.Path, record: dict) -> None:
     return
   old = _read_json(path)
   if old.get("sha256") == record["sha256"]:
+    _check_heldout(workdir, old.get("heldout"), record.get("heldout"))
     return
   before, after = old.get("files", {}), record["files"]
   changes = [f"{f} removed" for f in sorted(set(before) - set(after))]
@@ -117,6 +125,16 @@ def check_corpus(workdir: pathlib.Path, record: dict) -> None:
   raise ValueError(f"the corpus changed since the run in {workdir} started "
                    f"({'; '.join(changes or ['same sizes, other tokens'])}): its checkpoints "
                    "continue another data order. Restore the corpus, or use a new --workdir")
+
+
+def _check_heldout(workdir: pathlib.Path, old: dict | None, new: dict | None) -> None:
+  """Refuses to resume with other held-out documents than the run's: it trained on the rest."""
+  if old != new:
+    def what(r):
+      return "none" if r is None else f"documents {r['documents']}"
+    raise ValueError(f"the held-out set differs from the one the run in {workdir} started with "
+                     f"({what(old)} -> {what(new)}): its checkpoints trained on the other "
+                     "documents. Use the run's heldout_documents and seed, or a new --workdir")
 
 
 def write(workdir: pathlib.Path, cfg: DistillConfig, record: dict) -> None:

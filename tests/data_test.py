@@ -69,6 +69,9 @@ def test_packing_keeps_every_token_once(demo, teacher_dir):
   assert stats.tokens == len(packed) and stats.examples == len(examples)
   assert stats.examples == sum(-(-len(d) // 62) for d in expected)
   assert stats.padded_examples == sum(len(d) % 62 != 0 for d in expected)
+  for i in (0, 21, 78):  # each example knows its document: a document's examples are its tokens
+    own = examples.select(np.flatnonzero(examples.documents == i))
+    assert [t for ex in rows(own) for t in text_tokens(ex, special)] == expected[i]
 
 
 def test_special_token_text_stays_text(tmp_path):

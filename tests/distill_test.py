@@ -51,10 +51,11 @@ def test_smoke_run_exports_a_student_pytorch_loads(tmp_path):
   np.testing.assert_allclose(np.asarray(mine.last_hidden_state)[real], ref[real], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prng", ["auto", "rbg"])  # threefry on a CPU; rbg, accelerators' default
-def test_resume_after_sigterm_is_exact(tmp_path, prng):
+@pytest.mark.parametrize("prng, eval_every", [("auto", 0), ("rbg", 0), ("auto", 5)])  # auto: threefry
+def test_resume_after_sigterm_is_exact(tmp_path, prng, eval_every):
   steps = ["--config.max_steps=12", "--config.checkpoint_every=3", "--config.log_every=1",
-           f"--config.dropout_prng={prng}"]
+           f"--config.dropout_prng={prng}", f"--config.eval_every={eval_every}",
+           f"--config.heldout_documents={2 if eval_every else 0}"]
   straight = distill_cli(tmp_path / "straight", *steps)
   assert straight.returncode == 0, straight.stderr[-2000:]
 
@@ -80,6 +81,8 @@ def test_resume_after_sigterm_is_exact(tmp_path, prng):
   for a, b in zip(p1, p2):
     np.testing.assert_array_equal(a, b)  # bit-identical on CPU
   assert comparable(read_metrics(interrupted)) == comparable(read_metrics(tmp_path / "straight"))
+  evaluated = [r["step"] for r in read_metrics(interrupted) if "eval/total" in r]
+  assert evaluated == ([5, 10, 12] if eval_every else [])
 
 
 def test_resume_refuses_a_changed_run_and_corrupt_checkpoints(tmp_path):

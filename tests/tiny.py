@@ -117,4 +117,5 @@ def params_of(workdir):
 
 def comparable(records):
   """metrics.jsonl records without their timings, which differ between equal runs."""
-  return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_sec", "examples_per_sec")} for r in records]
+  timings = ("time", "tokens_per_sec", "examples_per_sec", "eval_seconds")
+  return [{k: v for k, v in r.items() if k not in timings} for r in records]
