@@ -3,11 +3,12 @@ table merges per-seed runs (a real end-to-end try is `--budget tiny`, minutes)."
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from experiments.study import report as study_report, study
-from minilm_jax import step as step_lib
+from minilm_jax import convert, step as step_lib
 
 
 @pytest.mark.parametrize("name", sorted(study.BUDGETS))
@@ -90,3 +91,25 @@ def test_attention_maps_read_the_packaged_teacher_by_name():
   probs, tokens = study_report._attention(study.TEACHER, study_report.SENTENCE)
   assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and probs.shape == (12, len(tokens), len(tokens))
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=0, atol=1e-5)  # softmax rows
+
+
+def test_layer_init_target_takes_every_seed_and_the_seeds_spread(tmp_path):
+  """minilm-v2-layers246 against the undistilled layers and the truncated teacher: the
+  difference of the four-task averages must exceed the sum of both seed std's."""
+  for seed in range(3):
+    for label, base in (("minilm-v2-layers246", 0.60), ("teacher-layers-246", 0.50), ("truncated-L3", 0.59)):
+      _write_runs(tmp_path, label, seed, [base + 0.01 * (1 + (label != "truncated-L3")) * seed] * 4)
+  text = study_report.layer_init_targets(study_report._rows(tmp_path), 3, (0, 1, 2))
+  assert "| teacher-layers-246 | +10.0 | 4.0 | met |" in text        # means 62 vs 52, std 2 + 2
+  assert "| truncated-L3 | +2.0 | 3.0 | **not met** |" in text       # 62 vs 60, std 2 + 1
+  assert "| truncated-L3 | — |" in study_report.layer_init_targets(study_report._rows(tmp_path), 3, (0, 1, 2, 3))
+
+
+def test_the_undistilled_layer_init_arm_is_the_teacher_cut_to_its_layers(teacher, tmp_path):
+  study.export_layer_init(study.Paths.make(tmp_path, None))
+  config, params = convert.load_hf(tmp_path / "models" / study_report.LAYER_INIT_ARMS[0])
+  got, want = params.to_pure_dict(), teacher[1].to_pure_dict()
+  assert config.num_layers == 3 and set(got) == set(want)
+  for i, layer in enumerate((1, 3, 5)):  # 1-based 2, 4, 6
+    jax.tree.map(np.testing.assert_array_equal, got["layers"][i], want["layers"][layer])
+  jax.tree.map(np.testing.assert_array_equal, got["embeddings"], want["embeddings"])

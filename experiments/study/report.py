@@ -17,6 +17,8 @@ from experiments.scripts import report as finetune_report
 
 TASK_ORDER = ("sst2", "rte", "cola", "squad2")
 STUDENTS = ("minilm-v1", "minilm-v2")  # the distilled students, as `study.METHODS` names them
+# The teacher's layers 2, 4, 6 as they are, and that student distilled (MiniLMv2), `study.LAYER_INIT`.
+LAYER_INIT_ARMS = ("teacher-layers-246", "minilm-v2-layers246")
 
 
 def student_shaped(layers: int) -> list[str]:
@@ -59,9 +61,11 @@ def pretrain_summary(budget, paths, method: str) -> dict:
   gaps = np.diff([0] + steps)
   tok_s = np.array([r["tokens_per_sec"] for r in records])
   seconds = float(np.sum(gaps * budget.batch * budget.seq_len / tok_s))
+  evals = [r["eval/total"] for r in records if "eval/total" in r]  # the held-out loss, if evaluated
   return {"steps": steps[-1], "tokens": steps[-1] * budget.batch * budget.seq_len,
           "tokens_per_sec": float(np.median(tok_s)), "minutes": seconds / 60,
-          "first_loss": records[0]["loss/total"], "last_loss": records[-1]["loss/total"]}
+          "first_loss": records[0]["loss/total"], "last_loss": records[-1]["loss/total"],
+          **({"first_eval": evals[0], "last_eval": evals[-1]} if evals else {})}
 
 
 def _cell(rows, label, task):
@@ -129,6 +133,26 @@ def targets(rows: list[dict], layers: int) -> str:
   return "\n".join(lines)
 
 
+def layer_init_targets(rows: list[dict], layers: int, seeds: tuple[int, ...]) -> str:
+  """The issue's target for the layer-initialised student: its four-task average above the
+  same layers not distilled and above the truncated teacher, by more than the seeds' spread
+  (the sum of the two models' standard deviations over seeds of the four-task average)."""
+  untrained, distilled = LAYER_INIT_ARMS
+  per_seed = lambda label: [a for a in (_average(rows, label, seed) for seed in seeds) if a is not None]
+  std = lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+  mine = per_seed(distilled)
+  lines = [f"| {distilled} minus | difference of the averages | seeds' spread | target (difference > spread) |",
+           "|---|---|---|---|"]
+  for other in (untrained, f"truncated-L{layers}"):
+    theirs = per_seed(other)
+    if len(mine) < len(seeds) or len(theirs) < len(seeds):
+      lines.append(f"| {other} | — | — | — |")
+      continue
+    d, spread = float(np.mean(mine) - np.mean(theirs)), std(mine) + std(theirs)
+    lines.append(f"| {other} | {d:+.1f} | {spread:.1f} | {'met' if d > spread else '**not met**'} |")
+  return "\n".join(lines)
+
+
 def write(name: str, budget, paths, results: pathlib.Path, study, note: str = "") -> None:
   """`study` is the study module (its METHODS, FINETUNE and curve_steps); `note` goes
   under the table (what the files cannot tell: other load on the machine, say)."""
@@ -137,7 +161,7 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
   curve = _rows(paths.out / "curve")
   layers = budget.student[0]
   pre = {m: pretrain_summary(budget, paths, m) for m in study.METHODS}
-  labels = (["teacher-L6"] if budget.teacher_reference else []) + student_shaped(layers)
+  labels = (["teacher-L6"] if budget.teacher_reference else []) + student_shaped(layers) + list(LAYER_INIT_ARMS)
   lines = [f"# MiniLM study, `{name}` budget", "",
            f"Students L{layers}-H{budget.student[1]} ({budget.student[2]} heads) pre-trained for "
            f"{budget.steps} steps x {budget.batch} x {budget.seq_len} = {budget.tokens / 1e6:.2f} M token "
@@ -145,13 +169,18 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
            "over seeds (the seed count in brackets), best dev epoch, in percent; — = not run yet.",
            "", table(rows, labels, pre, budget.steps), "",
            "Targets (the issue's; computed from the table above, averages of the four tasks):", "",
-           targets(rows, layers), "", "Pre-training runs:", ""]
+           targets(rows, layers), "",
+           f"The layer-initialised student (teacher layers {study.LAYER_INIT}, then MiniLMv2; seeds "
+           f"{list(budget.layer_init_seeds)}):", "", layer_init_targets(rows, layers, budget.layer_init_seeds),
+           "", "Pre-training runs:", ""]
   for method, info in pre.items():
     if info.get("steps"):
       lines.append(f"- {method}: {info['steps']} of {budget.steps} steps, loss {info['first_loss']:.3f} -> "
                    f"{info['last_loss']:.3f}, median {info['tokens_per_sec']:,.0f} tokens/s, "
                    f"{info['minutes']:.1f} min of steps (compilation excluded; "
-                   f"{info['tokens'] / info['tokens_per_sec'] / 60:.1f} min at the median rate)")
+                   f"{info['tokens'] / info['tokens_per_sec'] / 60:.1f} min at the median rate)"
+                   + (f"; held-out loss {info['first_eval']:.3f} -> {info['last_eval']:.3f}"
+                      if "last_eval" in info else ""))
     else:
       lines.append(f"- {method}: not started")
   lines += ["", f"Hardware: {platform.machine()} CPU ({_cpus()} cores visible), float32; runs "
@@ -194,9 +223,12 @@ def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
   plt = _plt()
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
   tokens = lambda recs: [r["step"] * budget.batch * budget.seq_len / 1e6 for r in recs]
-  for m in STUDENTS:
+  for i, m in enumerate(STUDENTS + LAYER_INIT_ARMS[1:]):
     if runs[m]:
-      axes[0].plot(tokens(runs[m]), [r["loss/total"] for r in runs[m]], label=m)
+      axes[0].plot(tokens(runs[m]), [r["loss/total"] for r in runs[m]], color=f"C{i}", label=m)
+      held = [r for r in runs[m] if "eval/total" in r]
+      if held:
+        axes[0].plot(tokens(held), [r["eval/total"] for r in held], "--", color=f"C{i}", label=f"{m}, held out")
   axes[0].set_title("distillation loss (KL, sum of terms)")
   if runs["mlm"]:
     axes[1].plot(tokens(runs["mlm"]), [r["loss/total"] for r in runs["mlm"]], color="C2", label="mlm")
@@ -225,7 +257,7 @@ def _curve_plot(study, budget, paths, rows, curve, path) -> bool:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   drawn = False
-  for i, m in enumerate(study.METHODS):
+  for i, m in enumerate(study.CURVE_METHODS):
     points = [(s, _average(curve, f"{m}@step{s}", tasks=budget.curve_tasks))
               for s in study.curve_steps(budget)[:-1]]
     points.append((budget.steps, _average(rows, m, tasks=budget.curve_tasks)))

@@ -20,7 +20,8 @@ import numpy as np
 from absl import flags
 
 from experiments.study import report
-from minilm_jax import checkpoint, cli_flags, convert, distill, documents, finetune, tokenization
+from minilm_jax import checkpoint, cli_flags, convert, distill, documents, finetune, student_init, tokenization
+from minilm_jax import model as model_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax.teachers import resolve_model_dir
 
@@ -28,8 +29,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SHARED = ROOT.parent / "shared" / "data"
 TEACHER = "all-MiniLM-L6-v2"
+# The layer-initialised arms: the teacher's layers 2, 4, 6 (and embeddings) as they are
+# (`report.LAYER_INIT_ARMS[0]`, not pre-trained), and that student distilled with MiniLMv2 (the
+# method below); the teacher's shape, whatever the budget's students.
+LAYER_INIT = "2,4,6"
+LAYER_INIT_SHAPE = dict(student_layers=3, student_hidden=384, student_heads=12)
 METHODS = {"minilm-v1": dict(version="v1"), "minilm-v2": dict(version="v2", relation_heads=48),
-           "mlm": dict(objective="mlm")}
+           "mlm": dict(objective="mlm"),
+           report.LAYER_INIT_ARMS[1]: dict(version="v2", relation_heads=48, student_init=LAYER_INIT,
+                                           **LAYER_INIT_SHAPE)}
+CURVE_METHODS = ("minilm-v1", "minilm-v2", "mlm")  # fine-tuned along their pre-training too
 TASKS = ("sst2", "rte", "cola", "squad2")
 # The one fine-tuning recipe, for every model and task (per-task lengths / subsets in Budget.tasks).
 FINETUNE = dict(batch_size=32, learning_rate=1e-4, warmup_ratio=0.1, weight_decay=0.01, dropout=0.1,
@@ -51,6 +60,8 @@ class Budget:
   student: tuple[int, int, int] = (3, 384, 12)  # layers, hidden, heads
   max_documents: int = 0          # 0 = the whole corpus
   teacher_reference: bool = True  # fine-tune the 6-layer teacher too (1 seed)
+  layer_init_seeds: tuple[int, ...] = (0, 1, 2)  # the layer-initialised arms and the truncated teacher
+  heldout_documents: int = 8      # kept out of the layer-initialised student's pre-training, evaluated
 
   @property
   def tokens(self) -> int:
@@ -80,6 +91,7 @@ BUDGETS = {
     # The whole chain on a toy setting, for trying the runner (minutes on 2 cores).
     "tiny": Budget(steps=6, batch=8, seq_len=32, learning_rate=1e-3, warmup=2, curve_points=2,
                    seeds=(0,), student=(1, 96, 12), max_documents=20, teacher_reference=False,
+                   layer_init_seeds=(0,), heldout_documents=2,
                    tasks={"sst2": dict(max_seq_len=32, max_train_examples=64, max_eval_examples=64, epochs=1),
                           "rte": dict(max_seq_len=64, max_train_examples=64, max_eval_examples=32, epochs=1),
                           "cola": dict(max_seq_len=32, max_train_examples=64, max_eval_examples=64, epochs=1),
@@ -109,15 +121,19 @@ class Paths:
 
 
 def distill_config(budget: Budget, paths: Paths, method: str) -> DistillConfig:
+  """One recipe for every method; the layer-initialised student also holds out documents and
+  evaluates the loss on them (its held-out curve)."""
   layers, hidden, heads = budget.student
   every = budget.steps // budget.curve_points
-  return DistillConfig(
+  fields = dict(
       teacher=paths.teacher, student_layers=layers, student_hidden=hidden, student_heads=heads,
       corpus=paths.corpus, doc_per_file=True, max_seq_len=budget.seq_len,
       global_batch_size=budget.batch, max_steps=budget.steps, learning_rate=budget.learning_rate,
       warmup_steps=budget.warmup, log_every=max(1, min(10, budget.steps // 20)),
-      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, teacher_assistant="off",
-      **METHODS[method])
+      checkpoint_every=every, keep_checkpoints=budget.curve_points + 3, teacher_assistant="off")
+  if method == report.LAYER_INIT_ARMS[1]:
+    fields |= dict(heldout_documents=budget.heldout_documents, eval_every=max(1, budget.steps // 10))
+  return DistillConfig(**fields | METHODS[method])
 
 
 def curve_steps(budget: Budget) -> list[int]:
@@ -148,6 +164,20 @@ def export_curve(budget: Budget, paths: Paths, method: str) -> None:
     convert.save_hf(out, config, checkpoint.to_host(params), tokenizer, overwrite=True)
 
 
+def export_layer_init(paths: Paths) -> None:
+  """The teacher's layers `LAYER_INIT` and embeddings as an HF encoder, not pre-trained: the
+  layer-initialised student at step 0 (`student_init.from_teacher`), `models/<label>`."""
+  out = paths.out / "models" / report.LAYER_INIT_ARMS[0]
+  if (out / "config.json").is_file():
+    return
+  teacher_dir = resolve_model_dir(paths.teacher)
+  teacher, params = convert.load_hf(teacher_dir)
+  config = teacher.replace(num_layers=LAYER_INIT_SHAPE["student_layers"])
+  layers = student_init.teacher_layers(LAYER_INIT, teacher, config)
+  student = student_init.from_teacher(model_lib.init_params(config), params, layers)
+  convert.save_hf(out, config, checkpoint.to_host(student), teacher_dir, overwrite=True)
+
+
 # ------------------------------------------------------------------------- fine-tuning
 
 
@@ -160,6 +190,8 @@ def model_args(budget: Budget, paths: Paths, label: str) -> dict:
     return dict(model=paths.teacher, num_layers=layers)
   if label == f"random-L{layers}":
     return dict(model=paths.teacher, num_layers=layers, random_init=True)
+  if label == report.LAYER_INIT_ARMS[0]:
+    return dict(model=str(paths.out / "models" / label))
   method, _, step = label.partition("@step")
   workdir = paths.out / "pretrain" / method
   return dict(model=str(paths.out / "models" / f"{method}-step{step}" if step else workdir / "hf"))
@@ -215,7 +247,7 @@ def plan(budget: Budget, paths: Paths, stages: set[str]) -> list[tuple[str, call
   ft("mlm", first)
   for label in ["minilm-v1", "minilm-v2", "mlm"] + baselines:
     ft(label, budget.seeds[1:])
-  for method in METHODS:
+  for method in CURVE_METHODS:
     if "finetune" in stages:
       jobs.append((f"export {method} curve checkpoints",
                    lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
@@ -225,6 +257,14 @@ def plan(budget: Budget, paths: Paths, stages: set[str]) -> list[tuple[str, call
       ft(f"{method}@step{step}", first, budget.curve_tasks)
   if budget.teacher_reference:
     ft("teacher-L6", first)
+  untrained, distilled = report.LAYER_INIT_ARMS
+  pre(distilled)
+  if "finetune" in stages:
+    jobs.append((f"export {untrained}", (paths.out / "models" / untrained / "config.json").is_file,
+                 lambda: export_layer_init(paths)))
+  ft(untrained, budget.layer_init_seeds)
+  ft(distilled, budget.layer_init_seeds)
+  ft(f"truncated-L{layers}", [s for s in budget.layer_init_seeds if s not in budget.seeds])
   return jobs
 
 
