@@ -31,7 +31,8 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from minilm_jax import atomic, checkpoint, convert, data, mlm, preemption, sharding, teacher_assistant
+from minilm_jax import atomic, checkpoint, convert, data, hf_names, mlm, model_card, preemption, sharding
+from minilm_jax import teacher_assistant
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax import workdir as workdir_lib
@@ -119,6 +120,7 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)
+  model_card.record_launch(workdir)
   if jax.process_index() == 0:
     checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher.directory)
   multihost_utils.sync_global_devices("minilm_jax distill: run files written")
@@ -196,10 +198,13 @@ def _export(cfg: DistillConfig, workdir: pathlib.Path, config: model_lib.ModelCo
   paths = {}
   if cfg.objective == "mlm":
     if config.model_type == "bert":
+      card = model_card.for_run(workdir, cfg.max_steps, tokenizer_dir, hf_names.MASKED_LM)
       paths["hf_mlm"] = str(mlm.save_hf(workdir / "hf-mlm", config, params, tokenizer_dir,
-                                        overwrite=True))
+                                        card=card, overwrite=True))
     params = mlm.encoder_params(params)
-  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, overwrite=True))
+  card = model_card.for_run(workdir, cfg.max_steps, tokenizer_dir)
+  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, card=card,
+                                    overwrite=True))
   return paths
 
 
