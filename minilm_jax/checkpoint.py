@@ -3,7 +3,8 @@
 A checkpoint directory holds
 
     model.json          the `ModelConfig` of the saved parameters
-    tokenizer/          the tokenizer files the model was trained with
+    tokenizer/          the tokenizer files the model was trained with (and the teacher's
+                        sentence-transformers files, which exports carry)
     <step>/params       the parameters (Orbax, one directory per step)
     <step>/opt_state    training runs only: optimizer state, ...
     <step>/train        ... step counter and PRNG key,

@@ -116,6 +116,12 @@ def _throughput(records: list[dict], batch_size: int) -> tuple[float, float]:
   return tokens, seconds
 
 
+def _init(cfg: dict) -> str:
+  """The student's initialisation: "random", or the teacher layers it started from."""
+  init = cfg.get("student_init", "random")
+  return f"teacher layers {', '.join(map(str, init))}" if isinstance(init, list) else str(init)
+
+
 def _duration(seconds: float) -> str:
   return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
@@ -165,8 +171,7 @@ def for_run(workdir: str | pathlib.Path, step: int, tokenizer_dir: str | pathlib
       f"- Teacher: `{teacher}`" + (f" ({teacher_layers} layers)" if teacher_layers else ""),
       *_method(cfg, teacher_layers),
       f"- Student: {student.num_layers} layers, hidden {student.hidden_size}, {student.num_heads} "
-      f"heads, feed-forward {student.intermediate_size}; initialisation: "
-      f"{cfg.get('student_init', 'random')}",
+      f"heads, feed-forward {student.intermediate_size}; initialisation: {_init(cfg)}",
       f"- Corpus: `{cfg['corpus']}` ({corpus.get('examples', '?')} examples of {cfg['max_seq_len']} "
       f"tokens, {corpus.get('tokens', '?')} tokens); {tokens:,.0f} tokens seen",
       f"- Steps: {step} of {cfg['max_steps']}, batch {cfg['global_batch_size']}, peak learning rate "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import sentence_transformers
 
-from minilm_jax import checkpoint, cli, convert, distill, sentence_transformers_files
+from minilm_jax import checkpoint, cli, convert, distill, model_card, sentence_transformers_files
 from minilm_jax import model as model_lib
 from minilm_jax.config import DistillConfig
 from minilm_jax.finetune import train
@@ -101,10 +101,15 @@ def test_distill_exports_carry_pipeline_and_card(tmp_path, monkeypatch, objectiv
     assert got.data.base_model == (None if objective == "mlm" else "sentence-transformers/all-MiniLM-L6-v2")
     assert got.data.language == "en"
     last = [r for r in records if r["step"] == step][0]
-    assert f"Steps: {step} of 4" in got.text and "`all-MiniLM-L6-v2` (6 layers)" in got.text
-    assert f"total {last['loss/total']:.4f}" in got.text
+    assert f"Steps: {step} of 4" in got.text and "`all-MiniLM-L6-v2`" in got.text
+    assert f"total {last['loss/total']:.4f}" in got.text and f"{step * 8 * 32:,} tokens seen" in got.text
     assert f"python -m minilm_jax distill --config c.py --workdir {run}" in got.text
+    assert ("Teacher: `all-MiniLM-L6-v2` (6 layers)" in got.text) == (objective == "distill")
     assert ("Relation heads: 4" in got.text) == (objective == "distill")
+  with (run / "metrics.jsonl").open("a") as f:  # held-out terms, as an evaluating run logs them
+    f.write(json.dumps({"step": 4, "eval/total": 1.5, "eval/vv_relation": 0.25}) + "\n")
+  text = model_card.for_run(run, 4, run / "checkpoints" / "tokenizer")
+  assert "Final held-out loss (step 4): total 1.5000, vv_relation 0.2500" in text
   if objective == "mlm":
     lm = card(run / "hf-mlm")
     assert (lm.data.library_name, lm.data.pipeline_tag) == ("transformers", "fill-mask")
