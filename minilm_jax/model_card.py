@@ -147,7 +147,7 @@ def for_run(workdir: str | pathlib.Path, step: int, tokenizer_dir: str | pathlib
   corpus_path, launch_path = workdir / "corpus.json", workdir / LAUNCH_FILE
   corpus = json.loads(corpus_path.read_text()) if corpus_path.is_file() else {}
   launches = json.loads(launch_path.read_text()) if launch_path.is_file() else []
-  records = ([r for r in read_metrics(workdir) if r["step"] <= step]
+  records = ([r for r in read_metrics(workdir, drop_torn_tail=True) if r["step"] <= step]
              if (workdir / "metrics.jsonl").is_file() else [])
   student = checkpoint_lib.read_model_config(workdir / "checkpoints")
   teacher = cfg["teacher"]

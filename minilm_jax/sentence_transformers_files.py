@@ -8,7 +8,8 @@ settings, `sentence_bert_config.json` (the Transformer's `max_seq_length`) and
 not comparable to its teacher's. `copy` writes the teacher's files beside the student's
 weights, fitted to the student where a setting names the teacher's shape: Pooling's
 `word_embedding_dimension` becomes the student's width, and `max_seq_length` is capped at the
-positions the student has. A module whose weights need the teacher's width (a `Dense` whose
+positions the student has, and the Transformer module is the student's own weights at the
+top of the directory. A module whose weights need the teacher's width (a `Dense` whose
 `in_features` is not the student's) cannot be fitted: then no file is copied, and a warning
 says why.
 """
@@ -25,9 +26,10 @@ MODULES_FILE = "modules.json"
 TOP_FILES = (MODULES_FILE, "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
-def _read_json(path: pathlib.Path):
+def _read_json(path: pathlib.Path, data: bytes | None = None):
+  """`path` parsed (or `data`, read from it before), or an error naming the file and the fix."""
   try:
-    return json.loads(path.read_text())
+    return json.loads(path.read_bytes() if data is None else data)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON ({e}): restore the teacher's sentence-transformers "
                      "files, or delete modules.json to export plain Hugging Face models") from e
@@ -47,36 +49,54 @@ def modules(model_dir: str | pathlib.Path) -> list[dict]:
 
 def fitted_files(src: pathlib.Path, config: model_lib.ModelConfig) -> dict[str, bytes] | None:
   """{relative path: bytes} of the files `copy` writes; {} without `modules.json`, None
-  when a module cannot serve the student's width."""
-  files = {}
-  for name in TOP_FILES:
-    if (src / name).is_file():
-      files[name] = (src / name).read_bytes()
+  when a module cannot serve the student's width.
+
+  The Transformer module is the student itself, whose weights sit at the top of the export:
+  a teacher that keeps its Transformer in a folder (`0_Transformer/`, older releases) has that
+  module's path set to "" and its `sentence_bert_config.json` moved to the top.
+  """
+  listed = modules(src)
+  if not listed:
+    return {}
+  files = {name: (src / name).read_bytes() for name in TOP_FILES if (src / name).is_file()}
+  for module in listed:
+    folder = src / module["path"]
+    if module.get("type", "").endswith(".Transformer"):
+      if module["path"] and (folder / "sentence_bert_config.json").is_file():
+        files["sentence_bert_config.json"] = (folder / "sentence_bert_config.json").read_bytes()
+      if module["path"]:
+        module["path"] = ""
+        files[MODULES_FILE] = _dumps(listed)
+    elif module["path"] and folder.is_dir():
+      module_files = _fitted_module(src, folder, config)
+      if module_files is None:
+        return None
+      files |= module_files
   if "sentence_bert_config.json" in files:
-    settings = _read_json(src / "sentence_bert_config.json")
+    settings = _read_json(src / "sentence_bert_config.json", files["sentence_bert_config.json"])
     positions = config.max_position_embeddings - (0 if config.model_type == "bert"
                                                   else config.pad_token_id + 1)
     if settings.get("max_seq_length", 0) > positions:
-      settings["max_seq_length"] = positions
-      files["sentence_bert_config.json"] = _dumps(settings)
-  for module in modules(src):
-    folder = src / module["path"]
-    if not module["path"] or not folder.is_dir():
-      continue  # the Transformer (the weights themselves) or a module without settings
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-      files[str(path.relative_to(src))] = path.read_bytes()
-    settings_path = folder / "config.json"
-    if not settings_path.is_file():
-      continue
-    settings = _read_json(settings_path)
-    if "word_embedding_dimension" in settings:  # Pooling
-      settings["word_embedding_dimension"] = config.hidden_size
-      files[str(settings_path.relative_to(src))] = _dumps(settings)
-    elif settings.get("in_features", config.hidden_size) != config.hidden_size:
-      logging.warning("%s: module %s takes width %d, the student has %d: the export gets no "
-                      "sentence-transformers files", src / MODULES_FILE, module["path"],
-                      settings["in_features"], config.hidden_size)
-      return None
+      files["sentence_bert_config.json"] = _dumps(settings | {"max_seq_length": positions})
+  return files
+
+
+def _fitted_module(src: pathlib.Path, folder: pathlib.Path,
+                   config: model_lib.ModelConfig) -> dict[str, bytes] | None:
+  """A module folder's files, Pooling's width set to the student's; None for a module that
+  needs another width."""
+  files = {str(p.relative_to(src)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+  if not (folder / "config.json").is_file():
+    return files  # e.g. Normalize: no settings
+  settings = _read_json(folder / "config.json")
+  if "word_embedding_dimension" in settings:  # Pooling
+    files[str((folder / "config.json").relative_to(src))] = _dumps(
+        settings | {"word_embedding_dimension": config.hidden_size})
+  elif settings.get("in_features", config.hidden_size) != config.hidden_size:
+    logging.warning("%s: module %s takes width %d, the student has %d: the export gets no "
+                    "sentence-transformers files", src / MODULES_FILE, folder.name,
+                    settings["in_features"], config.hidden_size)
+    return None
   return files
 
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import sys
 
 import huggingface_hub
@@ -59,6 +60,22 @@ def test_convert_export_is_the_teachers_sentence_transformer(teacher_dir, tmp_pa
   meta = card(tmp_path / "hf").data
   assert (meta.library_name, meta.pipeline_tag) == ("sentence-transformers", "sentence-similarity")
   assert "step 0" in card(tmp_path / "hf").text
+
+
+def test_teacher_with_its_transformer_in_a_folder(teacher_dir, tmp_path):
+  """Older sentence-transformers releases keep the Transformer in 0_Transformer/: the student's
+  is its own weights, at the top of the export."""
+  teacher = tmp_path / "teacher"
+  shutil.copytree(teacher_dir, teacher, ignore=shutil.ignore_patterns("*.safetensors"))
+  listed = json.loads((teacher / "modules.json").read_text())
+  listed[0]["path"] = "0_Transformer"
+  (teacher / "modules.json").write_text(json.dumps(listed))
+  (teacher / "0_Transformer").mkdir()
+  (teacher / "sentence_bert_config.json").rename(teacher / "0_Transformer" / "sentence_bert_config.json")
+  out = convert.save_hf(tmp_path / "hf", TINY_BERT, model_lib.init_params(TINY_BERT, seed=3), teacher)
+  st, modules = pipeline(out)
+  assert modules == ["Transformer", "Pooling", "Normalize"] and not (out / "0_Transformer").exists()
+  assert st.max_seq_length == 128 and st.encode(["Hi"]).shape == (1, TINY_BERT.hidden_size)
 
 
 def test_dense_module_of_another_width_leaves_the_files_out(teacher_dir, tmp_path, caplog):
