@@ -23,6 +23,7 @@ import jax
 
 from minilm_jax import atomic, hf_names, losses, sentence_transformers_files
 from minilm_jax import checkpoint as checkpoint_lib
+from minilm_jax import workdir as workdir_lib
 from minilm_jax.metric_writer import read_metrics
 from minilm_jax.teachers import resolve_model_dir
 
@@ -139,23 +140,36 @@ def _method(cfg: dict, teacher_layers: int | None) -> list[str]:
   return lines
 
 
-def for_run(workdir: str | pathlib.Path, step: int, tokenizer_dir: str | pathlib.Path,
-            head: str | None = None) -> str:
-  """The card of a distill run's student at `step` (a masked-LM run's LM model with `head`)."""
-  workdir = pathlib.Path(workdir)
-  cfg = json.loads((workdir / "config.json").read_text())
-  corpus_path, launch_path = workdir / "corpus.json", workdir / LAUNCH_FILE
+def _run_files(workdir: pathlib.Path, step: int) -> tuple[dict, dict, list, list]:
+  """(config, corpus record, launches, metric records up to `step`) of a distill workdir."""
+  cfg = workdir_lib.read_config(workdir)
+  if cfg is None:
+    raise FileNotFoundError(f"{workdir} holds no {workdir_lib.CONFIG_FILE}: not a distill run")
+  corpus_path, launch_path = workdir / workdir_lib.CORPUS_FILE, workdir / LAUNCH_FILE
   corpus = json.loads(corpus_path.read_text()) if corpus_path.is_file() else {}
   launches = json.loads(launch_path.read_text()) if launch_path.is_file() else []
   records = ([r for r in read_metrics(workdir, drop_torn_tail=True) if r["step"] <= step]
              if (workdir / "metrics.jsonl").is_file() else [])
-  student = checkpoint_lib.read_model_config(workdir / "checkpoints")
-  teacher = cfg["teacher"]
+  return cfg, corpus, launches, records
+
+
+def _teacher_layers(teacher: str) -> int | None:
+  """The teacher's depth, if its directory is here."""
   try:
-    teacher_layers = json.loads((resolve_model_dir(teacher) / "config.json").read_text()).get(
+    return json.loads((resolve_model_dir(teacher) / "config.json").read_text()).get(
         "num_hidden_layers")
   except (OSError, ValueError):
-    teacher_layers = None
+    return None
+
+
+def for_run(workdir: str | pathlib.Path, step: int, tokenizer_dir: str | pathlib.Path,
+            head: str | None = None) -> str:
+  """The card of a distill run's student at `step` (a masked-LM run's LM model with `head`)."""
+  workdir = pathlib.Path(workdir)
+  cfg, corpus, launches, records = _run_files(workdir, step)
+  student = checkpoint_lib.read_model_config(workdir / "checkpoints")
+  teacher = cfg["teacher"]
+  teacher_layers = _teacher_layers(teacher)
   meta = _pipeline(pathlib.Path(tokenizer_dir), head)
   mlm = cfg.get("objective") == "mlm"
   meta |= {"base_model": None if mlm else HUB_IDS.get(teacher), "language": _language(teacher),
@@ -191,7 +205,7 @@ def for_checkpoint(directory: str | pathlib.Path, step: int) -> str:
   """The card of a checkpoint's step: its run's, or (a converted model) where it came from."""
   directory = checkpoint_lib.resolve(directory)
   tokenizer_dir = directory / checkpoint_lib.TOKENIZER_DIR
-  if (directory.parent / "config.json").is_file() and directory.name == "checkpoints":
+  if directory.name == "checkpoints" and (directory.parent / workdir_lib.CONFIG_FILE).is_file():
     return for_run(directory.parent, step, tokenizer_dir)
   config = checkpoint_lib.read_model_config(directory)
   meta = _pipeline(tokenizer_dir, None)
