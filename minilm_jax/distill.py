@@ -31,8 +31,8 @@ import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from minilm_jax import atomic, checkpoint, convert, data, hf_names, mlm, model_card, preemption, sharding
-from minilm_jax import teacher_assistant
+from minilm_jax import atomic, checkpoint, convert, data, hf_names, mlm, model_card, preemption
+from minilm_jax import sharding, teacher_assistant
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax import workdir as workdir_lib

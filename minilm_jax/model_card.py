@@ -23,6 +23,7 @@ import jax
 
 from minilm_jax import atomic, hf_names, losses, sentence_transformers_files
 from minilm_jax import checkpoint as checkpoint_lib
+from minilm_jax import model as model_lib
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.metric_writer import read_metrics
 from minilm_jax.teachers import resolve_model_dir
@@ -64,14 +65,15 @@ def _card(metadata: dict, title: str, sections: dict[str, list[str]]) -> str:
   return str(huggingface_hub.ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n{body}"))
 
 
-def _pipeline(tokenizer_dir: pathlib.Path, head: str | None) -> dict:
-  """library_name, pipeline_tag and tags of an encoder (a sentence-transformers one if the
-  teacher was) or of a task model with `head`."""
+def _pipeline(tokenizer_dir: pathlib.Path, head: str | None,
+              config: model_lib.ModelConfig | None = None) -> dict:
+  """library_name, pipeline_tag and tags of a task model with `head`, or of an encoder of
+  `config` (a sentence-transformers one if the export gets the teacher's files)."""
   if head is not None:
     tag = {hf_names.MASKED_LM: "fill-mask", hf_names.QUESTION_ANSWERING: "question-answering"}.get(
         head, "text-classification")
     return {"library_name": "transformers", "pipeline_tag": tag, "tags": ["minilm_jax", tag]}
-  if sentence_transformers_files.modules(tokenizer_dir):
+  if sentence_transformers_files.fitted_files(tokenizer_dir, config):
     return {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
             "tags": ["minilm_jax", "sentence-transformers", "feature-extraction", "sentence-similarity"]}
   return {"library_name": "transformers", "pipeline_tag": "feature-extraction",
@@ -170,7 +172,7 @@ def for_run(workdir: str | pathlib.Path, step: int, tokenizer_dir: str | pathlib
   student = checkpoint_lib.read_model_config(workdir / "checkpoints")
   teacher = cfg["teacher"]
   teacher_layers = _teacher_layers(teacher)
-  meta = _pipeline(pathlib.Path(tokenizer_dir), head)
+  meta = _pipeline(pathlib.Path(tokenizer_dir), head, student)
   mlm = cfg.get("objective") == "mlm"
   meta |= {"base_model": None if mlm else HUB_IDS.get(teacher), "language": _language(teacher),
            "datasets": [cfg["corpus"][5:].split(":")[0].split("/")[0]]
@@ -208,7 +210,7 @@ def for_checkpoint(directory: str | pathlib.Path, step: int) -> str:
   if directory.name == "checkpoints" and (directory.parent / workdir_lib.CONFIG_FILE).is_file():
     return for_run(directory.parent, step, tokenizer_dir)
   config = checkpoint_lib.read_model_config(directory)
-  meta = _pipeline(tokenizer_dir, None)
+  meta = _pipeline(tokenizer_dir, None, config)
   return _card(meta, "Model converted by minilm_jax", {
       "Origin": [f"- The minilm_jax checkpoint `{directory}`, step {step}: {config.num_layers} "
                  f"layers, hidden {config.hidden_size}, {config.num_heads} heads"],

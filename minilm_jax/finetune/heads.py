@@ -116,8 +116,8 @@ def task_model(config: model_lib.ModelConfig, encoder_params: dict, num_labels: 
 def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.Path, *,
               labels: tuple[str, ...] | None = None, regression: bool = False,
               card: str | None = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes a fine-tuned model (and its model card `card`) as a Hugging Face `{Bert,Roberta,XLMRoberta}ForSequenceClassification`
-  or `...ForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
+  """Writes a fine-tuned model as a Hugging Face `{Bert,Roberta,XLMRoberta}ForSequenceClassification`
+  or `...ForQuestionAnswering` directory (config, model.safetensors, tokenizer, README.md `card`)."""
   config = module.encoder.config.replace(dtype="float32")
   pure = checkpoint.to_host(nnx.state(module, nnx.Param)).to_pure_dict()
   if isinstance(module, QuestionAnswerer):
