@@ -115,7 +115,8 @@ def _throughput(records: list[dict], batch_size: int) -> tuple[float, float]:
   for r in records:
     if "examples_per_sec" in r:
       took = (r["step"] - before) * batch_size / r["examples_per_sec"]
-      tokens, seconds, before = tokens + r["tokens_per_sec"] * took, seconds + took, r["step"]
+      tokens, seconds = tokens + r.get("tokens_per_sec", 0.0) * took, seconds + took
+      before = r["step"]
   return tokens, seconds
 
 
@@ -217,6 +218,12 @@ def for_checkpoint(directory: str | pathlib.Path, step: int) -> str:
       "Usage": _usage(meta["library_name"], None)})
 
 
+def _finetune_seconds(run_dir: str | pathlib.Path, batch_size: int) -> float:
+  """Training and dev-scoring seconds summed over a fine-tuning run's epoch records."""
+  records = read_metrics(run_dir) if (pathlib.Path(run_dir) / "metrics.jsonl").is_file() else []
+  return _throughput(records, batch_size)[1] + sum(r.get("eval_seconds", 0.0) for r in records)
+
+
 def for_finetune(cfg, run_dir: str | pathlib.Path, best: dict) -> str:
   """The card of a fine-tuned task model: `cfg` a `FinetuneConfig`, `run_dir` the seed's
   directory (`run_seeds`' workdir/seed-N), `best` the epoch exported."""
@@ -239,7 +246,7 @@ def for_finetune(cfg, run_dir: str | pathlib.Path, best: dict) -> str:
       f"{cfg.batch_size}, peak learning rate {cfg.learning_rate}, seed {cfg.seed}",
       f"- Exported epoch {best['epoch']}: training loss {best['train_loss']:.4f}, dev score "
       f"{best['score']:.4f}",
-      f"- Hardware: {_devices()}",
+      f"- Hardware: {_devices()}; wall time {_duration(_finetune_seconds(run_dir, cfg.batch_size))}",
   ]
   return _card(meta, f"{cfg.model} fine-tuned on {cfg.task} (minilm_jax)", {
       "Training": training, "Reproduce": ["```bash", command, "```"],

@@ -143,6 +143,9 @@ def test_finetune_export_carries_card(tiny_dir, tmp_path):
   assert (got.data.library_name, got.data.pipeline_tag) == ("transformers", "text-classification")
   assert got.data.datasets == ["nyu-mll/glue"] and got.data.base_model is None
   assert f"dev score {summary['best_score']:.4f}" in got.text and str(tiny_dir) in got.text
+  record = read_metrics(tmp_path / "run" / "seed-0")[0]
+  seconds = record["step"] * 8 / record["examples_per_sec"] + record["eval_seconds"]
+  assert f"wall time {seconds:.0f} s" in got.text
   assert (f"python -m minilm_jax finetune --task rte --model {tiny_dir} --workdir {tmp_path / 'run'} "
           f"--data {tmp_path / 'glue'} --seeds 0" in got.text) and "--config.epochs=1" in got.text
   assert not (tmp_path / "run" / "seed-0" / "best" / "modules.json").exists()
