@@ -126,6 +126,10 @@ def _init(cfg: dict) -> str:
   return f"teacher layers {', '.join(map(str, init))}" if isinstance(init, list) else str(init)
 
 
+def _layers(chosen: list | None) -> str:
+  return ", ".join(map(str, chosen or ()))
+
+
 def _duration(seconds: float) -> str:
   return f"{seconds:.0f} s" if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
@@ -137,7 +141,8 @@ def _method(cfg: dict, teacher_layers: int | None) -> list[str]:
   lines = [f"- Method: {METHODS[cfg['version']]}",
            f"- Loss terms: {', '.join(cfg['loss_terms'] or losses.TERMS[cfg['version']])}"
            + (f"; own loss `{cfg['internals_loss']}`" if cfg.get("internals_loss") else ""),
-           f"- Teacher layer {layer} -> the student's last layer"]
+           f"- Layers: teacher {_layers(cfg.get('loss_teacher_layers')) or layer} -> student "
+           f"{_layers(cfg.get('loss_student_layers')) or 'last'}"]
   if cfg["version"] == "v2":
     lines.append(f"- Relation heads: {cfg['relation_heads']}")
   return lines

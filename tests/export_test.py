@@ -122,6 +122,7 @@ def test_distill_exports_carry_pipeline_and_card(tmp_path, monkeypatch, objectiv
     assert f"total {last['loss/total']:.4f}" in got.text and f"{step * 8 * 32:,} tokens seen" in got.text
     assert f"python -m minilm_jax distill --config c.py --workdir {run}" in got.text
     assert ("Teacher: `all-MiniLM-L6-v2` (6 layers)" in got.text) == (objective == "distill")
+    assert ("Layers: teacher 6 -> student last" in got.text) == (objective == "distill")
     assert ("Relation heads: 4" in got.text) == (objective == "distill")
   with (run / "metrics.jsonl").open("a") as f:  # held-out terms, as an evaluating run logs them
     f.write(json.dumps({"step": 4, "eval/total": 1.5, "eval/vv_relation": 0.25}) + "\n")
