@@ -232,10 +232,11 @@ def _finetune_seconds(run_dir: str | pathlib.Path, batch_size: int) -> float:
 def for_finetune(cfg, run_dir: str | pathlib.Path, best: dict) -> str:
   """The card of a fine-tuned task model: `cfg` a `FinetuneConfig`, `run_dir` the seed's
   directory (`run_seeds`' workdir/seed-N), `best` the epoch exported."""
-  squad = cfg.task == "squad2"
+  squad = cfg.task == "squad2"  # tasks.SQUAD (finetune imports this module)
   head = hf_names.QUESTION_ANSWERING if squad else hf_names.SEQUENCE_CLASSIFICATION
   meta = _pipeline(pathlib.Path(), head)
-  meta |= {"base_model": HUB_IDS.get(cfg.model), "language": _language(cfg.model),
+  meta |= {"base_model": None if cfg.random_init else HUB_IDS.get(cfg.model),
+           "language": _language(cfg.model),
            "datasets": ["rajpurkar/squad_v2" if squad else "nyu-mll/glue"]}
   defaults = type(cfg)()
   overrides = [f"--config.{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
