@@ -3,7 +3,8 @@
 A checkpoint directory holds
 
     model.json          the `ModelConfig` of the saved parameters
-    tokenizer/          the tokenizer files the model was trained with
+    tokenizer/          the tokenizer files the model was trained with (and the teacher's
+                        sentence-transformers files, which exports carry)
     <step>/params       the parameters (Orbax, one directory per step)
     <step>/opt_state    training runs only: optimizer state, ...
     <step>/train        ... step counter and PRNG key,
@@ -40,7 +41,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from minilm_jax import model as model_lib
-from minilm_jax import atomic
+from minilm_jax import atomic, sentence_transformers_files
 from minilm_jax.tokenization import TOKENIZER_FILES
 
 MODEL_FILE = "model.json"
@@ -71,7 +72,8 @@ def read_model_config(directory: pathlib.Path) -> model_lib.ModelConfig:
 
 def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
                       tokenizer_dir: str | os.PathLike) -> None:
-  """Writes model.json and tokenizer/ into a checkpoint directory (idempotent, atomic per file)."""
+  """Writes model.json and tokenizer/ into a checkpoint directory (idempotent, atomic per file);
+  tokenizer/ also takes the sentence-transformers files of `tokenizer_dir`, which exports carry."""
   directory.mkdir(parents=True, exist_ok=True)
   atomic.write_file(directory / MODEL_FILE,
                     json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -81,6 +83,7 @@ def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
   for name in TOKENIZER_FILES:
     if (src / name).is_file() and src != tok:
       atomic.write_file(tok / name, (src / name).read_bytes())
+  sentence_transformers_files.copy(src, tok, config)
 
 
 def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,

@@ -40,7 +40,7 @@ def convert(argv: list[str]) -> None:
 
   fv = parse("convert", argv, define, usage)
   source = one_of(fv, ("from-hf", "from-checkpoint"), usage)
-  from minilm_jax import atomic, checkpoint, convert as convert_lib
+  from minilm_jax import atomic, checkpoint, convert as convert_lib, model_card
   from minilm_jax.teachers import resolve_model_dir
   if source == "from-hf":
     if fv.to is None:
@@ -54,8 +54,9 @@ def convert(argv: list[str]) -> None:
     if out_dir is None:
       sys.exit(f"error: --from-checkpoint needs --to-hf OUT_DIR\n{usage}")
     atomic.check_not_overlapping([run, checkpoint.resolve(run)], out_dir)
-    config, params, tokenizer, _ = checkpoint.restore_params(run, fv.step)
-    out = convert_lib.save_hf(out_dir, config, params, tokenizer, overwrite=fv.overwrite)
+    config, params, tokenizer, step = checkpoint.restore_params(run, fv.step)
+    out = convert_lib.save_hf(out_dir, config, params, tokenizer, overwrite=fv.overwrite,
+                              card=model_card.for_checkpoint(run, step))
   print(f"wrote {out}")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from minilm_jax import atomic, hf_names, tokenization
+from minilm_jax import atomic, hf_names, sentence_transformers_files, tokenization
 from minilm_jax import model as model_lib
 from minilm_jax.teachers import resolve_model_dir
 
@@ -117,8 +117,11 @@ def params_to_hf(config: model_lib.ModelConfig, params: Mapping,
 
 def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: Mapping,
             tokenizer_dir: str | os.PathLike, *, head: str | None = None,
-            extra_config: Mapping | None = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes config.json, model.safetensors and the tokenizer files as one directory.
+            extra_config: Mapping | None = None, card: str | None = None,
+            overwrite: bool = False) -> pathlib.Path:
+  """Writes config.json, model.safetensors and the tokenizer files as one directory; an
+  encoder also the sentence-transformers files of `tokenizer_dir` (`sentence_transformers_files`),
+  and `card` (see `model_card`) as README.md.
 
   `head` and `extra_config` serve task models (e.g. `hf_names.SEQUENCE_CLASSIFICATION`
   and the labels): `params` then hold the encoder and the head, named by
@@ -136,6 +139,10 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: M
     for name in tokenization.TOKENIZER_FILES:
       if (tokenizer_dir / name).is_file():
         shutil.copy2(tokenizer_dir / name, tmp / name)
+    if head is None:
+      sentence_transformers_files.copy(tokenizer_dir, tmp, config)
+    if card is not None:
+      (tmp / "README.md").write_text(card)
 
   return atomic.write_dir(out_dir, write, overwrite=overwrite, sources=(tokenizer_dir,))
 

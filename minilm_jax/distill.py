@@ -26,8 +26,8 @@ import jax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from minilm_jax import checkpoint, convert, data, distill_loop, heldout, objective, sharding
-from minilm_jax import teacher_assistant
+from minilm_jax import checkpoint, convert, data, distill_loop, heldout, model_card, objective
+from minilm_jax import sharding, teacher_assistant
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax import workdir as workdir_lib
@@ -108,6 +108,7 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)
+  model_card.record_launch(workdir)
   if jax.process_index() == 0:
     checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher.directory)
   multihost_utils.sync_global_devices("minilm_jax distill: run files written")

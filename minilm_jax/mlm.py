@@ -182,10 +182,12 @@ def encoder_params(params: dict):
 
 
 def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: dict,
-            tokenizer_dir: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
-  """Writes a `BertForMaskedLM` directory (BERT only; the decoder is tied, so not stored)."""
+            tokenizer_dir: str | os.PathLike, *, card: str | None = None,
+            overwrite: bool = False) -> pathlib.Path:
+  """Writes a `BertForMaskedLM` directory (BERT only; the decoder is tied, so not stored),
+  with the model card `card`."""
   if config.model_type != "bert":
     raise ValueError(f"save_hf writes BertForMaskedLM; {config.model_type!r} has another LM head: "
                      "export the encoder with convert.save_hf(encoder_params(params)) instead")
   return convert.save_hf(out_dir, config.replace(use_pooler=False), params, tokenizer_dir,
-                         head=hf_names.MASKED_LM, overwrite=overwrite)
+                         head=hf_names.MASKED_LM, card=card, overwrite=overwrite)

@@ -12,7 +12,7 @@ import pathlib
 import jax
 import numpy as np
 
-from minilm_jax import convert, mlm
+from minilm_jax import convert, hf_names, mlm, model_card
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
@@ -28,13 +28,17 @@ def choose(cfg: DistillConfig, setup: step_lib.Setup, tokenizer_dir) -> step_lib
 
 def export(cfg: DistillConfig, workdir: pathlib.Path, config: model_lib.ModelConfig, params,
            tokenizer_dir: pathlib.Path) -> dict:
-  """Writes the trained student as `hf/` (a masked-LM run also as `hf-mlm/`); their paths."""
+  """Writes the trained student as `hf/` (a masked-LM run also as `hf-mlm/`), each with its
+  model card (`model_card.for_run`); their paths."""
   params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)
   paths = {}
   if cfg.objective == "mlm":
     if config.model_type == "bert":
+      card = model_card.for_run(workdir, cfg.max_steps, tokenizer_dir, hf_names.MASKED_LM)
       paths["hf_mlm"] = str(mlm.save_hf(workdir / "hf-mlm", config, params, tokenizer_dir,
-                                        overwrite=True))
+                                        card=card, overwrite=True))
     params = mlm.encoder_params(params)
-  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, overwrite=True))
+  card = model_card.for_run(workdir, cfg.max_steps, tokenizer_dir)
+  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, card=card,
+                                    overwrite=True))
   return paths

@@ -115,9 +115,9 @@ def task_model(config: model_lib.ModelConfig, encoder_params: dict, num_labels: 
 
 def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.Path, *,
               labels: tuple[str, ...] | None = None, regression: bool = False,
-              overwrite: bool = False) -> pathlib.Path:
+              card: str | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes a fine-tuned model as a Hugging Face `{Bert,Roberta,XLMRoberta}ForSequenceClassification`
-  or `...ForQuestionAnswering` directory (config, model.safetensors, tokenizer)."""
+  or `...ForQuestionAnswering` directory (config, model.safetensors, tokenizer, README.md `card`)."""
   config = module.encoder.config.replace(dtype="float32")
   pure = checkpoint.to_host(nnx.state(module, nnx.Param)).to_pure_dict()
   if isinstance(module, QuestionAnswerer):
@@ -130,7 +130,7 @@ def export_hf(out_dir: str | pathlib.Path, module, tokenizer_dir: str | pathlib.
                     "label2id": {name: i for i, name in enumerate(names)},
                     "problem_type": "regression" if regression else "single_label_classification"}
   return convert.save_hf(out_dir, config, pure, tokenizer_dir, head=head, extra_config=extra_config,
-                         overwrite=overwrite)
+                         card=card, overwrite=overwrite)
 
 
 def from_hf(config: model_lib.ModelConfig, num_labels: int | None, tensors: dict[str, np.ndarray],

@@ -27,7 +27,8 @@ import optax
 import tqdm
 from flax import nnx
 
-from minilm_jax import atomic, checkpoint, optimizer as optimizer_lib, sharding, student_init, tokenization
+from minilm_jax import atomic, checkpoint, model_card, optimizer as optimizer_lib, sharding, student_init
+from minilm_jax import tokenization
 from minilm_jax import model as model_lib
 from minilm_jax.finetune import checks, glue, heads, score, source, tasks
 from minilm_jax.metric_writer import MetricWriter
@@ -258,8 +259,8 @@ def _prepare(cfg: FinetuneConfig):
 def _export_best(cfg: FinetuneConfig, out: pathlib.Path, module, tokenizer_dir, data,
                  best: dict) -> pathlib.Path:
   """The best epoch's task model as a Hugging Face directory, with `score.RUN_FILE` beside it."""
-  out = heads.export_hf(out, module, tokenizer_dir, labels=data.labels,
-                        regression=data.regression, overwrite=True)
+  out = heads.export_hf(out, module, tokenizer_dir, labels=data.labels, regression=data.regression,
+                        card=model_card.for_finetune(cfg, out.parent, best), overwrite=True)
   (out / score.RUN_FILE).write_text(json.dumps(
       {"task": cfg.task, "max_seq_len": data.stats["max_seq_len"], "doc_stride": cfg.doc_stride,
        "squad_train_articles": cfg.squad_train_articles, "epoch": best["epoch"],
