@@ -12,10 +12,8 @@ Training reads it back with `tfds.data_source("text_corpus", data_dir=DATA_DIR)`
 
 import logging
 import pathlib
-import re
 from typing import Sequence
 
-from array_record.python import array_record_module
 from etils import epath
 import tensorflow_datasets as tfds
 
@@ -68,50 +66,13 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
 
 def is_built(data_dir: str | pathlib.Path | None) -> bool:
   """Whether "tfds:text_corpus" is prepared in `data_dir`, whole: a damaged one is not built."""
-  if not data_dir or not _version_dirs(NAME, data_dir):
+  if not data_dir or not documents.version_dirs(NAME, data_dir):
     return False
   try:
-    check_prepared(NAME, data_dir)
+    documents.check_prepared(NAME, data_dir)
   except (FileNotFoundError, ValueError):
     return False
   return True
-
-
-def check_prepared(name: str, data_dir: str | pathlib.Path | None) -> None:
-  """Raises naming the directory and the fix when a prepared version of TFDS dataset `name`
-  ("NAME[/CONFIG]") in `data_dir` (default TFDS's) lacks its `dataset_info.json` or holds an
-  array_record shard that is missing, truncated or corrupt (counted against the info's records),
-  as a build cut short leaves it. A dataset with no version folder is left to TFDS's reader."""
-  fix = (f"rebuild it: `{documents.BUILD_TFDS_COMMAND}`" if name == NAME else
-         f"prepare it again: `tfds build {name} --data_dir DIR --file_format=array_record`")
-  for version_dir in _version_dirs(name, data_dir or tfds.core.constants.DATA_DIR):
-    if not (version_dir / "dataset_info.json").is_file():
-      raise FileNotFoundError(f"{version_dir} has no dataset_info.json: the TFDS dataset was not "
-                              f"prepared to the end; {fix}")
-    try:
-      splits = tfds.builder_from_directory(str(version_dir)).info.splits.values()
-    except Exception as e:  # TFDS raises several types for a garbled info file
-      raise ValueError(f"{version_dir}/dataset_info.json is unreadable ({e}); {fix}") from e
-    for split in splits:
-      for path, length in zip(split.filepaths, split.shard_lengths):
-        if ".array_record" in path.name and _records(path) != length:
-          raise ValueError(f"{version_dir}: shard {path.name} is missing, truncated or corrupt "
-                           f"(its split {split.name!r} lists {length} records in it); {fix}")
-
-
-def _version_dirs(name: str, data_dir: str | pathlib.Path) -> list[pathlib.Path]:
-  return [d for d in pathlib.Path(data_dir, name).glob("*") if re.fullmatch(r"\d+\.\d+\.\d+", d.name)]
-
-
-def _records(path) -> int | None:
-  """How many records an array_record shard holds; None when it is absent or unreadable."""
-  try:
-    reader = array_record_module.ArrayRecordReader(str(path))
-    count = reader.num_records()
-    reader.close()  # a torn shard opens with 0 records and raises here
-  except RuntimeError:
-    return None
-  return count
 
 
 def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, *,
@@ -141,7 +102,7 @@ def build_text_corpus(files: str | Sequence[str], data_dir: str | pathlib.Path, 
   out = pathlib.Path(str(builder.data_dir))
   if is_built(data_dir) and not overwrite:
     return out
-  if _version_dirs(NAME, data_dir) and not overwrite:
+  if documents.version_dirs(NAME, data_dir) and not overwrite:
     logging.warning("%s was not prepared to the end or is damaged: rebuilding it", out)
   mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # regenerate the dataset, no download
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))

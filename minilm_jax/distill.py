@@ -19,6 +19,7 @@ temporary file and `os.replace`; the others wait at a barrier.
 """
 
 import dataclasses
+import functools
 import logging
 import pathlib
 
@@ -132,5 +133,6 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   if evaluation.last is not None:
     summary["last_eval"] = evaluation.last
   if cfg.export_hf and int(state.step) == cfg.max_steps and jax.process_index() == 0:
-    summary |= objective.export(cfg, workdir, export_config, state.params, teacher.directory)
+    card = functools.partial(model_card.for_run, workdir, cfg.max_steps, teacher.directory)
+    summary |= objective.export(cfg, workdir, export_config, state.params, teacher.directory, card)
   return summary

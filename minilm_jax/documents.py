@@ -125,9 +125,8 @@ def tfds_documents(corpus: str, data_dir: str | None, text_feature: str = "text"
                    max_documents: int | None = None) -> list[str]:
   """Reads the text feature of every record of a prepared TFDS dataset (no download)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; TFDS corpora only)
-  from minilm_jax import corpus_tfds  # pylint: disable=g-import-not-at-top
   name, split = parse_tfds_corpus(corpus)
-  corpus_tfds.check_prepared(name, data_dir)
+  check_prepared(name, data_dir)
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (tfds.core.registered.DatasetNotFoundError, AssertionError, FileNotFoundError,
@@ -161,3 +160,43 @@ def load_documents(corpus: str | Sequence[str], *, data_dir: str | None = None,
     docs = [d for p in expand_paths(corpus)
             for d in split_documents(read_text(p), doc_per_line, doc_per_file)]
   return docs[:max_documents]
+
+
+def check_prepared(name: str, data_dir: str | pathlib.Path | None) -> None:
+  """Raises naming the directory and the fix when a prepared version of TFDS dataset `name`
+  ("NAME[/CONFIG]") in `data_dir` (default TFDS's) lacks its `dataset_info.json` or holds an
+  array_record shard that is missing, truncated or corrupt (counted against the info's records),
+  as a build cut short leaves it. A dataset with no version folder is left to TFDS's reader."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; TFDS corpora only)
+  fix = (f"rebuild it (`{BUILD_TFDS_COMMAND}` for local text files, else `tfds build {name} "
+         "--data_dir DIR --file_format=array_record`)")
+  for version_dir in version_dirs(name, data_dir or tfds.core.constants.DATA_DIR):
+    if not (version_dir / "dataset_info.json").is_file():
+      raise FileNotFoundError(f"{version_dir} has no dataset_info.json: the TFDS dataset was not "
+                              f"prepared to the end; {fix}")
+    try:
+      splits = tfds.builder_from_directory(str(version_dir)).info.splits.values()
+    except Exception as e:  # TFDS raises several types for a garbled info file
+      raise ValueError(f"{version_dir}/dataset_info.json is unreadable ({e}); {fix}") from e
+    for split in splits:
+      for path, length in zip(split.filepaths, split.shard_lengths):
+        if ".array_record" in path.name and _records(path) != length:
+          raise ValueError(f"{version_dir}: shard {path.name} is missing, truncated or corrupt "
+                           f"(its split {split.name!r} lists {length} records in it); {fix}")
+
+
+def version_dirs(name: str, data_dir: str | pathlib.Path) -> list[pathlib.Path]:
+  """The prepared version folders ("1.0.0", ...) of TFDS dataset `name` in `data_dir`."""
+  return [d for d in pathlib.Path(data_dir, name).glob("*") if re.fullmatch(r"\d+\.\d+\.\d+", d.name)]
+
+
+def _records(path) -> int | None:
+  """How many records an array_record shard holds; None when it is absent or unreadable."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  try:
+    reader = array_record_module.ArrayRecordReader(str(path))
+    count = reader.num_records()
+    reader.close()  # a torn shard opens with 0 records and raises here
+  except RuntimeError:
+    return None
+  return count

@@ -8,11 +8,12 @@ same tokens, with no teacher: its tokenizer gives the masks, and it exports `hf-
 """
 
 import pathlib
+from typing import Callable
 
 import jax
 import numpy as np
 
-from minilm_jax import convert, hf_names, mlm, model_card
+from minilm_jax import convert, hf_names, mlm
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
@@ -27,18 +28,16 @@ def choose(cfg: DistillConfig, setup: step_lib.Setup, tokenizer_dir) -> step_lib
 
 
 def export(cfg: DistillConfig, workdir: pathlib.Path, config: model_lib.ModelConfig, params,
-           tokenizer_dir: pathlib.Path) -> dict:
+           tokenizer_dir: pathlib.Path, card: Callable[..., str]) -> dict:
   """Writes the trained student as `hf/` (a masked-LM run also as `hf-mlm/`), each with its
-  model card (`model_card.for_run`); their paths."""
+  model card, `card(head)` (`model_card.for_run`); their paths."""
   params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)
   paths = {}
   if cfg.objective == "mlm":
     if config.model_type == "bert":
-      card = model_card.for_run(workdir, cfg.max_steps, tokenizer_dir, hf_names.MASKED_LM)
       paths["hf_mlm"] = str(mlm.save_hf(workdir / "hf-mlm", config, params, tokenizer_dir,
-                                        card=card, overwrite=True))
+                                        card=card(hf_names.MASKED_LM), overwrite=True))
     params = mlm.encoder_params(params)
-  card = model_card.for_run(workdir, cfg.max_steps, tokenizer_dir)
-  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, card=card,
+  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, card=card(),
                                     overwrite=True))
   return paths

@@ -19,7 +19,6 @@ import logging
 import pathlib
 
 from minilm_jax import atomic
-from minilm_jax import model as model_lib
 
 MODULES_FILE = "modules.json"
 # Beside modules.json at the top of the directory.
@@ -47,9 +46,10 @@ def modules(model_dir: str | pathlib.Path) -> list[dict]:
   return listed
 
 
-def fitted_files(src: pathlib.Path, config: model_lib.ModelConfig) -> dict[str, bytes] | None:
-  """{relative path: bytes} of the files `copy` writes; {} without `modules.json`, None
-  when a module cannot serve the student's width.
+def fitted_files(src: pathlib.Path, config) -> dict[str, bytes] | None:
+  """{relative path: bytes} of the files `copy` writes for a student of `config` (its
+  `model.ModelConfig`); {} without `modules.json`, None when a module cannot serve the
+  student's width.
 
   The Transformer module is the student itself, whose weights sit at the top of the export:
   a teacher that keeps its Transformer in a folder (`0_Transformer/`, older releases) has that
@@ -74,15 +74,13 @@ def fitted_files(src: pathlib.Path, config: model_lib.ModelConfig) -> dict[str, 
       files |= module_files
   if "sentence_bert_config.json" in files:
     settings = _read_json(src / "sentence_bert_config.json", files["sentence_bert_config.json"])
-    positions = config.max_position_embeddings - (0 if config.model_type == "bert"
-                                                  else config.pad_token_id + 1)
-    if settings.get("max_seq_length", 0) > positions:
-      files["sentence_bert_config.json"] = _dumps(settings | {"max_seq_length": positions})
+    if settings.get("max_seq_length", 0) > config.max_seq_len:
+      files["sentence_bert_config.json"] = _dumps(settings | {"max_seq_length": config.max_seq_len})
   return files
 
 
 def _fitted_module(src: pathlib.Path, folder: pathlib.Path,
-                   config: model_lib.ModelConfig) -> dict[str, bytes] | None:
+                   config) -> dict[str, bytes] | None:
   """A module folder's files, Pooling's width set to the student's; None for a module that
   needs another width."""
   files = {str(p.relative_to(src)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -100,7 +98,7 @@ def _fitted_module(src: pathlib.Path, folder: pathlib.Path,
   return files
 
 
-def copy(src: str | pathlib.Path, dst: str | pathlib.Path, config: model_lib.ModelConfig) -> None:
+def copy(src: str | pathlib.Path, dst: str | pathlib.Path, config) -> None:
   """Writes the sentence-transformers files of `src` (if any) into `dst`, fitted to `config`."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   if src.resolve() == dst.resolve():

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minilm_jax import model as model_lib
 
 RANDOM, SPACED = "random", "spaced"
 
@@ -49,10 +48,10 @@ def parse(spec: str) -> tuple[int, ...] | str:
   return layers
 
 
-def teacher_layers(spec: str, teacher: model_lib.ModelConfig,
-                   student: model_lib.ModelConfig) -> tuple[int, ...]:
+def teacher_layers(spec: str, teacher, student) -> tuple[int, ...]:
   """The 0-based teacher layers that student layers 0, 1, ... start from (() for "random"),
-  checked against both models: the copied weights must fit the student's shapes."""
+  checked against both models (`model.ModelConfig`s): the copied weights must fit the
+  student's shapes."""
   chosen, total, m = parse(spec), teacher.num_layers, student.num_layers
   if chosen == RANDOM:
     return ()

@@ -201,7 +201,7 @@ def test_damaged_tfds_is_named_and_rebuilt(tmp_path, capsys):
   for cut in (1000, len(shard.read_bytes()) // 2 + 4000):
     shard.write_bytes(shard.read_bytes()[:cut])
     with pytest.raises(ValueError, match=rf"{built}: shard {shard.name} is missing, truncated or "
-                       r"corrupt .*rebuild it: `python -m minilm_jax data --build-tfds FILES"):
+                       r"corrupt .*rebuild it \(`python -m minilm_jax data --build-tfds FILES"):
       documents.load_documents("tfds:text_corpus", data_dir=str(tmp_path / "tfds"))
     cli.main(build)
     assert "wrote" in capsys.readouterr().out
