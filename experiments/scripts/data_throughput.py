@@ -54,6 +54,25 @@ def pipeline_rate(examples, *, worker_count: int, batch_size: int, batches: int,
       it.close()
 
 
+def _tfds_rows(files: str, tokenizer_dir) -> list[str]:
+  """The corpus built as a TFDS array_record dataset in a temporary folder, and read back."""
+  rows, data_dir = [], pathlib.Path(tempfile.mkdtemp(prefix="minilm_tfds_"))
+  try:
+    start = time.perf_counter()
+    corpus_tfds.build_text_corpus(files, data_dir)
+    rows.append(f"| build TFDS array_record dataset (whole corpus, into /tmp) | "
+                f"{time.perf_counter() - start:.2f} s |")
+    print(rows[-1], flush=True)
+    start = time.perf_counter()
+    _, stats = data.pretraining_examples("tfds:text_corpus", tokenizer_dir, data_dir=str(data_dir))
+    rows.append(f"| pretraining_examples from that TFDS dataset, seq 128 | "
+                f"{time.perf_counter() - start:.2f} s ({stats.tokens:,} tokens) |")
+    print(rows[-1], flush=True)
+  finally:
+    shutil.rmtree(data_dir)
+  return rows
+
+
 def main(argv=None):
   usage = "usage: python -m experiments.scripts.data_throughput [--corpus DIR] [--out FILE.md]"
 
@@ -107,22 +126,7 @@ def main(argv=None):
                   f"(best of {args.repeats} x {args.batches} batches) | {rate:,.0f} examples/s |")
       print(rows[-1], flush=True)
 
-  data_dir = pathlib.Path(tempfile.mkdtemp(prefix="minilm_tfds_"))
-  try:
-    start = time.perf_counter()
-    corpus_tfds.build_text_corpus(files, data_dir)
-    rows.append(f"| build TFDS array_record dataset (whole corpus, into /tmp) | "
-                f"{time.perf_counter() - start:.2f} s |")
-    print(rows[-1], flush=True)
-    start = time.perf_counter()
-    _, stats = data.pretraining_examples("tfds:text_corpus", tokenizer_dir,
-                                         data_dir=str(data_dir))
-    rows.append(f"| pretraining_examples from that TFDS dataset, seq 128 | "
-                f"{time.perf_counter() - start:.2f} s ({stats.tokens:,} tokens) |")
-    print(rows[-1], flush=True)
-  finally:
-    shutil.rmtree(data_dir)
-
+  rows += _tfds_rows(files, tokenizer_dir)
   rows.append(f"\nLoad average at the end: {os.getloadavg()[0]:.1f}.")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

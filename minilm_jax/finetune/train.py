@@ -202,16 +202,8 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
                          cfg.length_bucket, mesh)
       params, opt_state, train_loss = _train_epoch(train_step, params, opt_state, key, batches,
                                                    (epoch - 1) * steps_per_epoch, bar)
-      train_seconds = time.perf_counter() - began
-      if not np.isfinite(train_loss):
-        raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch}: lower "
-                                 "learning_rate or keep clip_grad_norm on")
-      record = {"epoch": epoch, "train_loss": train_loss,
-                "examples_per_sec": steps_per_epoch * cfg.batch_size / train_seconds}
-      began = time.perf_counter()
-      record |= score.score_dev(predict, params, data, cfg.eval_batch_size, cfg.length_bucket,
-                                mesh)
-      record["eval_seconds"] = time.perf_counter() - began
+      record = _scored(cfg, epoch, train_loss, steps_per_epoch * cfg.batch_size / (time.perf_counter() - began),
+                       predict, params, data, mesh)
       history.append(record)
       bar.write(f"epoch {epoch}: train_loss {train_loss:.4f}, dev score {record['score']:.4f}")
       if writer is not None:
@@ -231,6 +223,20 @@ def run(cfg: FinetuneConfig, workdir: str | pathlib.Path | None = None) -> dict:
     summary["hf"] = str(_export_best(cfg, pathlib.Path(workdir) / "best", module, tokenizer_dir,
                                      data, best))
   return summary
+
+
+def _scored(cfg: FinetuneConfig, epoch: int, train_loss: float, examples_per_sec: float, predict,
+            params, data, mesh) -> dict:
+  """Epoch `epoch`'s record: its training loss (refused when not finite) and speed, then the
+  dev set's scores and how long they took."""
+  if not np.isfinite(train_loss):
+    raise FloatingPointError(f"training loss is {train_loss} in epoch {epoch}: lower "
+                             "learning_rate or keep clip_grad_norm on")
+  record = {"epoch": epoch, "train_loss": train_loss, "examples_per_sec": examples_per_sec}
+  began = time.perf_counter()
+  record |= score.score_dev(predict, params, data, cfg.eval_batch_size, cfg.length_bucket, mesh)
+  record["eval_seconds"] = time.perf_counter() - began
+  return record
 
 
 def _prepare(cfg: FinetuneConfig):
