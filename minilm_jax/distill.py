@@ -40,6 +40,7 @@ from minilm_jax.metric_writer import MetricWriter, read_metrics
 from minilm_jax.teachers import resolve_model_dir
 
 
+@workdir_lib.locked
 def run(cfg: DistillConfig, workdir: str | pathlib.Path, *,
         resume_from_step: int | None = None) -> dict:
   """Distils `cfg.teacher` into a fresh student in `workdir`, through an assistant if the

@@ -28,6 +28,7 @@ import tqdm
 from flax import nnx
 
 from minilm_jax import checkpoint, optimizer as optimizer_lib, sharding, tokenization
+from minilm_jax import workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.finetune import glue, heads, score, tasks
 from minilm_jax.metric_writer import MetricWriter
@@ -263,6 +264,7 @@ def _export_best(cfg: FinetuneConfig, out: pathlib.Path, module, tokenizer_dir, 
   return out
 
 
+@workdir_lib.locked
 def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int]) -> dict:
   """One `run` per seed in `workdir/seed-N`, then `workdir/summary.json`.
 
