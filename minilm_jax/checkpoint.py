@@ -22,6 +22,10 @@ on a laptop and resumes on 1 process x 8 devices.
 A training run saves its `step.TrainState` and data iterator with `save_state`, resumes with
 `restore_state`, and `rewind` makes an earlier step the latest (`--resume-from-step`):
 later steps move to `discarded-checkpoints/` beside the checkpoint directory.
+
+Every step's contents are verified: at save, process 0 records a digest of each item in
+`digests.json` beside the steps (`digests.py`); `restore_state` and `restore_params` refuse a
+step whose bytes changed since, naming the step to rewind to.
 """
 
 import dataclasses
@@ -41,6 +45,8 @@ from flax import nnx
 
 from minilm_jax import model as model_lib
 from minilm_jax import atomic
+from minilm_jax import digests
+from minilm_jax.digests import DamagedStep
 from minilm_jax.tokenization import TOKENIZER_FILES
 
 MODEL_FILE = "model.json"
@@ -109,6 +115,9 @@ def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = Fa
       f.write(b"\0" * 4096)
       f.flush()
       os.fsync(f.fileno())
+    if jax.process_index() == 0:
+      digests.record(directory, int(state.step), _items(state, iterator.get_state()),
+                     keep=mngr.all_steps())
     mngr.save(int(state.step), force=force, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
@@ -122,23 +131,41 @@ def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = Fa
 
 def restore_state(mngr: ocp.CheckpointManager, abstract, iterator):
   """The latest step restored into `abstract` (a `step.TrainState` of shapes), the data
-  `iterator` set to its position; a step that cannot be read names the step to resume from."""
+  `iterator` set to its position; a step that cannot be read, or whose contents changed since
+  they were saved, names the step to resume from."""
   step = mngr.latest_step()
+  step_dir = pathlib.Path(mngr.directory) / str(step)
   try:
     got = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         opt_state=ocp.args.StandardRestore(abstract.opt_state),
         train=ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng})))
   except Exception as e:
-    earlier = [s for s in mngr.all_steps() if s < step]
-    fix = (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
-           "moved aside, not deleted)" if earlier else "no earlier step is left: use a new --workdir")
-    raise ValueError(f"checkpoint {mngr.directory}/{step} could not be restored ({type(e).__name__}: "
-                     f"{e}): {fix}") from e
-  # Not grain's CheckpointRestore: it reads only the file of this process count.
-  iterator.set_state(data_state(pathlib.Path(mngr.directory) / str(step)))
-  return abstract.replace(step=got["train"]["step"], params=got["params"], opt_state=got["opt_state"],
-                          rng=got["train"]["rng"])
+    raise ValueError(f"checkpoint {step_dir} could not be restored ({type(e).__name__}: {e}): "
+                     f"{_rewind_fix(mngr, step)}") from e
+  state = abstract.replace(step=got["train"]["step"], params=got["params"],
+                           opt_state=got["opt_state"], rng=got["train"]["rng"])
+  try:
+    data = data_state(step_dir)  # not grain's CheckpointRestore: it reads only this process count's
+    digests.verify(pathlib.Path(mngr.directory), step, _items(state, data))
+  except DamagedStep as e:
+    raise ValueError(f"{e}: {_rewind_fix(mngr, step)}") from e
+  iterator.set_state(data)
+  return state
+
+
+def _rewind_fix(mngr: ocp.CheckpointManager, step: int) -> str:
+  earlier = [s for s in mngr.all_steps() if s < step]
+  if not earlier:
+    return "no earlier step is left: use a new --workdir"
+  return (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
+          "moved aside, not deleted)")
+
+
+def _items(state, data: dict) -> dict:
+  """What a training step saves, by Orbax item: the trees `digest` hashes."""
+  return {"params": state.params, "opt_state": state.opt_state,
+          "train": {"step": state.step, "rng": state.rng}, "data": data}
 
 
 def rewind(directory: pathlib.Path, step: int) -> None:
@@ -161,6 +188,7 @@ def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, para
     write_model_files(tmp, config, tokenizer_dir)
     with manager(tmp, async_save=False) as m:
       m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    digests.record(tmp, 0, {"params": params})
   return atomic.write_dir(pathlib.Path(directory), write, overwrite=overwrite,
                           sources=(pathlib.Path(tokenizer_dir),))
 
@@ -189,12 +217,18 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       abstract = model_lib.abstract_params(config)
       abstract = {"encoder": abstract, **beside} if beside else abstract
     abstract = on_one_device(abstract)
+    fix = "pick another --step or re-create it"
     try:
       restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     except Exception as e:
       raise ValueError(f"{directory}/{step} could not be restored ({type(e).__name__}: {e}): the "
-                       "checkpoint is corrupt or was written for another model; pick another --step "
-                       "or re-create it") from e
+                       f"checkpoint is corrupt or was written for another model; {fix}") from e
+    try:
+      digests.verify(directory, step, {"params": restored["params"]})
+    except DamagedStep as e:
+      earlier = [s for s in steps if s < step]
+      raise ValueError(f"{e}: {fix}" + (f" (resume its run with --resume-from-step {max(earlier)})"
+                                       if earlier else "")) from e
   params = restored["params"]["encoder"] if beside else restored["params"]
   return config, params, directory / TOKENIZER_DIR, step
 
@@ -235,18 +269,26 @@ def data_state(step_dir: pathlib.Path) -> dict:
   folder = pathlib.Path(step_dir) / "data"
   own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   if own.is_file():
-    return json.loads(own.read_text())
+    return _read_state(own)
   files = sorted(folder.glob("process_*-of-*.json"))
   if not files:
-    raise FileNotFoundError(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
-                            "the step is incomplete; resume from another step")
-  states = [json.loads(f.read_text()) for f in files]
+    raise DamagedStep(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
+                      "the step is incomplete")
+  states = [_read_state(f) for f in files]
   if any(s != states[0] for s in states):
     saved_by = files[0].stem.split("-of-")[1]
     raise ValueError(f"{folder} holds different data iterator states for the {saved_by} processes "
                      f"that saved it, so it gives no global data position for "
                      f"{jax.process_count()} processes: resume with --num-processes {saved_by}")
   return states[0]
+
+
+def _read_state(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise DamagedStep(f"{path}, the data iterator state of step {path.parent.parent.name}, is "
+                      f"not valid JSON ({e}): the file is damaged or was cut short") from e
 
 
 def to_host(tree: Any) -> Any:

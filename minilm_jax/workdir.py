@@ -110,9 +110,15 @@ def corpus_record(cfg: DistillConfig, examples: data.PackedExamples) -> dict:
 
 
 def check_corpus(workdir: pathlib.Path, record: dict) -> None:
-  """Refuses to resume on a corpus other than the one the run started with, saying what changed."""
+  """Refuses to resume on a corpus other than the one the run started with, saying what
+  changed, or without `corpus.json` once the run has checkpoints (they continue its corpus)."""
   path = workdir / CORPUS_FILE
   if not path.is_file():
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    if steps:
+      raise ValueError(f"{path} is missing, but the run in {workdir} has checkpoints (steps "
+                       f"{steps}) that continue the corpus it recorded: restore {CORPUS_FILE}, or use "
+                       "a new --workdir")
     return
   old = _read_json(path)
   if old.get("sha256") == record["sha256"]:
