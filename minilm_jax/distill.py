@@ -10,8 +10,8 @@ iterator's per-process state), `metrics.jsonl`, `tensorboard/` and, at the end, 
 student as a Hugging Face directory; with `objective="mlm"`, the masked-LM baseline, also
 `hf-mlm/`, a `BertForMaskedLM`). Re-running with the same workdir resumes from the latest
 checkpoint and continues with exactly the batches and dropout masks an uninterrupted run
-would have seen; SIGTERM (pre-emption) on any process makes every process save the same
-step and exit with `preemption.PREEMPTED_EXIT_CODE`. On several processes, process 0 alone
+would have seen; SIGTERM (pre-emption) or Ctrl-C on any process makes every process save the
+same step and exit with that signal's `preemption.EXIT_CODES`. On several processes, process 0 alone
 writes the shared files (config.json, model.json, tokenizer/, metrics, hf/), each through a
 temporary file and `os.replace`; the others wait at a barrier.
 """
@@ -176,8 +176,8 @@ def _train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: oc
         guard.flush()  # this step's loss first: a non-finite state is never saved
         checkpoint.save_state(mngr, state, iterator, force=True)
       if stop:
-        logging.warning("pre-empted: every process saved step %d; exiting with code %d (re-run "
-                        "the same command to resume)", done, preemption.PREEMPTED_EXIT_CODE)
+        logging.warning("%s: every process saved step %d; exiting with code %d (re-run the same "
+                        "command to resume)", stop, done, preemption.EXIT_CODES[stop])
         break
     log.flush()
     preempted = stop_vote.any_requested()  # SIGTERM in the last step too: exit as pre-empted

@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +22,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from minilm_jax import checkpoint, cli, distill, documents
+from minilm_jax import checkpoint, cli, distill, documents, preemption
+from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import heads, train
 from minilm_jax.metric_writer import read_metrics
 from tiny import smoke_config
@@ -431,3 +434,39 @@ def test_resume_from_a_missing_step_names_the_steps_there(corpus, run_copy):
   with pytest.raises(ValueError, match=r"--resume-from-step 3: .*checkpoints has steps \[2, 4\]"):
     distill.run(smoke_config(corpus=corpus), run_copy, resume_from_step=3)
   assert digest(run_copy) == before
+
+
+# ------------------------------------------------------------------ 9. interruptions
+
+
+def _distill_until_logged(workdir: pathlib.Path, corpus, records: int) -> subprocess.Popen:
+  """A long smoke `distill` in its own session (as a terminal's job), once `records` are logged."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "minilm_jax", "distill", f"--config={DEMO}:smoke", f"--workdir={workdir}",
+       f"--config.corpus={corpus}", "--config.max_steps=2000", "--config.checkpoint_every=1000",
+       "--config.log_every=1"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  deadline, metrics = time.time() + 240, workdir / "metrics.jsonl"
+  while proc.poll() is None and time.time() < deadline and not (
+      metrics.is_file() and len(metrics.read_text().splitlines()) >= records):
+    time.sleep(0.05)
+  return proc
+
+
+def test_ctrl_c_saves_the_step_and_exits_130_without_a_traceback(corpus, tmp_path):
+  """Ctrl-C gave a KeyboardInterrupt traceback and saved nothing; SIGTERM saved and exited 75."""
+  workdir = tmp_path / "run"
+  proc = _distill_until_logged(workdir, corpus, 2)
+  os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole job
+  try:
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == preemption.INTERRUPTED_EXIT_CODE == 130, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  (stopped,) = map(int, re.findall(r"SIGINT: every process saved step (\d+); exiting with code 130",
+                                   err))
+  assert json.loads(out)["preempted"] == "SIGINT" and stopped >= 2
+  _, params, _, step = checkpoint.restore_params(workdir)
+  assert step == stopped and not (workdir / workdir_lib.LOCK_FILE).exists()
