@@ -59,15 +59,33 @@ def write_dir(out_dir: pathlib.Path, write, *, overwrite: bool, sources=()) -> p
   tmp.mkdir()
   try:
     write(tmp)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    code = write_errno(e)
+    if code is None:
+      raise
+    kept = "the old one is kept" if out_dir.exists() else "nothing of it is left"
+    raise OSError(code, f"{out_dir} could not be written ({os.strerror(code)}): {kept}; free disk "
+                  "space or restore write permission, then rerun the same command") from e
   old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
   if out_dir.exists():
     out_dir.rename(old)
   tmp.rename(out_dir)
   shutil.rmtree(old, ignore_errors=True)
   return out_dir
+
+
+def write_errno(error: BaseException) -> int | None:
+  """The errno of a failed write in `error` or its causes, else None: an OSError's, or the OS
+  code that tensorstore (Orbax) or safetensors writes into its own error's message."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno:
+      return error.errno
+    found = re.search(r"os_error_code='(\d+)'|Os \{ code: (\d+)", str(error))
+    if found:
+      return int(found[1] or found[2])
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def clean_leftovers(directory: pathlib.Path) -> None:

@@ -29,6 +29,7 @@ step whose bytes changed since, naming the step to rewind to.
 """
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -104,17 +105,17 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
 
 
 def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = False) -> None:
-  """Saves a training step; a checkpoint directory that cannot be written fails at once, naming it.
+  """Saves a training step (Orbax writes it on its own thread); a step that cannot be written,
+  this one or the one before, fails at once with one error (`raise_if_write_failed`).
 
-  A small file is written and synced first, so that a full disk fails here too, not only a
-  lost permission (Orbax writes the arrays on its own thread, after `save` returns).
+  Before anything is written, the previous save is awaited (its failure is reported here),
+  the disk must have room for the step's arrays and a small synced file must write (a lost
+  permission or a full disk fails here, not on Orbax's thread).
   """
-  directory, last = pathlib.Path(mngr.directory), mngr.latest_step()
+  directory = pathlib.Path(mngr.directory)
   try:
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
-      f.write(b"\0" * 4096)
-      f.flush()
-      os.fsync(f.fileno())
+    mngr.wait_until_finished()
+    _check_room(directory, state)
     if jax.process_index() == 0:
       digests.record(directory, int(state.step), _items(state, iterator.get_state()),
                      keep=mngr.all_steps())
@@ -123,10 +124,51 @@ def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = Fa
         opt_state=ocp.args.StandardSave(state.opt_state),
         train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=grain.checkpoint.CheckpointSave(iterator)))
-  except OSError as e:
-    raise type(e)(e.errno, f"checkpoint directory {directory} is not writable ({e.strerror}): free "
-                  "disk space or restore write permission, then rerun to resume from the last "
-                  f"checkpoint (step {last}), which is intact") from e
+  except Exception as e:
+    raise_if_write_failed(directory, int(state.step), e)
+    raise
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """`mngr.wait_until_finished()`, a step that failed to write reported as `save_state` does."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    raise_if_write_failed(pathlib.Path(mngr.directory), mngr.latest_step(), e)
+    raise
+
+
+def _check_room(directory: pathlib.Path, state) -> None:
+  need = sum(x.nbytes for x in jax.tree.leaves(state.params))  # at least: the rest may compress
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.0f} MiB free, "
+                  f"a step takes at least {need / 2**20:.0f} MiB")
+  with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
+    f.write(b"\0" * 4096)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def raise_if_write_failed(directory: pathlib.Path, step: int | None, error: Exception) -> None:
+  """If `error` is a failed write (a full disk, a lost permission), removes the half-written
+  step (process 0) and raises one error naming the directory, the intact step and that a
+  rerun resumes."""
+  code = atomic.write_errno(error)
+  if code is None:
+    return
+  unfinished = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+  if jax.process_index() == 0:
+    for path in unfinished:
+      shutil.rmtree(path, ignore_errors=True)
+  lost = sorted({p.name.split(".")[0] for p in unfinished}) or [str(step)]
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  reason = error.strerror if isinstance(error, OSError) and error.strerror else os.strerror(code)
+  kept = (f"rerun to resume from the last checkpoint (step {steps[-1]}), which is intact"
+          if steps else "rerun to start again (no checkpoint was saved yet)")
+  raise OSError(code, f"checkpoint directory {directory} is not writable ({reason}): step "
+                f"{', '.join(lost)} was not saved, nothing of it is left; free disk space or "
+                f"restore write permission, then {kept}") from error
 
 
 def restore_state(mngr: ocp.CheckpointManager, abstract, iterator):

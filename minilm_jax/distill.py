@@ -183,10 +183,10 @@ def _train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: oc
     preempted = stop_vote.any_requested()  # SIGTERM in the last step too: exit as pre-empted
     progress.finished(int(state.step))
   finally:
-    mngr.wait_until_finished()
     stop_vote.restore()
     bar.close()
     writer.close()
+    checkpoint.wait(mngr)  # last: a step that failed to write raises here
   return state, log.losses, preempted
 
 
