@@ -47,7 +47,6 @@ from flax import nnx
 from minilm_jax import model as model_lib
 from minilm_jax import atomic
 from minilm_jax import digests
-from minilm_jax.digests import DamagedStep
 from minilm_jax.tokenization import TOKENIZER_FILES
 
 MODEL_FILE = "model.json"
@@ -109,7 +108,7 @@ def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = Fa
   this one or the one before, fails at once with one error (`raise_if_write_failed`).
 
   Before anything is written, the previous save is awaited (its failure is reported here),
-  the disk must have room for the step's arrays and a small synced file must write (a lost
+  the disk must have room for the step's parameters and a small synced file must write (a lost
   permission or a full disk fails here, not on Orbax's thread).
   """
   directory = pathlib.Path(mngr.directory)
@@ -190,7 +189,7 @@ def restore_state(mngr: ocp.CheckpointManager, abstract, iterator):
   try:
     data = data_state(step_dir)  # not grain's CheckpointRestore: it reads only this process count's
     digests.verify(pathlib.Path(mngr.directory), step, _items(state, data))
-  except DamagedStep as e:
+  except digests.DamagedStep as e:
     raise ValueError(f"{e}: {_rewind_fix(mngr, step)}") from e
   iterator.set_state(data)
   return state
@@ -259,18 +258,19 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       abstract = model_lib.abstract_params(config)
       abstract = {"encoder": abstract, **beside} if beside else abstract
     abstract = on_one_device(abstract)
-    fix = "pick another --step or re-create it"
     try:
       restored = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     except Exception as e:
       raise ValueError(f"{directory}/{step} could not be restored ({type(e).__name__}: {e}): the "
-                       f"checkpoint is corrupt or was written for another model; {fix}") from e
+                       "checkpoint is corrupt or was written for another model; pick another --step "
+                       "or re-create it") from e
     try:
       digests.verify(directory, step, {"params": restored["params"]})
-    except DamagedStep as e:
+    except digests.DamagedStep as e:
       earlier = [s for s in steps if s < step]
-      raise ValueError(f"{e}: {fix}" + (f" (resume its run with --resume-from-step {max(earlier)})"
-                                       if earlier else "")) from e
+      fix = (f"export an earlier step with --step {max(earlier)}, or resume its run with "
+             f"--resume-from-step {max(earlier)}" if earlier else "re-create it")
+      raise ValueError(f"{e}: {fix}") from e
   params = restored["params"]["encoder"] if beside else restored["params"]
   return config, params, directory / TOKENIZER_DIR, step
 
@@ -314,7 +314,7 @@ def data_state(step_dir: pathlib.Path) -> dict:
     return _read_state(own)
   files = sorted(folder.glob("process_*-of-*.json"))
   if not files:
-    raise DamagedStep(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
+    raise digests.DamagedStep(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
                       "the step is incomplete")
   states = [_read_state(f) for f in files]
   if any(s != states[0] for s in states):
@@ -329,7 +329,7 @@ def _read_state(path: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text())
   except ValueError as e:
-    raise DamagedStep(f"{path}, the data iterator state of step {path.parent.parent.name}, is "
+    raise digests.DamagedStep(f"{path}, the data iterator state of step {path.parent.parent.name}, is "
                       f"not valid JSON ({e}): the file is damaged or was cut short") from e
 
 
