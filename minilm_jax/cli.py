@@ -275,5 +275,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:  # Ctrl-C outside distill's steps: nothing half-written stays
     from minilm_jax import preemption
-    print("interrupted (Ctrl-C): rerun the same command to start again", file=sys.stderr)
+    print("interrupted (Ctrl-C): rerun the same command to go on (distill resumes from its last "
+          "checkpoint)", file=sys.stderr)
     sys.exit(preemption.INTERRUPTED_EXIT_CODE)

@@ -473,6 +473,17 @@ def test_ctrl_c_saves_the_step_and_exits_130_without_a_traceback(corpus, tmp_pat
   assert step == stopped and not (workdir / workdir_lib.LOCK_FILE).exists()
 
 
+
+def test_ctrl_c_before_the_steps_or_in_another_command_exits_130_in_one_line(monkeypatch, capsys):
+  def interrupted(argv):
+    raise KeyboardInterrupt
+  monkeypatch.setitem(cli.COMMANDS, "finetune", interrupted)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["finetune"])
+  assert e.value.code == 130
+  assert capsys.readouterr().err == ("interrupted (Ctrl-C): rerun the same command to go on "
+                                     "(distill resumes from its last checkpoint)\n")
+
 # ------------------------------------------------------------------ 10. a full disk
 
 _FULL_DISK = """
