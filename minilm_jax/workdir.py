@@ -25,6 +25,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from minilm_jax import atomic, data, documents
 from minilm_jax.config import DistillConfig
@@ -148,7 +149,7 @@ def write(workdir: pathlib.Path, cfg: DistillConfig, record: dict) -> None:
 @contextlib.contextmanager
 def lock(workdir: str | os.PathLike):
   """Holds `workdir` for one writer (process 0 of a pod; the others write only what it
-  orders), else fails at once naming the holder's pid and host.
+  orders), else fails at once, on every process, naming the holder's pid and host.
 
   The lock is `fcntl.flock` on `workdir/lock`, which the kernel (and NFS) releases when
   the holder dies, so a lock left by a killed run is taken over, with a warning naming it;
@@ -157,26 +158,56 @@ def lock(workdir: str | os.PathLike):
   nothing). Once held, what killed writers left (`atomic.clean_leftovers`) is cleaned.
   """
   workdir = pathlib.Path(workdir).absolute()
-  if jax.process_index() != 0:
+  held, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      held = _take(workdir)
+    except OSError as e:
+      refused = e
+  if jax.process_count() > 1:  # every process of a refused run fails at once, not at a barrier
+    taken = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
+    if not taken and refused is None:
+      raise BlockingIOError(f"process 0 could not take the lock on {workdir} (its error says why): "
+                            "one run writes a workdir at a time")
+  if refused is not None:
+    raise refused
+  try:
     yield
-    return
+  finally:
+    if held is not None:
+      _release(workdir, *held)
+
+
+def _take(workdir: pathlib.Path) -> tuple[int, list[pathlib.Path]]:
+  """The lock's descriptor and the directories made for it; what killed writers left cleaned."""
   if workdir.exists() and not workdir.is_dir():
     raise NotADirectoryError(f"--workdir {workdir} is a file: pass a directory (new or a run's)")
   made = [p for p in (workdir, *workdir.parents) if not p.exists()]
   workdir.mkdir(parents=True, exist_ok=True)
   try:
     fd = _acquire(workdir / LOCK_FILE)
-    try:
-      atomic.clean_leftovers(workdir)
-      yield
-    finally:
-      (workdir / LOCK_FILE).unlink(missing_ok=True)  # before closing: no one holds a removed file
-      os.close(fd)
-  finally:
-    for p in made:  # the new workdir first, then the parents made for it
-      if any(p.iterdir()):
-        break
-      p.rmdir()
+  except BaseException:
+    _remove_empty(made)
+    raise
+  try:
+    atomic.clean_leftovers(workdir)
+  except BaseException:
+    _release(workdir, fd, made)
+    raise
+  return fd, made
+
+
+def _release(workdir: pathlib.Path, fd: int, made: list[pathlib.Path]) -> None:
+  (workdir / LOCK_FILE).unlink(missing_ok=True)  # before closing: no one holds a removed file
+  os.close(fd)
+  _remove_empty(made)
+
+
+def _remove_empty(made: list[pathlib.Path]) -> None:
+  for p in made:  # the new workdir first, then the parents made for it
+    if any(p.iterdir()):
+      break
+    p.rmdir()
 
 
 def locked(run):

@@ -10,12 +10,13 @@ import time
 
 import pytest
 
-from minilm_jax import distill, workdir
+from minilm_jax import cli, distill, workdir
 from minilm_jax.config import DistillConfig
 from minilm_jax.finetune import train
 from tiny import smoke_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = ROOT / "experiments" / "configs" / "demo.py"
 
 
 def test_a_run_saved_under_a_field_s_earlier_name_keeps_that_field_frozen(tmp_path):
@@ -98,3 +99,27 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
   (tmp_path / "run").write_text("")
   with pytest.raises(NotADirectoryError, match=r"--workdir .*run is a file: pass a directory"):
     distill.run(smoke_config(), tmp_path / "run")
+
+
+def test_every_process_of_a_pod_run_on_a_held_workdir_fails_at_once(tmp_path):
+  """Process 0 holds the lock for the pod: the others learn of its refusal, not at a barrier."""
+  held = tmp_path / "run"
+  holder = _holder(held)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  cmd = [sys.executable, "-m", "minilm_jax", "distill", f"--config={DEMO}:smoke", f"--workdir={held}",
+         "--coordinator-address", f"localhost:{port}", "--num-processes", "2", "--process-id"]
+  env = {k: v for k, v in os.environ.items() if k not in {"XLA_FLAGS", *cli.CLUSTER_FLAGS.values()}}
+  env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  procs = [subprocess.Popen([*cmd, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+  finally:
+    for p in (*procs, holder):
+      p.kill()
+      p.wait()
+  assert [p.returncode for p in procs] == [1, 1], errors
+  assert f"is in use by pid {holder.pid} on host {socket.gethostname()}" in errors[0].splitlines()[-1]
+  assert "process 0 could not take the lock on" in errors[1].splitlines()[-1], errors[1][-2000:]
