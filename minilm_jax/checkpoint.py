@@ -28,6 +28,7 @@ Every step's contents are verified: at save, process 0 records a digest of each 
 step whose bytes changed since, naming the step to rewind to.
 """
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -135,6 +136,18 @@ def wait(mngr: ocp.CheckpointManager) -> None:
   except Exception as e:
     raise_if_write_failed(pathlib.Path(mngr.directory), mngr.latest_step(), e)
     raise
+
+
+@contextlib.contextmanager
+def kept_on_failure(mngr: ocp.CheckpointManager):
+  """A write after the last save (an export) that fails on the disk also names the step kept."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno is None:
+      raise
+    raise OSError(e.errno, f"{e.strerror} (the run's step {mngr.latest_step()} is saved and intact: "
+                  "the rerun resumes there and writes it again)") from e
 
 
 def _check_room(directory: pathlib.Path, state) -> None:

@@ -142,7 +142,8 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   summary = {"workdir": str(workdir), "steps": int(state.step), "first_loss": first_loss,
              "last_loss": last_loss, "preempted": preempted, "corpus": dataclasses.asdict(stats)}
   if cfg.export_hf and int(state.step) == cfg.max_steps and jax.process_index() == 0:
-    summary |= _export(cfg, workdir, export_config, state.params, teacher.directory)
+    with checkpoint.kept_on_failure(mngr):
+      summary |= _export(cfg, workdir, export_config, state.params, teacher.directory)
   return summary
 
 

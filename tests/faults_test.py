@@ -547,6 +547,6 @@ def test_a_full_disk_during_the_export_leaves_no_half_written_export(run_copy, c
   message = fails(["distill", f"--config={DEMO}:smoke", f"--workdir={run_copy}",
                    f"--config.corpus={corpus}"])
   assert (f"{run_copy / 'hf'} could not be written (No space left on device): nothing of it is "
-          "left; free disk space or restore write permission, then rerun the same command"
-          in message)
+          "left; free disk space or restore write permission, then rerun the same command (the "
+          "run's step 4 is saved and intact: the rerun resumes there and writes it again)" in message)
   assert not (run_copy / "hf").exists() and not list(run_copy.glob(".hf*"))
