@@ -3,12 +3,19 @@
 Exports, checkpoint directories and a run's config files are written through a
 temporary sibling that is renamed into place (`os.replace` for a file, a directory
 rename for a directory), so a crash or a host polling a shared file system never finds
-a torn one.
+a torn one. What a killed writer leaves (those siblings, Orbax's `*.orbax-checkpoint-tmp*`
+step directories) is hidden from readers and removed by `clean_leftovers`.
 """
 
+import logging
 import os
 import pathlib
+import re
 import shutil
+
+# What writers killed mid-write leave: this module's siblings, Orbax's unfinished steps
+# and `checkpoint.save_state`'s write probe.
+LEFTOVERS = (".*.tmp-*", ".*.old-*", "*.orbax-checkpoint-tmp*", ".write-probe-*")
 
 
 def check_not_overlapping(sources, out_dir: str | os.PathLike) -> None:
@@ -52,12 +59,55 @@ def write_dir(out_dir: pathlib.Path, write, *, overwrite: bool, sources=()) -> p
   tmp.mkdir()
   try:
     write(tmp)
-  except BaseException:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    code = write_errno(e)
+    if code is None:
+      raise
+    kept = "the old one is kept" if out_dir.exists() else "nothing of it is left"
+    raise OSError(code, f"{out_dir} could not be written ({os.strerror(code)}): {kept}; free disk "
+                  "space or restore write permission, then rerun the same command") from e
   old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
   if out_dir.exists():
     out_dir.rename(old)
   tmp.rename(out_dir)
   shutil.rmtree(old, ignore_errors=True)
   return out_dir
+
+
+def write_errno(error: BaseException) -> int | None:
+  """The errno of a failed write in `error` or its causes, else None: an OSError's, or the OS
+  code that tensorstore (Orbax) or safetensors writes into its own error's message."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno:
+      return error.errno
+    found = re.search(r"os_error_code='(\d+)'|Os \{ code: (\d+)", str(error))
+    if found:
+      return int(found[1] or found[2])
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def clean_leftovers(directory: pathlib.Path) -> None:
+  """Removes what writers killed mid-write left under `directory`, saying so.
+
+  Only the one writer of `directory` may call it (`workdir.lock`): another's temporary
+  files would go too. A `.NAME.old-PID` directory whose replacement never arrived (killed
+  between `write_dir`'s two renames) is the last complete NAME: it is put back, not removed.
+  """
+  found = sorted({p for pattern in LEFTOVERS for p in pathlib.Path(directory).rglob(pattern)},
+                 key=lambda p: len(p.parts))
+  removed = []
+  for path in found:
+    if not path.exists():  # inside one removed before
+      continue
+    old = re.fullmatch(r"\.(.+)\.old-\d+", path.name)
+    if old and not (path.parent / old[1]).exists():
+      path.rename(path.parent / old[1])
+      logging.warning("put back %s as %s: a run was killed while replacing it", path, old[1])
+      continue
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    removed.append(str(path.relative_to(directory)))
+  if removed:
+    logging.warning("removed %d unfinished writes a killed run left in %s: %s", len(removed),
+                    directory, ", ".join(removed))

@@ -23,9 +23,15 @@ on a laptop and resumes on 1 process x 8 devices.
 A training run saves its `step.TrainState` and data iterator with `save_state`, resumes with
 `restore_state`, and `rewind` makes an earlier step the latest (`--resume-from-step`):
 later steps move to `discarded-checkpoints/` beside the checkpoint directory.
+
+Every step's contents are verified: at save, process 0 records a digest of each item in
+`digests.json` beside the steps (`digests.py`); `restore_state` and `restore_params` refuse a
+step whose bytes changed since, naming the step to rewind to.
 """
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -41,7 +47,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from minilm_jax import model as model_lib
-from minilm_jax import atomic, sentence_transformers_files
+from minilm_jax import atomic, digests, sentence_transformers_files
 from minilm_jax.tokenization import TOKENIZER_FILES
 
 MODEL_FILE = "model.json"
@@ -101,47 +107,121 @@ def manager(directory: str | os.PathLike, *, max_to_keep: int | None = None,
 
 
 def save_state(mngr: ocp.CheckpointManager, state, iterator, *, force: bool = False) -> None:
-  """Saves a training step; a checkpoint directory that cannot be written fails at once, naming it.
+  """Saves a training step (Orbax writes it on its own thread); a step that cannot be written,
+  this one or the one before, fails at once with one error (`raise_if_write_failed`).
 
-  A small file is written and synced first, so that a full disk fails here too, not only a
-  lost permission (Orbax writes the arrays on its own thread, after `save` returns).
+  Before anything is written, the previous save is awaited (its failure is reported here),
+  the disk must have room for the step's parameters and a small synced file must write (a lost
+  permission or a full disk fails here, not on Orbax's thread).
   """
-  directory, last = pathlib.Path(mngr.directory), mngr.latest_step()
+  directory = pathlib.Path(mngr.directory)
   try:
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
-      f.write(b"\0" * 4096)
-      f.flush()
-      os.fsync(f.fileno())
+    mngr.wait_until_finished()
+    _check_room(directory, state)
+    if jax.process_index() == 0:
+      digests.record(directory, int(state.step), _items(state, iterator.get_state()),
+                     keep=mngr.all_steps())
     mngr.save(int(state.step), force=force, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         data=grain.checkpoint.CheckpointSave(iterator)))
+  except Exception as e:
+    raise_if_write_failed(directory, int(state.step), e)
+    raise
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """`mngr.wait_until_finished()`, a step that failed to write reported as `save_state` does."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    raise_if_write_failed(pathlib.Path(mngr.directory), mngr.latest_step(), e)
+    raise
+
+
+@contextlib.contextmanager
+def kept_on_failure(mngr: ocp.CheckpointManager):
+  """A write after the last save (an export) that fails on the disk also names the step kept."""
+  try:
+    yield
   except OSError as e:
-    raise type(e)(e.errno, f"checkpoint directory {directory} is not writable ({e.strerror}): free "
-                  "disk space or restore write permission, then rerun to resume from the last "
-                  f"checkpoint (step {last}), which is intact") from e
+    if e.errno is None:
+      raise
+    raise OSError(e.errno, f"{e.strerror} (the run's step {mngr.latest_step()} is saved and intact: "
+                  "the rerun resumes there and writes it again)") from e
+
+
+def _check_room(directory: pathlib.Path, state) -> None:
+  need = sum(x.nbytes for x in jax.tree.leaves(state.params))  # at least: the rest may compress
+  free = shutil.disk_usage(directory).free
+  if free < need:
+    raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.0f} MiB free, "
+                  f"a step takes at least {need / 2**20:.0f} MiB")
+  with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-") as f:
+    f.write(b"\0" * 4096)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def raise_if_write_failed(directory: pathlib.Path, step: int | None, error: Exception) -> None:
+  """If `error` is a failed write (a full disk, a lost permission), removes the half-written
+  step (process 0) and raises one error naming the directory, the intact step and that a
+  rerun resumes."""
+  code = atomic.write_errno(error)
+  if code is None:
+    return
+  unfinished = sorted(directory.glob("*.orbax-checkpoint-tmp*"))
+  if jax.process_index() == 0:
+    for path in unfinished:
+      shutil.rmtree(path, ignore_errors=True)
+  lost = sorted({p.name.split(".")[0] for p in unfinished}) or [str(step)]
+  steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  reason = error.strerror if isinstance(error, OSError) and error.strerror else os.strerror(code)
+  kept = (f"rerun to resume from the last checkpoint (step {steps[-1]}), which is intact"
+          if steps else "rerun to start again (no checkpoint was saved yet)")
+  raise OSError(code, f"checkpoint directory {directory} is not writable ({reason}): step "
+                f"{', '.join(lost)} was not saved, nothing of it is left; free disk space or "
+                f"restore write permission, then {kept}") from error
 
 
 def restore_state(mngr: ocp.CheckpointManager, abstract, iterator):
   """The latest step restored into `abstract` (a `step.TrainState` of shapes), the data
-  `iterator` set to its position; a step that cannot be read names the step to resume from."""
+  `iterator` set to its position; a step that cannot be read, or whose contents changed since
+  they were saved, names the step to resume from."""
   step = mngr.latest_step()
+  step_dir = pathlib.Path(mngr.directory) / str(step)
   try:
     got = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         opt_state=ocp.args.StandardRestore(abstract.opt_state),
         train=ocp.args.StandardRestore({"step": abstract.step, "rng": abstract.rng})))
   except Exception as e:
-    earlier = [s for s in mngr.all_steps() if s < step]
-    fix = (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
-           "moved aside, not deleted)" if earlier else "no earlier step is left: use a new --workdir")
-    raise ValueError(f"checkpoint {mngr.directory}/{step} could not be restored ({type(e).__name__}: "
-                     f"{e}): {fix}") from e
-  # Not grain's CheckpointRestore: it reads only the file of this process count.
-  iterator.set_state(data_state(pathlib.Path(mngr.directory) / str(step)))
-  return abstract.replace(step=got["train"]["step"], params=got["params"], opt_state=got["opt_state"],
-                          rng=got["train"]["rng"])
+    raise ValueError(f"checkpoint {step_dir} could not be restored ({type(e).__name__}: {e}): "
+                     f"{_rewind_fix(mngr, step)}") from e
+  state = abstract.replace(step=got["train"]["step"], params=got["params"],
+                           opt_state=got["opt_state"], rng=got["train"]["rng"])
+  try:
+    data = data_state(step_dir)  # not grain's CheckpointRestore: it reads only this process count's
+    digests.verify(pathlib.Path(mngr.directory), step, _items(state, data))
+  except digests.DamagedStep as e:
+    raise ValueError(f"{e}: {_rewind_fix(mngr, step)}") from e
+  iterator.set_state(data)
+  return state
+
+
+def _rewind_fix(mngr: ocp.CheckpointManager, step: int) -> str:
+  earlier = [s for s in mngr.all_steps() if s < step]
+  if not earlier:
+    return "no earlier step is left: use a new --workdir"
+  return (f"resume from step {max(earlier)} with --resume-from-step {max(earlier)} (later steps are "
+          "moved aside, not deleted)")
+
+
+def _items(state, data: dict) -> dict:
+  """What a training step saves, by Orbax item: the trees `digest` hashes."""
+  return {"params": state.params, "opt_state": state.opt_state,
+          "train": {"step": state.step, "rng": state.rng}, "data": data}
 
 
 def rewind(directory: pathlib.Path, step: int) -> None:
@@ -164,6 +244,7 @@ def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, para
     write_model_files(tmp, config, tokenizer_dir)
     with manager(tmp, async_save=False) as m:
       m.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)))
+    digests.record(tmp, 0, {"params": params})
   return atomic.write_dir(pathlib.Path(directory), write, overwrite=overwrite,
                           sources=(pathlib.Path(tokenizer_dir),))
 
@@ -198,6 +279,13 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
       raise ValueError(f"{directory}/{step} could not be restored ({type(e).__name__}: {e}): the "
                        "checkpoint is corrupt or was written for another model; pick another --step "
                        "or re-create it") from e
+    try:
+      digests.verify(directory, step, {"params": restored["params"]})
+    except digests.DamagedStep as e:
+      earlier = [s for s in steps if s < step]
+      fix = (f"export an earlier step with --step {max(earlier)}, or resume its run with "
+             f"--resume-from-step {max(earlier)}" if earlier else "re-create it")
+      raise ValueError(f"{e}: {fix}") from e
   params = restored["params"]["encoder"] if beside else restored["params"]
   return config, params, directory / TOKENIZER_DIR, step
 
@@ -238,18 +326,26 @@ def data_state(step_dir: pathlib.Path) -> dict:
   folder = pathlib.Path(step_dir) / "data"
   own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
   if own.is_file():
-    return json.loads(own.read_text())
+    return _read_state(own)
   files = sorted(folder.glob("process_*-of-*.json"))
   if not files:
-    raise FileNotFoundError(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
-                            "the step is incomplete; resume from another step")
-  states = [json.loads(f.read_text()) for f in files]
+    raise digests.DamagedStep(f"{folder} holds no data iterator state (process_<i>-of-<n>.json): "
+                      "the step is incomplete")
+  states = [_read_state(f) for f in files]
   if any(s != states[0] for s in states):
     saved_by = files[0].stem.split("-of-")[1]
     raise ValueError(f"{folder} holds different data iterator states for the {saved_by} processes "
                      f"that saved it, so it gives no global data position for "
                      f"{jax.process_count()} processes: resume with --num-processes {saved_by}")
   return states[0]
+
+
+def _read_state(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise digests.DamagedStep(f"{path}, the data iterator state of step {path.parent.parent.name}, is "
+                      f"not valid JSON ({e}): the file is damaged or was cut short") from e
 
 
 def to_host(tree: Any) -> Any:

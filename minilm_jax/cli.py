@@ -192,7 +192,7 @@ def distill(argv: list[str]) -> None:
                             resume_from_step=fv["resume-from-step"].value)
   print(json.dumps(summary, indent=2))
   if summary["preempted"]:  # not 0: a scheduler must not read a pre-empted run as finished
-    sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    sys.exit(preemption.EXIT_CODES[summary["preempted"]])
 
 
 def _default_data(task: str) -> str:
@@ -294,3 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     COMMANDS[argv[0]](argv[1:])
   except (OSError, ValueError, FloatingPointError) as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:  # Ctrl-C outside distill's steps: nothing half-written stays
+    from minilm_jax import preemption
+    print("interrupted (Ctrl-C): rerun the same command to go on (distill resumes from its last "
+          "checkpoint)", file=sys.stderr)
+    sys.exit(preemption.INTERRUPTED_EXIT_CODE)

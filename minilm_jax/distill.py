@@ -12,8 +12,8 @@ iterator's per-process state), `metrics.jsonl`, `tensorboard/` and, at the end, 
 student as a Hugging Face directory; with `objective="mlm"`, the masked-LM baseline, also
 `hf-mlm/`, a `BertForMaskedLM`). Re-running with the same workdir resumes from the latest
 checkpoint and continues with exactly the batches and dropout masks an uninterrupted run
-would have seen; SIGTERM (pre-emption) on any process makes every process save the same
-step and exit with `preemption.PREEMPTED_EXIT_CODE`. On several processes, process 0 alone
+would have seen; SIGTERM (pre-emption) or Ctrl-C on any process makes every process save the
+same step and exit with that signal's `preemption.EXIT_CODES`. On several processes, process 0 alone
 writes the shared files (config.json, model.json, tokenizer/, metrics, hf/), each through a
 temporary file and `os.replace`; the others wait at a barrier.
 """
@@ -36,6 +36,7 @@ from minilm_jax.config import DistillConfig
 from minilm_jax.teachers import resolve_model_dir
 
 
+@workdir_lib.locked
 def run(cfg: DistillConfig, workdir: str | pathlib.Path, *,
         resume_from_step: int | None = None) -> dict:
   """Distils `cfg.teacher` into a fresh student in `workdir`, through an assistant if the
@@ -134,5 +135,6 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
     summary["last_eval"] = evaluation.last
   if cfg.export_hf and int(state.step) == cfg.max_steps and jax.process_index() == 0:
     card = functools.partial(model_card.for_run, workdir, cfg.max_steps, teacher.directory)
-    summary |= objective.export(cfg, workdir, export_config, state.params, teacher.directory, card)
+    with checkpoint.kept_on_failure(mngr):
+      summary |= objective.export(cfg, workdir, export_config, state.params, teacher.directory, card)
   return summary

@@ -64,17 +64,17 @@ def train(stage: teacher_assistant.Stage, setup: step_lib.Setup, mesh, mngr: ocp
         guard.flush()  # this step's loss first: a non-finite state is never saved
         checkpoint.save_state(mngr, state, iterator, force=True)
       if stop:
-        logging.warning("pre-empted: every process saved step %d; exiting with code %d (re-run "
-                        "the same command to resume)", done, preemption.PREEMPTED_EXIT_CODE)
+        logging.warning("%s: every process saved step %d; exiting with code %d (re-run the same "
+                        "command to resume)", stop, done, preemption.EXIT_CODES[stop])
         break
     log.flush()
     preempted = stop_vote.any_requested()  # SIGTERM in the last step too: exit as pre-empted
     progress.finished(int(state.step))
   finally:
-    mngr.wait_until_finished()
     stop_vote.restore()
     bar.close()
     writer.close()
+    checkpoint.wait(mngr)  # last: a step that failed to write raises here
   return state, log.losses, preempted
 
 

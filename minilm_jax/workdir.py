@@ -7,21 +7,34 @@ itself, recorded in `corpus.json` (file sizes, a SHA-256 of the tokenized exampl
 held-out documents).
 Every check reads only; `write` runs after all of them passed, each file written whole
 (a temporary file, then `os.replace`), so a refused run leaves the directory as it was.
+
+One run writes a workdir at a time: `locked` holds `lock(workdir)` for a whole command.
 """
 
+import contextlib
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import json
+import logging
+import os
 import pathlib
+import socket
+import sys
+import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from minilm_jax import atomic, data, documents
 from minilm_jax.config import DistillConfig
 
 CONFIG_FILE = "config.json"
 CORPUS_FILE = "corpus.json"
+# Present while a run holds the workdir: its pid, host, start and command (hidden: not a result).
+LOCK_FILE = ".lock"
 # Fields that fix what the checkpoints contain or which batches follow them.
 FROZEN_FIELDS = ("teacher", "teacher_layer", "version", "relation_heads", "student_layers",
                  "student_hidden", "student_heads", "student_intermediate", "max_seq_len",
@@ -107,9 +120,15 @@ def corpus_record(cfg: DistillConfig, examples: data.PackedExamples,
 
 
 def check_corpus(workdir: pathlib.Path, record: dict) -> None:
-  """Refuses to resume on a corpus other than the one the run started with, saying what changed."""
+  """Refuses to resume on a corpus other than the one the run started with, saying what
+  changed, or without `corpus.json` once the run has checkpoints (they continue its corpus)."""
   path = workdir / CORPUS_FILE
   if not path.is_file():
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    if steps:
+      raise ValueError(f"{path} is missing, but the run in {workdir} has checkpoints (steps "
+                       f"{steps}) that continue the corpus it recorded: restore {CORPUS_FILE}, or use "
+                       "a new --workdir")
     return
   old = _read_json(path)
   if old.get("sha256") == record["sha256"]:
@@ -145,3 +164,121 @@ def write(workdir: pathlib.Path, cfg: DistillConfig, record: dict) -> None:
   atomic.write_file(workdir / CONFIG_FILE,
                     json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
   atomic.write_file(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike):
+  """Holds `workdir` for one writer (process 0 of a pod; the others write only what it
+  orders), else fails at once, on every process, naming the holder's pid and host.
+
+  The lock is `fcntl.flock` on `workdir/.lock`, which the kernel (and NFS) releases when
+  the holder dies, so a lock left by a killed run is taken over, with a warning naming it;
+  the file records the holder for the message and is removed on release. A new workdir
+  made for the lock is removed again if the run leaves it empty (a refused run leaves
+  nothing). Once held, what killed writers left (`atomic.clean_leftovers`) is cleaned.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  held, refused = None, None
+  if jax.process_index() == 0:
+    try:
+      held = _take(workdir)
+    except OSError as e:
+      refused = e
+  if jax.process_count() > 1:  # every process of a refused run fails at once, not at a barrier
+    taken = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
+    if not taken and refused is None:
+      raise BlockingIOError(f"process 0 could not take the lock on {workdir} (its error says why): "
+                            "one run writes a workdir at a time")
+  if refused is not None:
+    raise refused
+  try:
+    yield
+  finally:
+    if held is not None:
+      _release(workdir, *held)
+
+
+def _take(workdir: pathlib.Path) -> tuple[int, list[pathlib.Path]]:
+  """The lock's descriptor and the directories made for it; what killed writers left cleaned."""
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"--workdir {workdir} is a file: pass a directory (new or a run's)")
+  made = [p for p in (workdir, *workdir.parents) if not p.exists()]
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    fd = _acquire(workdir / LOCK_FILE)
+  except BaseException:
+    _remove_empty(made)
+    raise
+  try:
+    atomic.clean_leftovers(workdir)
+  except BaseException:
+    _release(workdir, fd, made)
+    raise
+  return fd, made
+
+
+def _release(workdir: pathlib.Path, fd: int, made: list[pathlib.Path]) -> None:
+  (workdir / LOCK_FILE).unlink(missing_ok=True)  # before closing: no one holds a removed file
+  os.close(fd)
+  _remove_empty(made)
+
+
+def _remove_empty(made: list[pathlib.Path]) -> None:
+  for p in made:  # the new workdir first, then the parents made for it
+    if any(p.iterdir()):
+      break
+    p.rmdir()
+
+
+def locked(run):
+  """`run(cfg, workdir, ...)` holding `lock(workdir)` throughout."""
+  @functools.wraps(run)
+  def locked_run(cfg, workdir, *args, **kwargs):
+    with lock(workdir):
+      return run(cfg, workdir, *args, **kwargs)
+  return locked_run
+
+
+def _acquire(path: pathlib.Path) -> int:
+  """An open descriptor of `path`, flock-ed, holding this process's record."""
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_record(fd)
+      os.close(fd)
+      raise BlockingIOError(
+          f"{path.parent} is in use by {_describe(holder)}: one run writes a workdir at a time; "
+          "wait for that run to end (or stop it), or use another --workdir") from None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:  # its holder released (removed) it after we opened it
+      same = False
+    if same:
+      break
+    os.close(fd)
+  old = _read_record(fd)
+  if old:
+    logging.warning("took over the lock on %s left by %s, which no longer holds it (killed before "
+                    "it could release it)", path.parent, _describe(old))
+  record = {"pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv}
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+  return fd
+
+
+def _read_record(fd: int) -> dict:
+  try:
+    record = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+  except ValueError:  # torn by a kill mid-write
+    return {"pid": "?", "host": "?"}
+  return record if isinstance(record, dict) else {}
+
+
+def _describe(record: dict) -> str:
+  words = f"pid {record.get('pid', '?')} on host {record.get('host', '?')}"
+  if record.get("started"):
+    words += f" (started {record['started']}: {' '.join(record.get('command', []))})"
+  return words

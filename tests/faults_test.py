@@ -10,7 +10,9 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,9 +20,11 @@ import time
 import jax
 import numpy as np
 import pytest
+import safetensors
 import safetensors.numpy
 
-from minilm_jax import checkpoint, cli, distill, documents
+from minilm_jax import checkpoint, cli, distill, documents, preemption
+from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import heads, train
 from minilm_jax.metric_writer import read_metrics
 from tiny import smoke_config
@@ -431,3 +435,118 @@ def test_resume_from_a_missing_step_names_the_steps_there(corpus, run_copy):
   with pytest.raises(ValueError, match=r"--resume-from-step 3: .*checkpoints has steps \[2, 4\]"):
     distill.run(smoke_config(corpus=corpus), run_copy, resume_from_step=3)
   assert digest(run_copy) == before
+
+
+# ------------------------------------------------------------------ 9. interruptions
+
+
+def _distill_until_logged(workdir: pathlib.Path, corpus, records: int) -> subprocess.Popen:
+  """A long smoke `distill` in its own session (as a terminal's job), once `records` are logged."""
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "minilm_jax", "distill", f"--config={DEMO}:smoke", f"--workdir={workdir}",
+       f"--config.corpus={corpus}", "--config.max_steps=2000", "--config.checkpoint_every=1000",
+       "--config.log_every=1"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  deadline, metrics = time.time() + 240, workdir / "metrics.jsonl"
+  while proc.poll() is None and time.time() < deadline and not (
+      metrics.is_file() and len(metrics.read_text().splitlines()) >= records):
+    time.sleep(0.05)
+  return proc
+
+
+def test_ctrl_c_saves_the_step_and_exits_130_without_a_traceback(corpus, tmp_path):
+  """Ctrl-C gave a KeyboardInterrupt traceback and saved nothing; SIGTERM saved and exited 75."""
+  workdir = tmp_path / "run"
+  proc = _distill_until_logged(workdir, corpus, 2)
+  os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole job
+  try:
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == preemption.INTERRUPTED_EXIT_CODE == 130, err[-3000:]
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  (stopped,) = map(int, re.findall(r"SIGINT: every process saved step (\d+); exiting with code 130",
+                                   err))
+  assert json.loads(out)["preempted"] == "SIGINT" and stopped >= 2
+  _, params, _, step = checkpoint.restore_params(workdir)
+  assert step == stopped and not (workdir / workdir_lib.LOCK_FILE).exists()
+
+
+
+def test_ctrl_c_before_the_steps_or_in_another_command_exits_130_in_one_line(monkeypatch, capsys):
+  def interrupted(argv):
+    raise KeyboardInterrupt
+  monkeypatch.setitem(cli.COMMANDS, "finetune", interrupted)
+  with pytest.raises(SystemExit) as e:
+    cli.main(["finetune"])
+  assert e.value.code == 130
+  assert capsys.readouterr().err == ("interrupted (Ctrl-C): rerun the same command to go on "
+                                     "(distill resumes from its last checkpoint)\n")
+
+# ------------------------------------------------------------------ 10. a full disk
+
+_FULL_DISK = """
+import shutil, sys
+from minilm_jax import cli
+if sys.argv[1] == "mid-write":  # the room check passes: the disk fills while Orbax writes
+  usage = shutil.disk_usage
+  shutil.disk_usage = lambda path: usage(path)._replace(free=1 << 40)
+cli.main(sys.argv[2:])
+"""
+
+
+def _distill_on_a_small_disk(tmp_path, corpus, mode: str, mebibytes: int):
+  """The smoke `distill` with its workdir on a `mebibytes` tmpfs of its own (a private mount
+  namespace); (exit code, stderr, a copy of the workdir). Skips where mounting is not allowed."""
+  disk, out = tmp_path / "disk", tmp_path / "out"
+  disk.mkdir()
+  probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {disk}"],
+                         capture_output=True, text=True)
+  if probe.returncode != 0:
+    pytest.skip(f"a small tmpfs cannot be mounted here ({probe.stderr.strip()}): needs "
+                "CAP_SYS_ADMIN in a user or mount namespace")
+  argv = ["distill", f"--config={DEMO}:smoke", f"--workdir={disk / 'run'}", f"--config.corpus={corpus}"]
+  script = (f"mount -t tmpfs -o size={mebibytes}m tmpfs {disk} && "
+            f"{sys.executable} -c '{_FULL_DISK}' {mode} {' '.join(argv)}; code=$?; "
+            f"cp -a {disk / 'run'} {out}; exit $code")
+  proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                        cwd=ROOT, timeout=400, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                    "PYTHONPATH": str(ROOT)})
+  return proc.returncode, proc.stderr, out
+
+
+@pytest.mark.parametrize("mode", ["room", "mid-write"])
+def test_a_full_disk_names_the_intact_step_and_leaves_no_half_written_one(corpus, tmp_path, mode):
+  """An 80 MiB disk holds step 2 (53 MiB), not step 4: a 328-line Orbax traceback said neither
+  which step was intact nor that a rerun resumes, and left 4.orbax-checkpoint-tmp behind."""
+  code, err, run = _distill_on_a_small_disk(tmp_path, corpus, mode, 80)
+  last = err.strip().splitlines()[-1]
+  assert code == 1 and last.startswith("error: [Errno 28] checkpoint directory "), err[-3000:]
+  assert ("checkpoints is not writable (No space left on device" in last and "step 4 was not "
+          "saved, nothing of it is left" in last and "rerun to resume from the last checkpoint "
+          "(step 2), which is intact" in last), last
+  if mode == "room":  # found before anything was written: one line, no traceback
+    assert "Traceback" not in err and "a step takes at least 53 MiB" in last, err[-3000:]
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+      "2", "digests.json", "model.json", "tokenizer"]
+  if mode == "mid-write":  # on a disk with room, the same command resumes from step 2
+    cli.main(["distill", f"--config={DEMO}:smoke", f"--workdir={run}", f"--config.corpus={corpus}"])
+    assert [r["step"] for r in read_metrics(run)] == [2, 4] and (run / "hf").is_dir()
+
+
+def test_a_full_disk_during_the_export_leaves_no_half_written_export(run_copy, corpus, monkeypatch):
+  """It ended in an uncaught SafetensorError."""
+  shutil.rmtree(run_copy / "hf")
+
+  def full(tensors, path, metadata=None):
+    pathlib.Path(path).write_bytes(b"\0" * 1000)  # what a disk took before it filled
+    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                                      'StorageFull, message: "No space left on device" })')
+  monkeypatch.setattr(safetensors.numpy, "save_file", full)
+  message = fails(["distill", f"--config={DEMO}:smoke", f"--workdir={run_copy}",
+                   f"--config.corpus={corpus}"])
+  assert (f"{run_copy / 'hf'} could not be written (No space left on device): nothing of it is "
+          "left; free disk space or restore write permission, then rerun the same command (the "
+          "run's step 4 is saved and intact: the rerun resumes there and writes it again)" in message)
+  assert not (run_copy / "hf").exists() and not list(run_copy.glob(".hf*"))

@@ -29,6 +29,7 @@ from flax import nnx
 
 from minilm_jax import atomic, checkpoint, model_card, optimizer as optimizer_lib, sharding, student_init
 from minilm_jax import tokenization
+from minilm_jax import workdir as workdir_lib
 from minilm_jax import model as model_lib
 from minilm_jax.finetune import checks, glue, heads, score, source, tasks
 from minilm_jax.metric_writer import MetricWriter
@@ -274,6 +275,7 @@ def _export_best(cfg: FinetuneConfig, out: pathlib.Path, module, tokenizer_dir, 
   return out
 
 
+@workdir_lib.locked
 def run_seeds(cfg: FinetuneConfig, workdir: str | pathlib.Path, seeds: list[int], *,
               overwrite: bool = False, allow_unfinished: bool = False) -> dict:
   """One `run` per seed in `workdir/seed-N`, then `workdir/summary.json`.
