@@ -30,6 +30,18 @@ InternalsLoss = Callable[[tuple[model_lib.AttentionInternals, ...],
                           tuple[model_lib.AttentionInternals, ...], jax.Array], dict[str, jax.Array]]
 
 
+def layer_pairs(name: str, term: Callable[[model_lib.AttentionInternals, model_lib.AttentionInternals,
+                                             jax.Array], jax.Array]) -> InternalsLoss:
+  """The `InternalsLoss` of one `term(teacher_layer, student_layer, mask)` per (teacher,
+  student) layer pair: terms `<name>_1`, `<name>_2`, ... in the order of the layer lists,
+  and their sum as the total (TinyBERT's and DistilBERT's per-layer losses are this)."""
+  def loss(teacher_internals, student_internals, mask):
+    terms = {f"{name}_{m}": term(t, s, mask)
+             for m, (t, s) in enumerate(zip(teacher_internals, student_internals), start=1)}
+    return terms | {"total": sum(terms.values())}
+  return loss
+
+
 def _paper_loss(teacher, student, mask, *, relation_heads: int, terms: tuple[str, ...]):
   """`losses.minilm_loss` as an `InternalsLoss`: one teacher layer against the student's last."""
   return losses.minilm_loss(teacher[0], student[0], mask, relation_heads, terms)

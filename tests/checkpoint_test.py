@@ -5,42 +5,15 @@ per case; each case damages a copy as storage or a killed process would, and che
 `convert` and a resume refuse it naming the step and `--resume-from-step`.
 """
 
-import hashlib
 import json
 import logging
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from minilm_jax import checkpoint, cli, digests, distill
-from tiny import smoke_config
-
-
-def digest(path) -> dict[str, str]:
-  return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-          for p in sorted(path.rglob("*"))}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("finished") / "run"
-  distill.run(smoke_config(), workdir)
-  return workdir
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-  out = tmp_path / "run"
-  shutil.copytree(finished, out)
-  return out
-
-
-def fails(argv) -> str:
-  with pytest.raises(SystemExit) as e:
-    cli.main(argv)
-  return str(e.value.code)
+from tiny import digest, fails, smoke_config
 
 
 def test_every_saved_item_has_a_digest_of_what_was_saved(finished):

@@ -1,4 +1,5 @@
-"""Shared fixtures: the packaged teacher, loaded once per test session, and a tiny model of it.
+"""Shared fixtures: the packaged teacher, loaded once per test session, a tiny model of it, and a
+finished smoke run to copy.
 
 Their plain helpers (tiny configs, batches, runs) are in tiny.py."""
 
@@ -40,3 +41,32 @@ def tiny_dir(tmp_path_factory, teacher_dir):
   from tiny import TINY_BERT
   out = tmp_path_factory.mktemp("tiny") / "hf"
   return convert.save_hf(out, TINY_BERT, model_lib.init_params(TINY_BERT, seed=3), teacher_dir)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """The demo documents as two text files (a corpus a test may copy and change)."""
+  from minilm_jax import documents
+  out = tmp_path_factory.mktemp("corpus")
+  docs = documents.demo_documents()
+  (out / "a.txt").write_text("\n\n".join(docs[:len(docs) // 2]) + "\n")
+  (out / "b.txt").write_text("\n\n".join(docs[len(docs) // 2:]) + "\n")
+  return out
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, corpus):
+  """A completed smoke run (steps 2 and 4, exported) on `corpus`, to be copied, never changed."""
+  from minilm_jax import distill
+  from tiny import smoke_config
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  distill.run(smoke_config(corpus=corpus), workdir)
+  return workdir
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path):
+  import shutil
+  out = tmp_path / "run"
+  shutil.copytree(finished, out)
+  return out

@@ -6,7 +6,6 @@ One finished run is shared by the cases (copied per case); most cases stop befor
 """
 
 import ctypes
-import hashlib
 import json
 import os
 import pathlib
@@ -23,52 +22,15 @@ import pytest
 import safetensors
 import safetensors.numpy
 
-from minilm_jax import checkpoint, cli, distill, documents, preemption
+from minilm_jax import checkpoint, cli, distill, preemption
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import heads, train
 from minilm_jax.metric_writer import read_metrics
-from tiny import smoke_config
+from tiny import digest, fails, smoke_config
 from minilm_jax.teachers import resolve_model_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.py"
-
-
-def digest(path: pathlib.Path) -> dict[str, str]:
-  """Every file and directory under `path`, with the SHA-256 of each file's bytes."""
-  return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-          for p in sorted(path.rglob("*"))}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  out = tmp_path_factory.mktemp("corpus")
-  docs = documents.demo_documents()
-  (out / "a.txt").write_text("\n\n".join(docs[:len(docs) // 2]) + "\n")
-  (out / "b.txt").write_text("\n\n".join(docs[len(docs) // 2:]) + "\n")
-  return out
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, corpus):
-  """A completed smoke run (steps 2 and 4, exported), to be copied, never changed."""
-  workdir = tmp_path_factory.mktemp("finished") / "run"
-  distill.run(smoke_config(corpus=corpus), workdir)
-  return workdir
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-  out = tmp_path / "run"
-  shutil.copytree(finished, out)
-  return out
-
-
-def fails(argv) -> str:
-  """The message `python -m minilm_jax ARGV` exits with (in process)."""
-  with pytest.raises(SystemExit) as e:
-    cli.main(argv)
-  return str(e.value.code)
 
 
 # ------------------------------------------------------------------ 1. NaN guard before saves
@@ -471,7 +433,6 @@ def test_ctrl_c_saves_the_step_and_exits_130_without_a_traceback(corpus, tmp_pat
   assert json.loads(out)["preempted"] == "SIGINT" and stopped >= 2
   _, params, _, step = checkpoint.restore_params(workdir)
   assert step == stopped and not (workdir / workdir_lib.LOCK_FILE).exists()
-
 
 
 def test_ctrl_c_before_the_steps_or_in_another_command_exits_130_in_one_line(monkeypatch, capsys):

@@ -4,13 +4,15 @@ Plain functions and constants, imported by name (`from tiny import ...`): the su
 step_test's eight-device check imports them too, where no pytest fixture reaches.
 """
 
+import hashlib
 import os
 
 import jax
 import numpy as np
+import pytest
 
 from experiments.configs import demo
-from minilm_jax import checkpoint, optimizer as optimizer_lib, sharding
+from minilm_jax import checkpoint, cli, optimizer as optimizer_lib, sharding
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
@@ -119,3 +121,16 @@ def comparable(records):
   """metrics.jsonl records without their timings, which differ between equal runs."""
   timings = ("time", "tokens_per_sec", "examples_per_sec", "eval_seconds")
   return [{k: v for k, v in r.items() if k not in timings} for r in records]
+
+
+def fails(argv) -> str:
+  """The message `python -m minilm_jax ARGV` exits with (in process)."""
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  return str(e.value.code)
+
+
+def digest(path) -> dict[str, str]:
+  """Every file and directory under `path`, with the SHA-256 of each file's bytes."""
+  return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+          for p in sorted(path.rglob("*"))}

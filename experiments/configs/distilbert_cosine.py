@@ -20,10 +20,10 @@ are the ordinary ones.
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 
 from experiments.configs import common
+from minilm_jax import internals_loss
 from minilm_jax.config import DistillConfig
 
 NAMES = ("",)  # "" = the run itself
@@ -39,11 +39,9 @@ def hidden_cosine(teacher_hidden, student_hidden, mask):
   return jnp.sum((1.0 - cosine) * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def cosine_loss(teacher_internals, student_internals, mask) -> dict[str, jax.Array]:
-  """An `InternalsLoss`: one hidden-state cosine loss per (teacher, student) layer pair, summed."""
-  terms = {f"hidden_cosine_{m}": hidden_cosine(t.hidden, s.hidden, mask)
-           for m, (t, s) in enumerate(zip(teacher_internals, student_internals), start=1)}
-  return terms | {"total": sum(terms.values())}
+# The `InternalsLoss`: one hidden-state cosine loss per (teacher, student) layer pair, summed.
+cosine_loss = internals_loss.layer_pairs(
+    "hidden_cosine", lambda t, s, mask: hidden_cosine(t.hidden, s.hidden, mask))
 
 
 def get_config(variant: str = "") -> DistillConfig:

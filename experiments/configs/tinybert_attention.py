@@ -17,10 +17,10 @@ export are the ordinary ones; nothing in minilm_jax changes.
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 
 from experiments.configs import common
+from minilm_jax import internals_loss
 from minilm_jax.config import DistillConfig
 
 NAMES = ("",)  # "" = the run itself
@@ -33,11 +33,9 @@ def masked_score_mse(teacher_logits, student_logits, mask):
   return jnp.sum(squared * keep) / (jnp.maximum(jnp.sum(keep), 1.0) * teacher_logits.shape[1])
 
 
-def attention_mse(teacher_internals, student_internals, mask) -> dict[str, jax.Array]:
-  """An `InternalsLoss`: one attention-score MSE per (teacher, student) layer pair, summed."""
-  terms = {f"attention_mse_{m}": masked_score_mse(t.logits, s.logits, mask)
-           for m, (t, s) in enumerate(zip(teacher_internals, student_internals), start=1)}
-  return terms | {"total": sum(terms.values())}
+# The `InternalsLoss`: one attention-score MSE per (teacher, student) layer pair, summed.
+attention_mse = internals_loss.layer_pairs(
+    "attention_mse", lambda t, s, mask: masked_score_mse(t.logits, s.logits, mask))
 
 
 def get_config(variant: str = "") -> DistillConfig:
