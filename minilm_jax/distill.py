@@ -110,7 +110,6 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)
-  model_card.record_launch(workdir)
   if jax.process_index() == 0:
     checkpoint.write_model_files(workdir / "checkpoints", export_config, teacher.directory)
   multihost_utils.sync_global_devices("minilm_jax distill: run files written")
@@ -122,6 +121,7 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
     state = checkpoint.restore_state(mngr, abstract, iterator)
   else:
     state = jax.device_put(step_lib.init_state(cfg, setup, optimizer, goal, teacher.params), replicated)
+  model_card.record_launch(workdir)  # once the state is restored: a refused resume adds no launch
   teacher_params = (jax.device_put(step_lib.truncate_teacher(setup, teacher.params), replicated)
                     if goal.has_teacher else {})
   logging.info("distilling %s layer %d -> student %s on %d devices; corpus: %s; resuming at step %d",

@@ -51,7 +51,7 @@ def test_smoke_run_exports_a_student_pytorch_loads(tmp_path):
   np.testing.assert_allclose(np.asarray(mine.last_hidden_state)[real], ref[real], rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("prng, eval_every", [("auto", 0), ("rbg", 0), ("auto", 5)])  # auto: threefry
+@pytest.mark.parametrize("prng, eval_every", [("rbg", 0), ("auto", 5)])  # auto: threefry, held-out eval on
 def test_resume_after_sigterm_is_exact(tmp_path, prng, eval_every):
   steps = ["--config.max_steps=12", "--config.checkpoint_every=3", "--config.log_every=1",
            f"--config.dropout_prng={prng}", f"--config.eval_every={eval_every}",

@@ -249,7 +249,7 @@ def test_torn_metrics_line_is_named(run_copy):
 def test_evaluate_errors_name_the_fix(tiny, tmp_path):
   _, cls, glue_dir = tiny
   base = ["evaluate", "--model", str(cls), "--task", "glue/rte", "--data"]
-  assert "--batch-size 0 must be at least 1" in fails([*base, str(glue_dir), "--batch-size", "0"])
+  assert "flag --batch-size=0: 0 is not a positive integer" in fails([*base, str(glue_dir), "--batch-size", "0"])
   header_only = tmp_path / "glue"
   _write_rte(header_only, "dev", 0)
   assert "RTE/dev.tsv has a header but no examples" in fails([*base, str(header_only)])

@@ -87,7 +87,7 @@ def test_results_are_never_replaced_without_overwrite_nor_by_an_overlap(tiny_dir
   assert "not a finetune workdir" in exit_of(_finetune(tiny_dir, tmp_path / "other",
                                                        "--overwrite"))
   (tmp_path / "file").write_text("x")
-  assert "is a file, not a directory" in exit_of(_finetune(tiny_dir, tmp_path / "file"))
+  assert "is a file: pass a directory" in exit_of(_finetune(tiny_dir, tmp_path / "file"))
 
 
 def _distill_run(run, step, max_steps, teacher_dir):

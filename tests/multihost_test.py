@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from minilm_jax import atomic, checkpoint, cli, cluster, convert, preemption
+from minilm_jax import atomic, checkpoint, cli, cluster, convert, digests, preemption
 from minilm_jax.config import DistillConfig
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.finetune import train as finetune_train
@@ -298,7 +298,7 @@ def test_shared_files_are_replaced_whole_and_written_by_process_zero(tmp_path, m
 
 def test_data_state_of_another_process_count_is_shared_or_refused_clearly(tmp_path):
   (tmp_path / "data").mkdir()
-  with pytest.raises(FileNotFoundError, match="holds no data iterator state"):
+  with pytest.raises(digests.DamagedStep, match="holds no data iterator state"):
     checkpoint.data_state(tmp_path)
   for i, index in enumerate((8, 8)):
     (tmp_path / "data" / f"process_{i}-of-2.json").write_text(json.dumps({"next_index": index}))

@@ -67,10 +67,7 @@ def _entries(path: pathlib.Path) -> list[str]:
 def check_workdir(workdir: str | pathlib.Path, sources, overwrite: bool) -> None:
   """Refuses a workdir that is a file, overlaps one of `sources` (the model and data read),
   holds what finetune did not write, or holds earlier results without `overwrite`."""
-  path = pathlib.Path(workdir).expanduser()
-  if path.exists() and not path.is_dir():
-    raise ValueError(f"--workdir {workdir} is a file, not a directory: pass a new directory for "
-                     "the fine-tuning runs")
+  path = pathlib.Path(workdir).expanduser()  # a file there was refused by its lock (`workdir.lock`)
   atomic.check_not_overlapping(sources, path)
   held = _entries(path) if path.is_dir() else []
   foreign = [n for n in held if n != SUMMARY_FILE and not n.startswith(SEED_PREFIX)]
