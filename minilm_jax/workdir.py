@@ -70,6 +70,11 @@ def read_config(workdir: pathlib.Path) -> dict | None:
     if found:
       raise ValueError(f"{workdir} holds {', '.join(found)} but no {CONFIG_FILE}: it is not a "
                        "distill run (or its config.json was lost); use a new --workdir")
+    others = sorted(p.name for p in workdir.iterdir() if not p.name.startswith(".")) if workdir.is_dir() else []
+    if others:  # a home or source folder, say (`--workdir ''` is the current directory)
+      raise ValueError(f"{workdir} is not empty ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}) "
+                       "and holds no distill run, whose files would mix with these: pass a new or "
+                       "empty --workdir")
     return None
   old = _read_json(path)
   if isinstance(old, dict):

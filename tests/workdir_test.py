@@ -101,6 +101,20 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
     distill.run(smoke_config(), tmp_path / "run")
 
 
+def test_a_folder_that_holds_no_run_is_not_a_workdir_not_even_the_current_one(tmp_path):
+  """`--workdir ''` is the current directory: a source checkout there once got a run's files."""
+  (tmp_path / "notes.txt").write_text("mine")
+  (tmp_path / "src").mkdir()
+  with pytest.raises(ValueError, match=r"is not empty \(notes.txt, src\) and holds no distill run"):
+    distill.run(smoke_config(), tmp_path)
+  done = subprocess.run([sys.executable, "-m", "minilm_jax", "distill", "--config",
+                         str(pathlib.Path(__file__).parents[1] / "experiments/configs/demo.py") + ":smoke",
+                         "--workdir", ""], cwd=tmp_path, capture_output=True, text=True,
+                        env=os.environ | {"PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
+  assert done.returncode == 1 and "is not empty (notes.txt, src) and holds no distill run" in done.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "src"]
+
+
 def test_every_process_of_a_pod_run_on_a_held_workdir_fails_at_once(tmp_path):
   """Process 0 holds the lock for the pod: the others learn of its refusal, not at a barrier."""
   held = tmp_path / "run"
