@@ -77,6 +77,10 @@ def read_config(workdir: pathlib.Path) -> dict | None:
                        "empty --workdir")
     return None
   old = _read_json(path)
+  if (workdir / "hf").is_dir() and not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+    raise ValueError(f"{workdir} holds a finished run's student (hf/) but no checkpoint: its "
+                     "checkpoints/ were removed, and a rerun would train again from step 0 and "
+                     "replace hf/; restore checkpoints/, or use a new --workdir")
   if isinstance(old, dict):
     old = {RENAMED_FIELDS.get(k, k): v for k, v in old.items()}
   if not isinstance(old, dict) or not all(k in old for k in _RUN_KEYS):

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from minilm_jax import cli, distill, workdir
 from minilm_jax.config import DistillConfig
 from minilm_jax.finetune import train
-from tiny import smoke_config
+from tiny import digest, smoke_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "experiments" / "configs" / "demo.py"
@@ -113,6 +114,15 @@ def test_a_folder_that_holds_no_run_is_not_a_workdir_not_even_the_current_one(tm
                         env=os.environ | {"PYTHONPATH": str(pathlib.Path(__file__).parents[1])})
   assert done.returncode == 1 and "is not empty (notes.txt, src) and holds no distill run" in done.stderr
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "src"]
+
+
+def test_a_finished_run_without_its_checkpoints_is_not_trained_again(run_copy, corpus):
+  """Rerunning would start at step 0 and replace the exported student."""
+  shutil.rmtree(run_copy / "checkpoints")
+  before = digest(run_copy)
+  with pytest.raises(ValueError, match=r"holds a finished run's student \(hf/\) but no checkpoint"):
+    distill.run(smoke_config(corpus=corpus), run_copy)
+  assert digest(run_copy) == before
 
 
 def test_every_process_of_a_pod_run_on_a_held_workdir_fails_at_once(tmp_path):
