@@ -84,11 +84,13 @@ class _Log:
   def __init__(self, writer: MetricWriter, bar: tqdm.tqdm, cfg: DistillConfig, schedule, start: int):
     self.writer, self.bar, self.cfg, self.schedule = writer, bar, cfg, schedule
     self.pending, self.tokens, self.last = None, 0, (start, time.perf_counter())
+    self.eval_seconds = 0.0  # held-out evaluations since the last record was written: not training
     self.losses = (None, None)  # the first and the last logged loss/total
 
   def write_previous(self, done: int, metrics: dict) -> None:
     """After step `done` is dispatched: writes the record held, and holds this step's if due."""
     self.tokens = self.tokens + metrics["tokens"]  # real tokens since the last record, summed on device
+    self.eval_seconds += metrics.get("eval_seconds", 0.0)  # this step's evaluation ran before the flush
     self.flush()
     evaluated = heldout.PREFIX + "total" in metrics  # an evaluation is always written
     if done % self.cfg.log_every == 0 or done == self.cfg.max_steps or evaluated:
@@ -99,7 +101,7 @@ class _Log:
       return
     step, metrics, tokens = self.pending
     record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
-    seconds = time.perf_counter() - self.last[1] - record.get("eval_seconds", 0.0)  # training only
+    seconds = time.perf_counter() - self.last[1] - self.eval_seconds  # training only
     record["learning_rate"] = float(self.schedule(step - 1))
     record["examples_per_sec"] = (step - self.last[0]) * self.cfg.global_batch_size / seconds
     record["tokens_per_sec"] = float(tokens) / seconds  # real tokens: padding is not work done
@@ -110,7 +112,7 @@ class _Log:
     self.bar.set_postfix(loss=f"{record['loss/total']:.4f}", tok_s=f"{record['tokens_per_sec']:.0f}")
     first = self.losses[0] if self.losses[0] is not None else record["loss/total"]
     self.losses = (first, record["loss/total"])
-    self.pending, self.last = None, (step, time.perf_counter())
+    self.pending, self.last, self.eval_seconds = None, (step, time.perf_counter()), 0.0
 
 
 class _Progress:

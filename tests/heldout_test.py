@@ -148,6 +148,7 @@ def test_a_run_logs_eval_terms_and_evaluating_changes_no_training(tmp_path, monk
   evals = [{k.removeprefix("eval/"): v for k, v in r.items() if k.startswith("eval/")} for r in metrics]
   terms = ["attention_transfer", "total", "value_relation"]
   assert [sorted(e) for e in evals] == [[], terms, terms] and metrics[1]["eval_seconds"] > 0
+  assert all(r["tokens_per_sec"] > 0 for r in metrics)  # evaluations are not training time
   assert summary["last_eval"] == {"step": 4} | evals[2]
   assert {"eval/total", "eval/attention_transfer", "loss/total"} <= tensorboard_tags(tmp_path / "eval")
 
