@@ -92,7 +92,7 @@ def table(rows: list[dict], labels: list[str], pre: dict, steps: int) -> str:
     avg = f"{avg:.1f}" if avg is not None else "—"
     info = pre.get(label)
     tokens = f"{info['tokens'] / 1e6:.2f} M" if info and info.get("steps") else (
-        "—" if label in pre else "none (baseline)" if "teacher" not in label else "teacher")
+        "—" if label in pre else "teacher" if label == "teacher-L6" else "none (baseline)")
     if info and 0 < info.get("steps", 0) < steps:
       tokens += f" (running, step {info['steps']} of {steps})"
     lines.append(f"| {label} | {tokens} | " + " | ".join(cells) + f" | {avg} |")
