@@ -113,3 +113,18 @@ def test_the_undistilled_layer_init_arm_is_the_teacher_cut_to_its_layers(teacher
   for i, layer in enumerate((1, 3, 5)):  # 1-based 2, 4, 6
     jax.tree.map(np.testing.assert_array_equal, got["layers"][i], want["layers"][layer])
   jax.tree.map(np.testing.assert_array_equal, got["embeddings"], want["embeddings"])
+
+
+def test_the_layer_init_part_plans_and_reports_its_arms_alone(tmp_path):
+  budget = study.BUDGETS["cpu"]
+  paths = study.Paths.make(tmp_path / "runs", None)
+  names = [name for name, _, _ in study.plan(budget, paths, {"distill", "finetune"}, "layer-init")]
+  assert names[:2] == ["pretrain minilm-v2-layers246", "export teacher-layers-246"]
+  assert len(names) == 2 + 3 * 3 * 4 and "finetune truncated-L3 sst2 seed 0" in names
+  for seed in range(3):
+    for label, base in (("minilm-v2-layers246", 0.60), ("teacher-layers-246", 0.50), ("truncated-L3", 0.59)):
+      _write_runs(tmp_path / "runs" / "finetune", label, seed, [base + 0.01 * seed] * 4)
+  study_report.write_layer_init("cpu", budget, paths, tmp_path / "results", study)
+  text = (tmp_path / "results" / "study-cpu-layer-init.md").read_text()
+  assert "| teacher-layers-246 | none (baseline) | 51.0 ± 1.0 (3) |" in text
+  assert "| teacher-layers-246 | +10.0 | 2.0 | met |" in text and "minilm-v2-layers246: not started" in text

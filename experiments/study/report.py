@@ -173,16 +173,7 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
            f"The layer-initialised student (teacher layers {study.LAYER_INIT}, then MiniLMv2; seeds "
            f"{list(budget.layer_init_seeds)}):", "", layer_init_targets(rows, layers, budget.layer_init_seeds),
            "", "Pre-training runs:", ""]
-  for method, info in pre.items():
-    if info.get("steps"):
-      lines.append(f"- {method}: {info['steps']} of {budget.steps} steps, loss {info['first_loss']:.3f} -> "
-                   f"{info['last_loss']:.3f}, median {info['tokens_per_sec']:,.0f} tokens/s, "
-                   f"{info['minutes']:.1f} min of steps (compilation excluded; "
-                   f"{info['tokens'] / info['tokens_per_sec'] / 60:.1f} min at the median rate)"
-                   + (f"; held-out loss {info['first_eval']:.3f} -> {info['last_eval']:.3f}"
-                      if "last_eval" in info else ""))
-    else:
-      lines.append(f"- {method}: not started")
+  lines += [_pretrain_line(method, info, budget) for method, info in pre.items()]
   lines += ["", f"Hardware: {platform.machine()} CPU ({_cpus()} cores visible), float32; runs "
             "written by `python -m experiments.study.study --budget " + name + "`. Fine-tuning recipe (every "
             f"model and task): {study.FINETUNE}; per task: {budget.tasks}. SQuAD 2.0 trains on the "
@@ -202,6 +193,39 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
   text = "\n".join(lines) + "\n"
   (results / f"study-{name}.md").write_text(text)
   print(text)
+
+
+def write_layer_init(name: str, budget, paths, results: pathlib.Path, study, note: str = "") -> None:
+  """`study-<budget>-layer-init.md` and its loss plot (`study.py --part layer-init`): the
+  layer-initialised arms and the truncated teacher alone, their target, and the distilled
+  arm's pre-training with its held-out curve."""
+  results.mkdir(parents=True, exist_ok=True)
+  rows = _rows(paths.out / "finetune")
+  layers = budget.student[0]
+  untrained, distilled = LAYER_INIT_ARMS
+  pre = {distilled: pretrain_summary(budget, paths, distilled)}
+  lines = [f"# MiniLM study, `{name}` budget: students from the teacher's layers {study.LAYER_INIT}", "",
+           "Cells: mean ± std over seeds (the seed count in brackets), best dev epoch, in percent.", "",
+           table(rows, [f"truncated-L{layers}", untrained, distilled], pre, budget.steps), "",
+           layer_init_targets(rows, layers, budget.layer_init_seeds), "",
+           _pretrain_line(distilled, pre[distilled], budget), "",
+           f"Fine-tuning recipe: {study.FINETUNE}; per task: {budget.tasks}." + (f" {note}" if note else ""), ""]
+  path = results / f"study-{name}-layer-init-loss.png"
+  if _loss_plot(study, budget, paths, rows, None, path):
+    lines.append(f"![pre-training loss, training and held out]({path.name})")
+  text = "\n".join(lines) + "\n"
+  (results / f"study-{name}-layer-init.md").write_text(text)
+  print(text)
+
+
+def _pretrain_line(method: str, info: dict, budget) -> str:
+  if not info.get("steps"):
+    return f"- {method}: not started"
+  return (f"- {method}: {info['steps']} of {budget.steps} steps, loss {info['first_loss']:.3f} -> "
+          f"{info['last_loss']:.3f}, median {info['tokens_per_sec']:,.0f} tokens/s, "
+          f"{info['minutes']:.1f} min of steps (compilation excluded; "
+          f"{info['tokens'] / info['tokens_per_sec'] / 60:.1f} min at the median rate)"
+          + (f"; held-out loss {info['first_eval']:.3f} -> {info['last_eval']:.3f}" if "last_eval" in info else ""))
 
 
 def _cpus() -> int:

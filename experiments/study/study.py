@@ -216,8 +216,12 @@ def run_finetune(budget: Budget, paths: Paths, label: str, task: str, seed: int)
 # ------------------------------------------------------------------------- the plan
 
 
-def plan(budget: Budget, paths: Paths, stages: set[str]) -> list[tuple[str, callable, callable]]:
-  """(name, done?, run) in the order that gives the headline comparison first."""
+PARTS = ("all", "layer-init")
+
+
+def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> list[tuple[str, callable, callable]]:
+  """(name, done?, run) in the order that gives the headline comparison first; `part`
+  "layer-init" plans the layer-initialised arms alone, with every seed of the truncated teacher."""
   layers = budget.student[0]
   baselines = [f"random-L{layers}", f"truncated-L{layers}"]
   jobs = []
@@ -237,26 +241,27 @@ def plan(budget: Budget, paths: Paths, stages: set[str]) -> list[tuple[str, call
                      lambda l=label, t=task, s=seed: run_finetune(budget, paths, l, t, s)))
 
   first = budget.seeds[:1]
-  pre("minilm-v1")
-  ft("minilm-v1", first)
-  for label in baselines:
-    ft(label, first)
-  pre("minilm-v2")
-  ft("minilm-v2", first)
-  pre("mlm")
-  ft("mlm", first)
-  for label in ["minilm-v1", "minilm-v2", "mlm"] + baselines:
-    ft(label, budget.seeds[1:])
-  for method in CURVE_METHODS:
-    if "finetune" in stages:
-      jobs.append((f"export {method} curve checkpoints",
-                   lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
-                                        for s in curve_steps(budget)[:-1]),
-                   lambda m=method: export_curve(budget, paths, m)))
-    for step in curve_steps(budget)[:-1]:
-      ft(f"{method}@step{step}", first, budget.curve_tasks)
-  if budget.teacher_reference:
-    ft("teacher-L6", first)
+  if part == "all":
+    pre("minilm-v1")
+    ft("minilm-v1", first)
+    for label in baselines:
+      ft(label, first)
+    pre("minilm-v2")
+    ft("minilm-v2", first)
+    pre("mlm")
+    ft("mlm", first)
+    for label in ["minilm-v1", "minilm-v2", "mlm"] + baselines:
+      ft(label, budget.seeds[1:])
+    for method in CURVE_METHODS:
+      if "finetune" in stages:
+        jobs.append((f"export {method} curve checkpoints",
+                     lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
+                                          for s in curve_steps(budget)[:-1]),
+                     lambda m=method: export_curve(budget, paths, m)))
+      for step in curve_steps(budget)[:-1]:
+        ft(f"{method}@step{step}", first, budget.curve_tasks)
+    if budget.teacher_reference:
+      ft("teacher-L6", first)
   untrained, distilled = report.LAYER_INIT_ARMS
   pre(distilled)
   if "finetune" in stages:
@@ -264,7 +269,7 @@ def plan(budget: Budget, paths: Paths, stages: set[str]) -> list[tuple[str, call
                  lambda: export_layer_init(paths)))
   ft(untrained, budget.layer_init_seeds)
   ft(distilled, budget.layer_init_seeds)
-  ft(f"truncated-L{layers}", [s for s in budget.layer_init_seeds if s not in budget.seeds])
+  ft(f"truncated-L{layers}", [s for s in budget.layer_init_seeds if part != "all" or s not in budget.seeds])
   return jobs
 
 
@@ -315,6 +320,9 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_string("prepare", None, "fill this folder with the inputs, then stop", flag_values=fv)
   flags.DEFINE_string("stages", "distill,finetune,report",
                       "comma-separated subset of distill, finetune, report", flag_values=fv)
+  flags.DEFINE_enum("part", "all", PARTS, "all: the whole study; layer-init: the layer-initialised "
+                    "arms and the truncated teacher alone, reported in study-<budget>-layer-init.md",
+                    flag_values=fv)
   flags.DEFINE_boolean("dry-run", False, "print the plan and what is done", flag_values=fv)
   flags.DEFINE_string("note", "", "text for the table's notes (e.g. other load on the machine)",
                       flag_values=fv)
@@ -336,7 +344,8 @@ def main(argv=None) -> None:
   stages = set(args.stages.split(","))
   if bad := stages - {"distill", "finetune", "report"}:
     raise SystemExit(f"unknown stages {sorted(bad)}: use distill, finetune, report")
-  jobs = plan(budget, paths, stages)
+  jobs = plan(budget, paths, stages, args.part)
+  write = report.write if args.part == "all" else report.write_layer_init
   print(f"study {args.budget}: {budget.tokens / 1e6:.2f} M tokens per pre-training run "
         f"({budget.steps} steps x {budget.batch} x {budget.seq_len}); runs in {out}")
   started, failed = time.perf_counter(), []
@@ -359,9 +368,9 @@ def main(argv=None) -> None:
       print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
             flush=True)
       if deadline_minutes and "report" in stages:  # a run cut off by its host keeps a report
-        report.write(args.budget, budget, paths, results, sys.modules[__name__], args.note)
+        write(args.budget, budget, paths, results, sys.modules[__name__], args.note)
   if "report" in stages and not dry_run:
-    report.write(args.budget, budget, paths, results, sys.modules[__name__], args.note)
+    write(args.budget, budget, paths, results, sys.modules[__name__], args.note)
   if failed:
     raise SystemExit("failed runs (fix and re-run; finished runs are skipped):\n  " + "\n  ".join(failed))
 
