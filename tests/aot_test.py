@@ -125,16 +125,43 @@ def test_a_config_that_uses_an_assistant_compiles_as_its_two_stages():
 
 
 def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
-  """A fake compiler whose memory fits up to 44 sequences: the search lands on 40."""
-  asked = []
+  """A fake compiler whose temporaries grow by 1 GiB per sequence beside 44.5 GiB of room:
+  44 sequences fit. The line through the first two compiles points at 40, the largest
+  multiple of 8 that fits, and 48 confirms it: four compiles where doubling then bisecting
+  needs six. A compile that does not fit reports what the compiler's refusal says."""
+  asked, gib = [], 2**30
 
   def fake(stage, pod, tokenizer_dir=None, counted=True):
-    asked.append(stage.cfg.global_batch_size // 4)
-    return {"fits": asked[-1] <= 44, "batch_per_device": asked[-1], "loops": []}
+    b = stage.cfg.global_batch_size // 4
+    asked.append(b)
+    row = {"fits": b <= 44, "batch_per_device": b, "loops": [], "capacity": 46.5 * gib}
+    if row["fits"]:
+      return row | {"hbm": {"temporaries": b * gib, "total": (b + 2) * gib}}
+    return row | {"out_of_memory": {"temporaries": b * gib, "available": 44.5 * gib}}
   monkeypatch.setattr(step_lib, "compile_stage", fake)
   pod = chips.Slice("v5e:2x2", chips.CHIPS["v5e"], tuple(range(4)), 4, 1)
   row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
-  assert row["batch_per_device"] == 40 and asked == [8, 16, 32, 64, 48, 40]
+  assert row["batch_per_device"] == 40 and row["largest_batch"] and asked == [8, 16, 40, 48]
+  assert row["search_compiles"] == 4
+
+
+def test_the_largest_batch_search_survives_memory_that_is_not_linear(monkeypatch):
+  """Temporaries that grow with the square of the batch mislead every line: the bracket still
+  closes on the largest multiple of 8 that fits (72 of 75), each batch compiled once."""
+  asked, gib = [], 2**30
+
+  def fake(stage, pod, tokenizer_dir=None, counted=True):
+    b = stage.cfg.global_batch_size // 4
+    asked.append(b)
+    need = b * b / 100 * gib
+    row = {"fits": b <= 75, "batch_per_device": b, "loops": [], "capacity": 58.25 * gib}
+    if row["fits"]:
+      return row | {"hbm": {"temporaries": need, "total": need + gib}}
+    return row | {"out_of_memory": {"temporaries": need, "available": 57.25 * gib}}
+  monkeypatch.setattr(step_lib, "compile_stage", fake)
+  pod = chips.Slice("v5e:2x2", chips.CHIPS["v5e"], tuple(range(4)), 4, 1)
+  row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
+  assert row["batch_per_device"] == 72 and len(asked) == len(set(asked)) <= 8, asked
 
 
 HLO = """\

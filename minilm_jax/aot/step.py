@@ -167,28 +167,50 @@ def at_batch(stage: Stage, per_device: int, pod: Slice, seq: int | None = None) 
   return dataclasses.replace(stage, cfg=cfg)
 
 
+def _load(row: dict) -> float:
+  """How full a compiled step's memory is: its temporaries over the room they have (1 = full).
+  A step that does not fit says both in the compiler's refusal."""
+  if row["fits"]:
+    hbm = row["hbm"]
+    return hbm["temporaries"] / (row["capacity"] - hbm["total"] + hbm["temporaries"])
+  return row["out_of_memory"]["temporaries"] / row["out_of_memory"]["available"]
+
+
 def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, step: int = 8, *,
                   counted: bool = True) -> dict:
   """The row of the largest per-device batch (a multiple of `step`) whose compiled step fits.
 
-  Doubles from `start` until a batch does not fit, then bisects on compiled memory.
+  A search on compiled memory that keeps the bracket [largest batch that fits, smallest that
+  does not]. The temporaries grow about linearly with the batch (the arguments do not), so
+  each next batch is where the line through the two compiles nearest the bracket's edge
+  reaches a full chip (or, when it lands on the largest fit, the next multiple of `step`); a
+  guess that leaves the bracket is replaced by its middle (doubling while nothing failed yet). Each probe is a compile of minutes, and this one usually needs
+  four where doubling then bisecting needs a dozen.
   """
-  fits, rows = {}, {}
+  rows = {}
 
-  def fit(batch: int) -> bool:
-    if batch not in fits:
+  def compiled(batch: int) -> dict:
+    if batch not in rows:
       rows[batch] = compile_stage(at_batch(stage, batch, pod), pod, tokenizer_dir, counted=False)
-      fits[batch] = rows[batch]["fits"]
-    return fits[batch]
+    return rows[batch]
 
-  if not fit(start):
+  if not compiled(start)["fits"]:
     raise ValueError(f"not even {start} sequences per device fit {pod.name}: use a larger chip "
                      "or a shorter seq")
-  low, high = start, 2 * start
-  while fit(high):
-    low, high = high, 2 * high
-  while high - low > step:
-    middle = (low + high) // 2 // step * step
-    low, high = (middle, high) if fit(middle) else (low, middle)
+  low, high, guess = start, None, 2 * start
+  while high is None or high - low > step:
+    if compiled(guess)["fits"]:
+      low = max(low, guess)
+    else:
+      high = guess if high is None else min(high, guess)
+    near = sorted(rows, key=lambda b: abs(_load(rows[b]) - 1))[:2]
+    slope = (_load(rows[near[1]]) - _load(rows[near[0]])) / (near[1] - near[0])
+    guess = (near[0] + (1 - _load(rows[near[0]])) / slope) // step * step if slope > 0 else 0
+    if 0 < guess <= low:  # the line puts the edge at `low`: the next multiple decides
+      guess = low + step
+    if not low < guess < (high or float("inf")) or guess in rows:
+      guess = 2 * low if high is None else (low + high) // 2 // step * step
+    guess = int(guess)
   row = recount(rows[low], at_batch(stage, low, pod), pod, tokenizer_dir) if counted else rows[low]
-  return row | {"largest_batch": True}
+  return row | {"largest_batch": True, "search_compiles": len(rows),
+                "search_seconds": sum(r.get("compile_seconds", 0.0) for r in rows.values())}
