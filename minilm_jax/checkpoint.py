@@ -47,8 +47,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from minilm_jax import model as model_lib
-from minilm_jax import atomic, digests, sentence_transformers_files
-from minilm_jax.tokenization import TOKENIZER_FILES
+from minilm_jax import atomic, digests, sentence_transformers_files, tokenization
 
 MODEL_FILE = "model.json"
 TOKENIZER_DIR = "tokenizer"
@@ -86,7 +85,7 @@ def write_model_files(directory: pathlib.Path, config: model_lib.ModelConfig,
   tok = directory / TOKENIZER_DIR
   tok.mkdir(exist_ok=True)
   src = pathlib.Path(tokenizer_dir)
-  for name in TOKENIZER_FILES:
+  for name in tokenization.TOKENIZER_FILES:
     if (src / name).is_file() and src != tok:
       atomic.write_file(tok / name, (src / name).read_bytes())
   sentence_transformers_files.copy(src, tok, config)
@@ -251,7 +250,8 @@ def save_model(directory: str | os.PathLike, config: model_lib.ModelConfig, para
 
 def restore_params(directory: str | os.PathLike, step: int | None = None, *,
                    abstract: Any = None) -> tuple[model_lib.ModelConfig, nnx.State, pathlib.Path, int]:
-  """Reads (config, parameters, tokenizer directory, step) of a checkpoint's step.
+  """Reads (config, parameters, tokenizer directory, step) of a checkpoint's step; the
+  tokenizer is checked to fit the model (`tokenization.check_fits`).
 
   `step=None` takes the latest. `abstract` overrides the parameter structure (task
   models carry heads); by default it is the encoder's, also of a masked-LM run
@@ -287,7 +287,7 @@ def restore_params(directory: str | os.PathLike, step: int | None = None, *,
              f"--resume-from-step {max(earlier)}" if earlier else "re-create it")
       raise ValueError(f"{e}: {fix}") from e
   params = restored["params"]["encoder"] if beside else restored["params"]
-  return config, params, directory / TOKENIZER_DIR, step
+  return config, params, tokenization.check_fits(directory / TOKENIZER_DIR, config.vocab_size).parent, step
 
 
 def _saved_beside_encoder(params_dir: pathlib.Path) -> dict:

@@ -89,12 +89,18 @@ def load_hf(name_or_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, nnx.
   BERT-family directory (a door: the name is resolved here; the readers take directories).
   Non-finite weights and a tokenizer that does not fit the embedding table are refused."""
   model_dir = resolve_model_dir(name_or_dir)
+  config, params = read_hf(model_dir)
+  tokenization.check_fits(model_dir, config.vocab_size)
+  return config, params
+
+
+def read_hf(model_dir: str | os.PathLike) -> tuple[model_lib.ModelConfig, nnx.State]:
+  """(config, float32 parameters) of a Hugging Face BERT-family directory; non-finite weights
+  are refused. Its tokenizer is the caller's to read and check (`load_hf` checks it)."""
   config, _ = read_hf_config(model_dir)
   tensors, path = read_hf_tensors(model_dir)
   _check_finite(tensors, path)
-  params = hf_to_params(config, tensors, path)
-  tokenization.check_fits(model_dir, config.vocab_size)
-  return config, params
+  return config, hf_to_params(config, tensors, path)
 
 
 def _check_finite(tensors: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
@@ -121,14 +127,14 @@ def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: M
             overwrite: bool = False) -> pathlib.Path:
   """Writes config.json, model.safetensors and the tokenizer files as one directory; an
   encoder also the sentence-transformers files of `tokenizer_dir` (`sentence_transformers_files`),
-  and `card` (see `model_card`) as README.md.
+  and `card` (see `model_card`) as README.md. The tokenizer is the one its reader checked
+  against the model (`load_hf`, `checkpoint.restore_params`).
 
   `head` and `extra_config` serve task models (e.g. `hf_names.SEQUENCE_CLASSIFICATION`
   and the labels): `params` then hold the encoder and the head, named by
   `hf_names.task`, and config.json names the task architecture.
   """
   out_dir, tokenizer_dir = pathlib.Path(out_dir), pathlib.Path(tokenizer_dir)
-  tokenization.check_fits(tokenizer_dir, config.vocab_size)
   tensors = params_to_hf(config, params, head)
   hf_config = (config.to_hf() | {"architectures": [hf_names.architecture(config.model_type, head)]}
                | dict(extra_config or {}))

@@ -142,7 +142,8 @@ def pack_documents(token_docs: Sequence[np.ndarray], special: tokenization.Speci
 
 
 def pretraining_examples(
-    corpus: str | Sequence[str], tokenizer_dir: str | pathlib.Path, *, max_seq_len: int = 128,
+    corpus: str | Sequence[str], tokenizer: tuple[tokenizers.Tokenizer, tokenization.SpecialIds], *,
+    max_seq_len: int = 128,
     data_dir: str | None = None, two_segments: bool = False, doc_per_line: bool = False,
     doc_per_file: bool = False, text_feature: str = "text", max_documents: int | None = None,
 ) -> tuple[grain.MapDataset, CorpusStats]:
@@ -151,8 +152,8 @@ def pretraining_examples(
   Args:
     corpus: "demo", local text files (paths/globs/dirs, comma-separated or a list), or
       "tfds:NAME[/CONFIG][:SPLIT]" for a TFDS dataset prepared in `data_dir`.
-    tokenizer_dir: the teacher's directory (`teachers.resolve_model_dir` of its name),
-      holding tokenizer.json (the teacher's position table is checked by `step.make_setup`).
+    tokenizer: the teacher's tokenizer and special ids, `tokenization.for_pretraining` of its
+      directory (the teacher's position table is checked by `step.make_setup`).
     max_seq_len: tokens per example, special tokens included (128; 512 for paper runs).
     data_dir: TFDS data directory (TFDS corpora only).
     two_segments: `[CLS] A [SEP] B [SEP]` with token_type 1 for B, instead of one segment.
@@ -165,7 +166,7 @@ def pretraining_examples(
     A `grain.MapDataset` of {"input_ids", "attention_mask", "token_type_ids"}: int32
     [max_seq_len] each, in corpus order; and the corpus statistics.
   """
-  tok, special = tokenization.for_pretraining(pathlib.Path(tokenizer_dir))
+  tok, special = tokenizer
   docs = documents.load_documents(corpus, data_dir=data_dir, doc_per_line=doc_per_line,
                         doc_per_file=doc_per_file, text_feature=text_feature,
                         max_documents=max_documents)
@@ -295,12 +296,12 @@ def show_examples(corpus: str | Sequence[str], tokenizer: str | pathlib.Path, *,
                   echo: Callable[[str], None] = print) -> CorpusStats:
   """`python -m minilm_jax data`: prints `show` decoded examples and the corpus statistics;
   `tokenizer` is a packaged teacher name or a model directory."""
-  tokenizer_dir = teachers.resolve_model_dir(tokenizer)
+  read = tokenization.for_pretraining(teachers.resolve_model_dir(tokenizer))
   examples, stats = pretraining_examples(
-      corpus, tokenizer_dir, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
+      corpus, read, max_seq_len=max_seq_len, data_dir=data_dir, two_segments=two_segments,
       doc_per_line=doc_per_line, doc_per_file=doc_per_file, text_feature=text_feature,
       max_documents=max_documents)
-  tok, _ = tokenization.for_pretraining(tokenizer_dir)
+  tok, _ = read
   for i in range(min(show, len(examples))):
     example = examples[i]
     ids = example["input_ids"][example["attention_mask"] == 1].tolist()

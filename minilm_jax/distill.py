@@ -24,11 +24,12 @@ import logging
 import pathlib
 
 import jax
+import tokenizers
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from minilm_jax import checkpoint, convert, data, distill_loop, heldout, model_card, objective
-from minilm_jax import sharding, teacher_assistant
+from minilm_jax import sharding, teacher_assistant, tokenization
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax import workdir as workdir_lib
@@ -68,15 +69,18 @@ def run(cfg: DistillConfig, workdir: str | pathlib.Path, *,
 
 @dataclasses.dataclass(frozen=True)
 class _Teacher:
-  """A teacher as read once: its directory (weights, config.json, tokenizer), shape, weights."""
+  """A teacher as read once: its directory (weights, config.json, tokenizer), shape, weights,
+  and its tokenizer with the special ids (`tokenization.for_pretraining`), checked to fit."""
   directory: pathlib.Path
   config: model_lib.ModelConfig
   params: nnx.State
+  tokenizer: tuple[tokenizers.Tokenizer, tokenization.SpecialIds]
 
   @classmethod
   def read(cls, name: str) -> "_Teacher":
     directory = resolve_model_dir(name)
-    return cls(directory, *convert.load_hf(directory))
+    config, params = convert.read_hf(directory)
+    return cls(directory, config, params, tokenization.for_pretraining(directory, config.vocab_size))
 
 
 def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Teacher,
@@ -93,7 +97,7 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   sharding.check_batch_size(cfg.global_batch_size, mesh, cfg.grad_accum_steps,
                             str(workdir) if old else None)
   examples, stats = data.pretraining_examples(
-      cfg.corpus, teacher.directory, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
+      cfg.corpus, teacher.tokenizer, max_seq_len=cfg.max_seq_len, data_dir=cfg.data_dir or None,
       two_segments=cfg.two_segments, doc_per_line=cfg.doc_per_line, doc_per_file=cfg.doc_per_file,
       text_feature=cfg.text_feature)
   train_examples, heldout_examples = data.hold_out(examples, cfg.heldout_documents, cfg.seed)
@@ -101,8 +105,11 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   workdir_lib.check_corpus(workdir, corpus)
   iterator = data.batch_iterator(train_examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed,
                                  worker_count=cfg.data_workers)
-  goal = objective.choose(cfg, setup, teacher.directory)
+  goal = objective.choose(cfg, setup, teacher.tokenizer)
   schedule, optimizer, step_fn = step_lib.make_step(cfg, setup, mesh, goal)
+  replicated = sharding.replicated(mesh)
+  teacher_params = (jax.device_put(step_lib.truncate_teacher(setup, teacher.params), replicated)
+                    if goal.has_teacher else {})
   evaluation = heldout.Evaluation(goal.loss, mesh, heldout_examples, eval_every=cfg.eval_every,
                                   batch_size=cfg.global_batch_size // cfg.grad_accum_steps,
                                   max_steps=cfg.max_steps)
@@ -115,15 +122,10 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   multihost_utils.sync_global_devices("minilm_jax distill: run files written")
   mngr = checkpoint.manager(workdir / "checkpoints", max_to_keep=cfg.keep_checkpoints)
 
-  replicated = sharding.replicated(mesh)
-  if mngr.latest_step() is not None:
-    abstract = step_lib.abstract_inputs(cfg, setup, optimizer, mesh, goal)[0]
-    state = checkpoint.restore_state(mngr, abstract, iterator)
-  else:
-    state = jax.device_put(step_lib.init_state(cfg, setup, optimizer, goal, teacher.params), replicated)
-  model_card.record_launch(workdir)  # once the state is restored: a refused resume adds no launch
-  teacher_params = (jax.device_put(step_lib.truncate_teacher(setup, teacher.params), replicated)
-                    if goal.has_teacher else {})
+  restore = (functools.partial(checkpoint.restore_state, mngr, iterator=iterator)
+             if mngr.latest_step() is not None else None)
+  state = step_lib.start_state(cfg, setup, optimizer, mesh, goal, teacher.params, restore)
+  workdir_lib.record_launch(workdir)  # once the state is restored: a refused resume adds no launch
   logging.info("distilling %s layer %d -> student %s on %d devices; corpus: %s; resuming at step %d",
                teacher.directory, setup.teacher.num_layers, setup.student, mesh.size, stats,
                int(state.step))

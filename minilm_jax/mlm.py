@@ -18,23 +18,22 @@ LayerNorm, then a decoder tied to the word embeddings plus a per-token bias. As 
 BERT's `masked_lm_positions`, only the drawn positions (ceil(0.15 T) slots per row)
 go through the head, which spares the [T, V] decoder product at the other 85%.
 
-Parameters are `{"encoder": <model params>, "head": <head params>}`; `save_hf` writes
-them as a `BertForMaskedLM` directory, `encoder_params` gives the encoder alone (what
-fine-tuning starts from).
+Parameters are `{"encoder": <model params>, "head": <head params>}`; `exports` names what
+the run writes: a `BertForMaskedLM` directory, and the encoder alone (`encoder_params`,
+what fine-tuning starts from).
 """
 
 import dataclasses
 import functools
 import math
-import os
-import pathlib
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import tokenizers
 from flax import nnx
 
-from minilm_jax import convert, hf_names, tokenization
+from minilm_jax import hf_names, tokenization
 from minilm_jax import model as model_lib
 
 MASK_RATE = 0.15           # fraction of maskable tokens predicted per row (BERT)
@@ -49,14 +48,16 @@ class MaskingSpec:
   vocab_size: int             # random replacements are drawn from 0 .. vocab_size - 1
 
 
-def masking_spec(tokenizer_dir: str | os.PathLike, config: model_lib.ModelConfig) -> MaskingSpec:
-  """The teacher tokenizer's [MASK] and special ids (`<mask>` for RoBERTa / XLM-R)."""
-  tok, special = tokenization.for_pretraining(tokenizer_dir)
+def masking_spec(tokenizer: tuple[tokenizers.Tokenizer, tokenization.SpecialIds],
+                 config: model_lib.ModelConfig) -> MaskingSpec:
+  """The teacher tokenizer's [MASK] and special ids (`<mask>` for RoBERTa / XLM-R);
+  `tokenizer` as `tokenization.for_pretraining` reads it."""
+  tok, special = tokenizer
   for token in ("[MASK]", "<mask>"):
     if tok.token_to_id(token) is not None:
       return MaskingSpec(tok.token_to_id(token), (special.cls, special.sep, special.pad),
                          config.vocab_size)
-  raise ValueError(f"the tokenizer in {tokenizer_dir} has no [MASK] or <mask> token: masked LM "
+  raise ValueError("the teacher's tokenizer has no [MASK] or <mask> token: masked LM "
                    "pre-training needs one; use a BERT / RoBERTa / XLM-R tokenizer")
 
 
@@ -171,9 +172,9 @@ def mlm_loss(params, teacher_params, batch, rng, *, config: model_lib.ModelConfi
   return total, {"total": total, "tokens": tokens}
 
 
-def make_loss(config: model_lib.ModelConfig, tokenizer_dir: str | os.PathLike):
-  """`mlm_loss` bound to a student config and the tokenizer's ids."""
-  return functools.partial(mlm_loss, config=config, spec=masking_spec(tokenizer_dir, config))
+def make_loss(config: model_lib.ModelConfig, tokenizer: tuple[tokenizers.Tokenizer, tokenization.SpecialIds]):
+  """`mlm_loss` bound to a student config and the tokenizer's ids (`masking_spec`)."""
+  return functools.partial(mlm_loss, config=config, spec=masking_spec(tokenizer, config))
 
 
 def encoder_params(params: dict):
@@ -181,13 +182,9 @@ def encoder_params(params: dict):
   return params["encoder"]
 
 
-def save_hf(out_dir: str | os.PathLike, config: model_lib.ModelConfig, params: dict,
-            tokenizer_dir: str | os.PathLike, *, card: str | None = None,
-            overwrite: bool = False) -> pathlib.Path:
-  """Writes a `BertForMaskedLM` directory (BERT only; the decoder is tied, so not stored),
-  with the model card `card`."""
-  if config.model_type != "bert":
-    raise ValueError(f"save_hf writes BertForMaskedLM; {config.model_type!r} has another LM head: "
-                     "export the encoder with convert.save_hf(encoder_params(params)) instead")
-  return convert.save_hf(out_dir, config.replace(use_pooler=False), params, tokenizer_dir,
-                         head=hf_names.MASKED_LM, card=card, overwrite=overwrite)
+def exports(config: model_lib.ModelConfig, params: dict) -> dict[str, tuple[model_lib.ModelConfig, dict, str | None]]:
+  """What a masked-LM run exports, by directory: (config, parameters, `hf_names` head) of
+  `hf-mlm`, a `BertForMaskedLM` (BERT only: RoBERTa / XLM-R have another LM head; the
+  decoder is tied, so not stored), and of `hf`, the encoder alone (`encoder_params`)."""
+  out = {"hf-mlm": (config.replace(use_pooler=False), params, hf_names.MASKED_LM)} if config.model_type == "bert" else {}
+  return out | {"hf": (config, encoder_params(params), None)}

@@ -9,53 +9,28 @@ training and held-out (`eval/*`) losses, the hardware and wall time, and the com
 
 A distill run's card is read from its workdir: `config.json`, `corpus.json`, `metrics.jsonl`
 (losses, and the tokens and seconds summed over its records) and `launch.json`, which
-`record_launch` fills at each start with the command line and the devices.
+`workdir.record_launch` fills at each start with the command line and the devices.
 """
 
 import dataclasses
 import json
 import pathlib
 import shlex
-import sys
 
 import huggingface_hub
-import jax
 
-from minilm_jax import atomic, hf_names, losses, sentence_transformers_files
+from minilm_jax import hf_names, losses, sentence_transformers_files
 from minilm_jax import checkpoint as checkpoint_lib
 from minilm_jax import model as model_lib
 from minilm_jax import workdir as workdir_lib
 from minilm_jax.metric_writer import read_metrics
 from minilm_jax.teachers import resolve_model_dir
 
-LAUNCH_FILE = "launch.json"
 # Packaged teachers' names on the Hugging Face Hub, for `base_model`.
 HUB_IDS = {"all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
 METHODS = {"v1": "MiniLM (Wang et al., 2020): self-attention distribution transfer and value relation",
            "v2": "MiniLMv2 (Wang et al., 2021): multi-head self-attention relation distillation",
            "mlm": "BERT masked-language-model pre-training from scratch (no teacher: the baseline)"}
-
-
-def _command() -> str | None:
-  """This process's command line, when it is `python -m minilm_jax ...`."""
-  if pathlib.Path(sys.argv[0]).parent.name != "minilm_jax":
-    return None
-  return shlex.join(["python", "-m", "minilm_jax", *sys.argv[1:]])
-
-
-def _devices() -> str:
-  return (f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-          f"{jax.process_count()} process(es)")
-
-
-def record_launch(workdir: pathlib.Path) -> None:
-  """Appends this start's command line and devices to the workdir's `launch.json` (process 0)."""
-  if jax.process_index() != 0:
-    return
-  path = pathlib.Path(workdir) / LAUNCH_FILE
-  launches = json.loads(path.read_text()) if path.is_file() else []
-  launches.append({"command": _command(), "devices": _devices(), "jax": jax.__version__})
-  atomic.write_file(path, json.dumps(launches, indent=2) + "\n")
 
 
 def _card(metadata: dict, title: str, sections: dict[str, list[str]]) -> str:
@@ -153,7 +128,7 @@ def _run_files(workdir: pathlib.Path, step: int) -> tuple[dict, dict, list, list
   cfg = workdir_lib.read_config(workdir)
   if cfg is None:
     raise FileNotFoundError(f"{workdir} holds no {workdir_lib.CONFIG_FILE}: not a distill run")
-  corpus_path, launch_path = workdir / workdir_lib.CORPUS_FILE, workdir / LAUNCH_FILE
+  corpus_path, launch_path = workdir / workdir_lib.CORPUS_FILE, workdir / workdir_lib.LAUNCH_FILE
   corpus = json.loads(corpus_path.read_text()) if corpus_path.is_file() else {}
   launches = json.loads(launch_path.read_text()) if launch_path.is_file() else []
   records = ([r for r in read_metrics(workdir, drop_torn_tail=True) if r["step"] <= step]
@@ -252,7 +227,7 @@ def for_finetune(cfg, run_dir: str | pathlib.Path, best: dict) -> str:
       f"{cfg.batch_size}, peak learning rate {cfg.learning_rate}, seed {cfg.seed}",
       f"- Exported epoch {best['epoch']}: training loss {best['train_loss']:.4f}, dev score "
       f"{best['score']:.4f}",
-      f"- Hardware: {_devices()}; wall time {_duration(_finetune_seconds(run_dir, cfg.batch_size))}",
+      f"- Hardware: {workdir_lib.devices()}; wall time {_duration(_finetune_seconds(run_dir, cfg.batch_size))}",
   ]
   return _card(meta, f"{cfg.model} fine-tuned on {cfg.task} (minilm_jax)", {
       "Training": training, "Reproduce": ["```bash", command, "```"],

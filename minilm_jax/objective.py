@@ -13,16 +13,17 @@ from typing import Callable
 import jax
 import numpy as np
 
-from minilm_jax import convert, hf_names, mlm
+from minilm_jax import convert, mlm
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 
 
-def choose(cfg: DistillConfig, setup: step_lib.Setup, tokenizer_dir) -> step_lib.Objective:
-  """The run's objective: `step.distillation`, or the masked LM with the tokenizer's ids."""
+def choose(cfg: DistillConfig, setup: step_lib.Setup, tokenizer) -> step_lib.Objective:
+  """The run's objective: `step.distillation`, or the masked LM with the ids of the teacher's
+  `tokenizer` (`tokenization.for_pretraining`'s; only the masked LM reads it)."""
   if cfg.objective == "mlm":
-    return step_lib.Objective(mlm.init_params, mlm.make_loss(setup.student, tokenizer_dir),
+    return step_lib.Objective(mlm.init_params, mlm.make_loss(setup.student, tokenizer),
                               has_teacher=False)
   return step_lib.distillation(setup)
 
@@ -32,12 +33,7 @@ def export(cfg: DistillConfig, workdir: pathlib.Path, config: model_lib.ModelCon
   """Writes the trained student as `hf/` (a masked-LM run also as `hf-mlm/`), each with its
   model card, `card(head)` (`model_card.for_run`); their paths."""
   params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), params)
-  paths = {}
-  if cfg.objective == "mlm":
-    if config.model_type == "bert":
-      paths["hf_mlm"] = str(mlm.save_hf(workdir / "hf-mlm", config, params, tokenizer_dir,
-                                        card=card(hf_names.MASKED_LM), overwrite=True))
-    params = mlm.encoder_params(params)
-  paths["hf"] = str(convert.save_hf(workdir / "hf", config, params, tokenizer_dir, card=card(),
-                                    overwrite=True))
-  return paths
+  exports = mlm.exports(config, params) if cfg.objective == "mlm" else {"hf": (config, params, None)}
+  return {name.replace("-", "_"): str(convert.save_hf(workdir / name, model, weights, tokenizer_dir, head=head,
+                                                      card=card(head), overwrite=True))
+          for name, (model, weights, head) in exports.items()}

@@ -122,6 +122,18 @@ def init_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransf
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), rng)
 
 
+def start_state(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation, mesh,
+                objective: Objective, teacher_params: nnx.State,
+                restore: Callable[[TrainState], TrainState] | None = None) -> TrainState:
+  """A run's first state, replicated on `mesh`: step 0 (`init_state`), or what `restore` (a
+  resumed run's checkpoint) fills into step 0's shapes."""
+  def step_zero():
+    return init_state(cfg, setup, optimizer, objective, teacher_params)
+  if restore is not None:
+    return restore(_placed(jax.eval_shape(step_zero), sharding.replicated(mesh)))
+  return jax.device_put(step_zero(), sharding.replicated(mesh))
+
+
 def dropout_key(rng: jax.Array, step: jax.Array, impl: str) -> jax.Array:
   """Step `step`'s dropout key of implementation `impl`: fold_in(threefry key `rng`, step)
   itself, or a key whose bits are drawn from it, so that the checkpointed state keeps
@@ -227,18 +239,21 @@ BATCH_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 def abstract_inputs(cfg: DistillConfig, setup: Setup, optimizer: optax.GradientTransformation, mesh,
                     objective: Objective | None = None):
-  """The step's arguments (state, teacher parameters, batch) as shapes placed on `mesh`:
-  what a checkpoint restores into and what ahead-of-time compilation lowers with."""
+  """The step's arguments (state, teacher parameters, batch) as shapes placed on `mesh`, with
+  no teacher weights: what ahead-of-time compilation (`aot`) lowers with."""
   objective = objective or distillation(setup)
-  def placed(tree, where):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
   replicated = sharding.replicated(mesh)
   fresh = dataclasses.replace(setup, student_init=())  # the same shapes, whatever the init
-  state = placed(jax.eval_shape(lambda: init_state(cfg, fresh, optimizer, objective)), replicated)
-  teacher = {} if not objective.has_teacher else placed(
+  state = _placed(jax.eval_shape(lambda: init_state(cfg, fresh, optimizer, objective)), replicated)
+  teacher = {} if not objective.has_teacher else _placed(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setup.teacher.dtype),
                    model_lib.abstract_params(setup.teacher)), replicated)
   shape = jax.ShapeDtypeStruct((cfg.global_batch_size, cfg.max_seq_len), jnp.int32,
                                sharding=sharding.batch_sharded(mesh))
   return state, teacher, {k: shape for k in BATCH_KEYS}
+
+
+def _placed(tree, where):
+  """`tree`'s shapes and dtypes, placed by the sharding `where`."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), tree)
 

@@ -65,8 +65,9 @@ def stage_configs(cfg: DistillConfig, teacher: model_lib.ModelConfig,
 
 def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig, workdir: pathlib.Path) -> list[Stage]:
   """What `distill` runs for `cfg` in `workdir`: itself, or the assistant stage then the student
-  stage, whose teacher is the assistant as its hf/config.json will hold it, so that every
-  stage can be checked against its teacher before the first starts."""
+  stage, whose teacher is the assistant as its hf/config.json will hold it (`student_model` of
+  a teacher read from config.json: float32, no cuDNN dropout, as every export writes), so that
+  every stage can be checked against its teacher before the first starts."""
   if not uses_assistant(cfg, teacher):
     return [Stage("", cfg, teacher, workdir)]
   if cfg.student_init != "random":  # an assistant of the teacher's width is the teacher's own cut
@@ -74,9 +75,8 @@ def stages(cfg: DistillConfig, teacher: model_lib.ModelConfig, workdir: pathlib.
                      "teacher's width, where a teacher assistant (for students at most half as wide) "
                      "would be the teacher itself: set teacher_assistant='off', or student_init='random'")
   assistant_cfg, student_cfg = stage_configs(cfg, teacher, workdir)
-  exported = model_lib.ModelConfig.from_hf(student_model(assistant_cfg, teacher).to_hf())
   return [Stage(ASSISTANT, assistant_cfg, teacher, workdir / ASSISTANT),
-          Stage(STUDENT, student_cfg, exported, workdir / STUDENT)]
+          Stage(STUDENT, student_cfg, student_model(assistant_cfg, teacher), workdir / STUDENT)]
 
 
 def check_layout(workdir: pathlib.Path, cfg: DistillConfig, two_stage: bool) -> None:

@@ -45,11 +45,15 @@ def check_fits(model_dir: str | pathlib.Path, vocab_size: int) -> pathlib.Path:
   """Checks that `model_dir`'s tokenizer.json exists and that its ids fit an embedding table
   of `vocab_size` rows (config.json's); returns its path."""
   path = pathlib.Path(model_dir).expanduser() / "tokenizer.json"
-  size = load(model_dir).get_vocab_size(with_added_tokens=True)
+  _check_size(load(model_dir), vocab_size, path)
+  return path
+
+
+def _check_size(tokenizer: tokenizers.Tokenizer, vocab_size: int, path: pathlib.Path) -> None:
+  size = tokenizer.get_vocab_size(with_added_tokens=True)
   if size > vocab_size:
     raise ValueError(f"{path} has {size} tokens but config.json vocab_size is {vocab_size}: "
                      "the tokenizer does not belong to this model; use the model's own tokenizer")
-  return path
 
 
 def plain(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -73,12 +77,17 @@ def _named_special(model_dir: pathlib.Path, key: str) -> str | None:
   return None
 
 
-def for_pretraining(model_dir: str | pathlib.Path) -> tuple[tokenizers.Tokenizer, SpecialIds]:
+def for_pretraining(model_dir: str | pathlib.Path,
+                    vocab_size: int | None = None) -> tuple[tokenizers.Tokenizer, SpecialIds]:
   """The `plain` tokenizer of a model directory, reading a literal "[SEP]" or "<s>" in the
   text as text, and its special token ids (named in the dir's special_tokens_map.json or
-  tokenizer_config.json, else BERT's, else XLM-R's)."""
+  tokenizer_config.json, else BERT's, else XLM-R's). With the model's `vocab_size`, its ids
+  are checked to fit the embedding table (`check_fits`), from the same single read."""
   model_dir = pathlib.Path(model_dir).expanduser()
-  tok = plain(load(model_dir))
+  tok = load(model_dir)
+  if vocab_size is not None:
+    _check_size(tok, vocab_size, model_dir / "tokenizer.json")
+  tok = plain(tok)
   tok.encode_special_tokens = True
   ids = {}
   for key, candidates in _SPECIAL_CANDIDATES.items():

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pathlib
+import shlex
 import socket
 import sys
 import time
@@ -33,6 +34,7 @@ from minilm_jax.config import DistillConfig
 
 CONFIG_FILE = "config.json"
 CORPUS_FILE = "corpus.json"
+LAUNCH_FILE = "launch.json"  # each start's command line and devices (`record_launch`), for model cards
 # Present while a run holds the workdir: its pid, host, start and command (hidden: not a result).
 LOCK_FILE = ".lock"
 # Fields that fix what the checkpoints contain or which batches follow them.
@@ -173,6 +175,29 @@ def write(workdir: pathlib.Path, cfg: DistillConfig, record: dict) -> None:
   atomic.write_file(workdir / CONFIG_FILE,
                     json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
   atomic.write_file(workdir / CORPUS_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _command() -> str | None:
+  """This process's command line, when it is `python -m minilm_jax ...`."""
+  if pathlib.Path(sys.argv[0]).parent.name != "minilm_jax":
+    return None
+  return shlex.join(["python", "-m", "minilm_jax", *sys.argv[1:]])
+
+
+def devices() -> str:
+  """The devices this run sees, in words (launch.json's and a model card's hardware)."""
+  return (f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+          f"{jax.process_count()} process(es)")
+
+
+def record_launch(workdir: pathlib.Path) -> None:
+  """Appends this start's command line and devices to the workdir's `launch.json` (process 0)."""
+  if jax.process_index() != 0:
+    return
+  path = pathlib.Path(workdir) / LAUNCH_FILE
+  launches = json.loads(path.read_text()) if path.is_file() else []
+  launches.append({"command": _command(), "devices": devices(), "jax": jax.__version__})
+  atomic.write_file(path, json.dumps(launches, indent=2) + "\n")
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import logging
 import jax
 import numpy as np
 import pytest
+import tokenizers
 
 from minilm_jax import checkpoint, cli, digests, distill
 from tiny import digest, fails, smoke_config
@@ -84,3 +85,15 @@ def test_resume_without_corpus_json_is_refused(run_copy, corpus):
                      r"\(steps \[2, 4\]\).*restore corpus.json, or use a new --workdir"):
     distill.run(smoke_config(corpus=corpus), run_copy)
   assert digest(run_copy) == before
+
+
+def test_a_checkpoint_whose_tokenizer_does_not_fit_its_model_is_refused(run_copy, tmp_path):
+  """checkpoints/tokenizer/ given ids past the embedding table: `restore_params` refuses it, so
+  `convert` writes no export that PyTorch would index out of range with."""
+  path = run_copy / "checkpoints" / checkpoint.TOKENIZER_DIR / "tokenizer.json"
+  tok = tokenizers.Tokenizer.from_file(str(path))
+  tok.add_tokens(["[extra-1]", "[extra-2]"])
+  tok.save(str(path))
+  message = fails(["convert", "--from-checkpoint", str(run_copy), "--to-hf", str(tmp_path / "hf")])
+  assert "tokenizer.json has 30524 tokens but config.json vocab_size is 30522" in message
+  assert not (tmp_path / "hf").exists()

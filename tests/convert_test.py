@@ -177,7 +177,7 @@ def test_error_unknown_name_does_not_download():
     convert.load_hf("bert-base-uncased")
 
 
-def test_existing_output_is_kept_whole(teacher, teacher_dir, tmp_path):
+def test_existing_output_is_kept_whole(teacher, teacher_dir, tmp_path, monkeypatch):
   config, params = teacher
   out = tmp_path / "hf"
   out.mkdir()
@@ -185,9 +185,14 @@ def test_existing_output_is_kept_whole(teacher, teacher_dir, tmp_path):
   result = cli("convert", "--from-hf", teacher_dir, "--to", out)
   assert result.returncode != 0 and "already exists" in result.stderr and "--overwrite" in result.stderr
   assert (out / "precious.txt").read_text() == "keep me"
-  # A failure half-way leaves the old directory untouched and no temporary behind.
-  with pytest.raises(ValueError, match="vocab_size"):
-    convert.save_hf(out, config.replace(vocab_size=10), params, teacher_dir, overwrite=True)
+  # A failure half-way (weights written, then the sentence-transformers files fail) leaves
+  # the old directory untouched and no temporary behind.
+  def fail(*args):
+    raise OSError("No space left on device")
+  with monkeypatch.context() as m:
+    m.setattr(convert.sentence_transformers_files, "copy", fail)
+    with pytest.raises(OSError, match="No space left"):
+      convert.save_hf(out, config, params, teacher_dir, overwrite=True)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
   assert (out / "precious.txt").read_text() == "keep me"
   convert.save_hf(out, config, params, teacher_dir, overwrite=True)

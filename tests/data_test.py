@@ -13,6 +13,7 @@ import transformers
 from minilm_jax import convert, corpus_tfds, data, documents, teachers, tokenization
 
 TEACHER = teachers.resolve_model_dir("all-MiniLM-L6-v2")
+TOKENIZER = tokenization.for_pretraining(TEACHER)
 BOOK = """The Project Gutenberg eBook of A Tiny Book
 
 This eBook is for the use of anyone anywhere.
@@ -32,7 +33,7 @@ Section 1. General Terms of Use and Redistributing Project Gutenberg eBooks
 
 @pytest.fixture(scope="module")
 def demo():
-  return data.pretraining_examples("demo", TEACHER, max_seq_len=64)
+  return data.pretraining_examples("demo", TOKENIZER, max_seq_len=64)
 
 
 def rows(examples):
@@ -76,13 +77,13 @@ def test_packing_keeps_every_token_once(demo, teacher_dir):
 
 def test_special_token_text_stays_text(tmp_path):
   (tmp_path / "doc.txt").write_text("a literal [SEP] and [CLS] in the text")
-  examples, _ = data.pretraining_examples(str(tmp_path / "doc.txt"), TEACHER)
+  examples, _ = data.pretraining_examples(str(tmp_path / "doc.txt"), TOKENIZER)
   ids = examples[0]["input_ids"]
   assert list(ids[:2]) == [101, 1037] and (ids == 102).sum() == 1 and (ids == 101).sum() == 1
 
 
 def test_two_segments_layout():
-  examples, stats = data.pretraining_examples("demo", TEACHER, max_seq_len=32, two_segments=True)
+  examples, stats = data.pretraining_examples("demo", TOKENIZER, max_seq_len=32, two_segments=True)
   special = tokenization.for_pretraining(TEACHER)[1]
   packed = [t for ex in rows(examples) for t in text_tokens(ex, special)]
   assert len(packed) == stats.tokens
@@ -184,9 +185,9 @@ def test_tfds_build_and_read_back(tmp_path):
   texts = sorted(source[i]["text"].decode() for i in range(len(source)))
   assert texts == sorted(documents.split_documents(documents.read_text(corpus)))
   assert len(texts) == 2 and texts[1].startswith("Chapter two")
-  from_tfds = data.pretraining_examples("tfds:text_corpus:train", TEACHER,
+  from_tfds = data.pretraining_examples("tfds:text_corpus:train", TOKENIZER,
                                         data_dir=str(tmp_path / "tfds"))[1]
-  from_file = data.pretraining_examples(str(corpus), TEACHER)[1]
+  from_file = data.pretraining_examples(str(corpus), TOKENIZER)[1]
   assert (from_tfds.documents, from_tfds.tokens) == (from_file.documents, from_file.tokens)
 
 
@@ -236,15 +237,15 @@ def test_text_files_gutenberg_xz_globs_and_doc_per_line(tmp_path):
 def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   (tmp_path / "empty.txt").write_text("\n\n  \n")
   with pytest.raises(ValueError, match="holds no text"):
-    data.pretraining_examples(str(tmp_path / "empty.txt"), TEACHER)
+    data.pretraining_examples(str(tmp_path / "empty.txt"), TOKENIZER)
   with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
-    data.pretraining_examples(str(tmp_path / "missing.txt"), TEACHER)
+    data.pretraining_examples(str(tmp_path / "missing.txt"), TOKENIZER)
   with pytest.raises(FileNotFoundError, match="matches no file"):
     documents.load_documents(str(tmp_path / "*.nothing"))
   packed = gzip.compress(" ".join(map(str, range(2000))).encode())
   (tmp_path / "corrupt.txt.gz").write_bytes(packed[:len(packed) // 2])  # cut mid-stream
   with pytest.raises(ValueError, match="cannot read corpus file .*corrupt.txt.gz"):
-    data.pretraining_examples(str(tmp_path / "corrupt.txt.gz"), TEACHER)
+    data.pretraining_examples(str(tmp_path / "corrupt.txt.gz"), TOKENIZER)
   (tmp_path / "plain.gz").write_text("not gzip at all")
   with pytest.raises(ValueError, match="cannot read corpus file .*plain.gz.*BadGzipFile"):
     documents.load_documents(str(tmp_path / "plain.gz"))
@@ -252,7 +253,7 @@ def test_bad_input_raises_clear_errors(tmp_path, teacher_dir):
   with pytest.raises(ValueError, match="must be UTF-8"):
     documents.load_documents(str(tmp_path / "latin1.txt"))
   with pytest.raises(FileNotFoundError, match="not prepared .*--build-tfds"):
-    data.pretraining_examples("tfds:wikipedia/20230601.en", TEACHER, data_dir=str(tmp_path))
+    data.pretraining_examples("tfds:wikipedia/20230601.en", TOKENIZER, data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="needs a data_dir"):
     corpus_tfds.build_text_corpus(str(tmp_path / "empty.txt"), None)
   with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
@@ -284,7 +285,7 @@ def sentencepiece_dir(tmp_path):
 def test_sentencepiece_specials(tmp_path):
   model_dir, tok = sentencepiece_dir(tmp_path)
   (model_dir / "corpus.txt").write_text("the quick fox and the dog.\n\nthe dogs\n")
-  examples, stats = data.pretraining_examples(str(model_dir / "corpus.txt"), model_dir,
+  examples, stats = data.pretraining_examples(str(model_dir / "corpus.txt"), tokenization.for_pretraining(model_dir),
                                               max_seq_len=8)
   special = tokenization.for_pretraining(model_dir)[1]
   assert (special.cls, special.pad, special.sep) == (0, 1, 2)
@@ -324,7 +325,7 @@ def test_data_cli_builds_tfds_and_shows_it(tmp_path, capsys):
   cli.main(["data", "--corpus", "tfds:text_corpus", "--data-dir", str(tmp_path / "tfds"),
             "--tokenizer", str(TEACHER), "--max-seq-len", "32", "--show", "1"])
   out = capsys.readouterr().out
-  stats = data.pretraining_examples(str(tmp_path / "book.txt"), TEACHER, max_seq_len=32)[1]
+  stats = data.pretraining_examples(str(tmp_path / "book.txt"), TOKENIZER, max_seq_len=32)[1]
   assert out.startswith("--- example 0 (") and "\n[CLS] chapter" in out  # TFDS orders by key hash
   assert f"2 documents, {stats.tokens:,} tokens, {stats.examples} examples of 32 tokens" in out
   with pytest.raises(SystemExit, match="not prepared"):

@@ -14,7 +14,7 @@ import torch
 import tqdm
 import transformers
 
-from minilm_jax import checkpoint, cli, data, distill, distill_loop, model as model_lib, preemption
+from minilm_jax import checkpoint, cli, data, distill, distill_loop, model as model_lib, preemption, tokenization
 from minilm_jax.metric_writer import read_metrics
 from tiny import comparable, params_of, smoke_config
 
@@ -137,8 +137,8 @@ def test_tokens_per_sec_counts_real_tokens(tmp_path):
   corpus.write_text("".join(f"Sentence number {i} is short{'.' * (i % 7)}\n" for i in range(64)))
   cfg = smoke_config(corpus=str(corpus), doc_per_line=True, export_hf=False)
   distill.run(cfg, tmp_path / "run")
-  examples, _ = data.pretraining_examples(str(corpus), distill.resolve_model_dir(cfg.teacher),
-                                          max_seq_len=cfg.max_seq_len, doc_per_line=True)
+  tokenizer = tokenization.for_pretraining(distill.resolve_model_dir(cfg.teacher))
+  examples, _ = data.pretraining_examples(str(corpus), tokenizer, max_seq_len=cfg.max_seq_len, doc_per_line=True)
   iterator = data.batch_iterator(examples, global_batch_size=cfg.global_batch_size, seed=cfg.seed)
   real = [int(next(iterator)["attention_mask"].sum()) for _ in range(cfg.max_steps)]
   records = read_metrics(tmp_path / "run")

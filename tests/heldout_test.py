@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from minilm_jax import data, distill, heldout, losses, sharding, teachers, workdir
+from minilm_jax import data, distill, heldout, losses, sharding, teachers, tokenization, workdir
 from minilm_jax import model as model_lib
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig, check_config
@@ -22,7 +22,7 @@ TEACHER = teachers.resolve_model_dir("all-MiniLM-L6-v2")
 
 @pytest.fixture(scope="module")
 def demo():
-  return data.pretraining_examples("demo", TEACHER, max_seq_len=32)[0]
+  return data.pretraining_examples("demo", tokenization.for_pretraining(TEACHER), max_seq_len=32)[0]
 
 
 def rows_of(batch) -> collections.Counter:
@@ -180,12 +180,13 @@ import json, sys
 import jax, numpy as np
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/.."]
 from tiny import tiny_cfg
-from minilm_jax import convert, data, heldout, model as model_lib, sharding, step as step_lib, teachers
-config, params = convert.load_hf(teachers.resolve_model_dir("all-MiniLM-L6-v2"))
+from minilm_jax import convert, data, heldout, model as model_lib, sharding, step as step_lib, teachers, tokenization
+teacher = teachers.resolve_model_dir("all-MiniLM-L6-v2")
+config, params = convert.load_hf(teacher)
 setup = step_lib.make_setup(tiny_cfg(), config)
 student, tp = model_lib.init_params(setup.student, seed=5), step_lib.truncate_teacher(setup, params)
-held = data.hold_out(data.pretraining_examples("demo", teachers.resolve_model_dir("all-MiniLM-L6-v2"),
-                                               max_seq_len=32)[0], 2, seed=0)[1]
+held = data.hold_out(data.pretraining_examples("demo", tokenization.for_pretraining(teacher), max_seq_len=32)[0],
+                     2, seed=0)[1]
 out = {}
 for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
   evaluation = heldout.Evaluation(step_lib.distillation(setup).loss, sharding.make_mesh(devices), held,

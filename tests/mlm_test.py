@@ -99,7 +99,8 @@ def test_loss_matches_numpy():
 def test_head_logits_match_transformers(tmp_path, teacher_dir):
   params = mlm.init_params(TINY, seed=0)
   params["head"] = _randomized(params["head"])
-  out = mlm.save_hf(tmp_path / "hf-mlm", TINY, params, teacher_dir)
+  config, lm_params, head = mlm.exports(TINY, params)["hf-mlm"]
+  out = convert.save_hf(tmp_path / "hf-mlm", config, lm_params, teacher_dir, head=head)
   torch_model, info = transformers.BertForMaskedLM.from_pretrained(out, output_loading_info=True)
   assert not any(info.values()), info  # no missing, unexpected or mismatched weights
   batch = packed_batch()

@@ -54,7 +54,7 @@ def pipeline_rate(examples, *, worker_count: int, batch_size: int, batches: int,
       it.close()
 
 
-def _tfds_rows(files: str, tokenizer_dir) -> list[str]:
+def _tfds_rows(files: str, tokenizer) -> list[str]:
   """The corpus built as a TFDS array_record dataset in a temporary folder, and read back."""
   rows, data_dir = [], pathlib.Path(tempfile.mkdtemp(prefix="minilm_tfds_"))
   try:
@@ -64,7 +64,7 @@ def _tfds_rows(files: str, tokenizer_dir) -> list[str]:
                 f"{time.perf_counter() - start:.2f} s |")
     print(rows[-1], flush=True)
     start = time.perf_counter()
-    _, stats = data.pretraining_examples("tfds:text_corpus", tokenizer_dir, data_dir=str(data_dir))
+    _, stats = data.pretraining_examples("tfds:text_corpus", tokenizer, data_dir=str(data_dir))
     rows.append(f"| pretraining_examples from that TFDS dataset, seq 128 | "
                 f"{time.perf_counter() - start:.2f} s ({stats.tokens:,} tokens) |")
     print(rows[-1], flush=True)
@@ -96,8 +96,8 @@ def main(argv=None):
   start = time.perf_counter()
   docs = documents.load_documents(files)
   read_s = time.perf_counter() - start
-  tokenizer_dir = teachers.resolve_model_dir(args.tokenizer)
-  tok, _ = tokenization.for_pretraining(tokenizer_dir)
+  tokenizer = tokenization.for_pretraining(teachers.resolve_model_dir(args.tokenizer))
+  tok, _ = tokenizer
   n_tokens = sum(len(d) for d in data.encode_documents(tok, docs))
   tok_s = best_seconds(lambda: data.encode_documents(tok, docs), args.repeats)
   chars = sum(len(d) for d in docs)
@@ -111,7 +111,7 @@ def main(argv=None):
   for seq in (128, 512):
     for doc_per_file in (True, False):
       start = time.perf_counter()
-      examples, stats = data.pretraining_examples(files, tokenizer_dir, max_seq_len=seq,
+      examples, stats = data.pretraining_examples(files, tokenizer, max_seq_len=seq,
                                                   doc_per_file=doc_per_file)
       rows.append(f"| pretraining_examples seq {seq}, document = "
                   f"{'file' if doc_per_file else 'blank-line block'} (read+tokenize+pack) | "
@@ -126,7 +126,7 @@ def main(argv=None):
                   f"(best of {args.repeats} x {args.batches} batches) | {rate:,.0f} examples/s |")
       print(rows[-1], flush=True)
 
-  rows += _tfds_rows(files, tokenizer_dir)
+  rows += _tfds_rows(files, tokenizer)
   rows.append(f"\nLoad average at the end: {os.getloadavg()[0]:.1f}.")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)

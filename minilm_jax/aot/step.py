@@ -16,7 +16,7 @@ import dataclasses
 import pathlib
 import time
 
-from minilm_jax import convert, loops, objective, sharding, teacher_assistant
+from minilm_jax import convert, loops, objective, sharding, teacher_assistant, tokenization
 from minilm_jax import step as step_lib
 from minilm_jax import model as model_lib
 from minilm_jax.config import DistillConfig
@@ -83,7 +83,7 @@ def model_flops(setup: step_lib.Setup, cfg: DistillConfig, batch: int) -> float 
 def _lower(stage: Stage, mesh, tokenizer_dir):
   cfg = stage.cfg
   setup = step_lib.make_setup(cfg, stage.teacher, platform="tpu")
-  goal = objective.choose(cfg, setup, tokenizer_dir)
+  goal = objective.choose(cfg, setup, tokenization.for_pretraining(tokenizer_dir) if tokenizer_dir else None)
   _, optimizer, step = step_lib.make_step(cfg, setup, mesh, goal)
   return setup, step.lower(*step_lib.abstract_inputs(cfg, setup, optimizer, mesh, goal))
 
