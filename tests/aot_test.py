@@ -134,7 +134,7 @@ def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
   def fake(stage, pod, tokenizer_dir=None, counted=True):
     b = stage.cfg.global_batch_size // 4
     asked.append(b)
-    row = {"fits": b <= 44, "batch_per_device": b, "loops": [], "capacity": 46.5 * gib}
+    row = {"fits": b <= 44, "batch_per_device": b, "loops": [], "capacity": 46.5 * gib, "compile_seconds": 60.0}
     if row["fits"]:
       return row | {"hbm": {"temporaries": b * gib, "total": (b + 2) * gib}}
     return row | {"out_of_memory": {"temporaries": b * gib, "available": 44.5 * gib}}
@@ -142,7 +142,7 @@ def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
   pod = chips.Slice("v5e:2x2", chips.CHIPS["v5e"], tuple(range(4)), 4, 1)
   row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
   assert row["batch_per_device"] == 40 and row["largest_batch"] and asked == [8, 16, 40, 48]
-  assert row["search_compiles"] == 4
+  assert row["search_compiles"] == 4 and row["search_seconds"] == 240
 
 
 def test_the_largest_batch_search_survives_memory_that_is_not_linear(monkeypatch):
@@ -154,7 +154,7 @@ def test_the_largest_batch_search_survives_memory_that_is_not_linear(monkeypatch
     b = stage.cfg.global_batch_size // 4
     asked.append(b)
     need = b * b / 100 * gib
-    row = {"fits": b <= 75, "batch_per_device": b, "loops": [], "capacity": 58.25 * gib}
+    row = {"fits": b <= 75, "batch_per_device": b, "loops": [], "capacity": 58.25 * gib, "compile_seconds": 1.0}
     if row["fits"]:
       return row | {"hbm": {"temporaries": need, "total": need + gib}}
     return row | {"out_of_memory": {"temporaries": need, "available": 57.25 * gib}}

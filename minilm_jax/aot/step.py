@@ -192,6 +192,9 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
   def compiled(batch: int) -> dict:
     if batch not in rows:
       rows[batch] = compile_stage(at_batch(stage, batch, pod), pod, tokenizer_dir, counted=False)
+      print(f"  {pod.name}, seq {stage.cfg.max_seq_len}: {batch} per device "
+            f"{'fits' if rows[batch]['fits'] else 'does not fit'} ({100 * _load(rows[batch]):.0f}% of the "
+            f"room for temporaries; {rows[batch]['compile_seconds']:.0f} s)", flush=True)
     return rows[batch]
 
   if not compiled(start)["fits"]:
@@ -213,4 +216,4 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
     guess = int(guess)
   row = recount(rows[low], at_batch(stage, low, pod), pod, tokenizer_dir) if counted else rows[low]
   return row | {"largest_batch": True, "search_compiles": len(rows),
-                "search_seconds": sum(r.get("compile_seconds", 0.0) for r in rows.values())}
+                "search_seconds": sum(r["compile_seconds"] for r in rows.values())}
