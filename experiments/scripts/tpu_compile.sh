@@ -16,7 +16,7 @@ parts=${*:-after paper maxbatch}
 mkdir -p "$rows"
 export JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
-compile() { $py -m minilm_jax compile --out "$rows/$part.jsonl" "$@" 2>&1 | grep -v "WARNING\|E0000\|Source Loc\|learning/45\|InitGoogle\|host bounds"; }
+compile() { $py -m minilm_jax compile --out "$rows/$part.jsonl" "$@" 2>&1 | grep --line-buffered -v "WARNING\|E0000\|Source Loc\|learning/45\|InitGoogle\|host bounds"; }
 for part in $parts; do
   case $part in
     after)
