@@ -57,7 +57,7 @@ class DistillConfig:
   student_attention_dropout: float = 0.1  # dropout on the student's attention probabilities (BERT: 0.1)
   fused_attention_dropout: bool = False  # GPU: that dropout fused in cuDNN (faster; its masks do not resume exactly)
   compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
-  dropout_prng: str = "auto"          # dropout keys' jax.random impl; "auto" = rbg on GPU/TPU, threefry2x32 on CPU
+  dropout_prng: str = "auto"          # dropout keys' jax.random impl; "auto" = rbg on a GPU, threefry2x32 on CPU/TPU
   # Data.
   corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
   data_dir: str = ""                  # TFDS data_dir for tfds: corpora
@@ -91,7 +91,7 @@ class DistillConfig:
     """`dropout_prng` on `platform`, the one the step is compiled for (default: this host's)."""
     if self.dropout_prng != "auto":
       return self.dropout_prng
-    return "threefry2x32" if (platform or jax.default_backend()) == "cpu" else "rbg"
+    return "rbg" if (platform or jax.default_backend()) == "gpu" else "threefry2x32"
 
   def resolved_dtype(self, platform: str | None = None) -> str:
     """`compute_dtype` on `platform`, the one the step is compiled for (default: this host's)."""

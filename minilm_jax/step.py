@@ -8,15 +8,18 @@ The step is data-parallel over a `('data',)` mesh (see `sharding.py`): the batch
 sharded, everything else replicated, the student state donated. Gradient accumulation
 runs micro-batches in a `lax.scan` inside the step (one micro-batch needs no loop) and
 weights each by its real tokens, so any number of micro-batches gives the big batch's
-exact loss and gradient. On a GPU or TPU dropout masks come from "rbg" keys
-(`dropout_prng="auto"`): XLA's RngBitGenerator (Philox on a GPU) where the default threefry
+exact loss and gradient. On a GPU dropout masks come from "rbg" keys
+(`dropout_prng="auto"`): XLA's RngBitGenerator (Philox there) where the default threefry
 spends one 20-round hash per random word. Per the `jax.random` docs its bits are
 deterministic per key on one platform and identical across shardings, so exact resume and
-the one-device = N-device equality hold (they differ between CPU, GPU and TPU, and each
-device generates the whole array rather than its shard). On a CPU XLA's RngBitGenerator is
-slower than threefry (`experiments/results/dropout-prng-cpu.md`), so "auto" keeps threefry
-there. jax.random's own Philox is cheaper still, but on jax 0.10 a sharded step using it does
-not compile (its `mulhi` fails the MHLO -> StableHLO conversion).
+the one-device = N-device equality hold (they differ between CPU, GPU and TPU), but each
+device generates the whole global array rather than its shard. On a TPU slice that costs
+more than the hashes: compiled for v5e:2x2 the BERT-base step at 64 x 128 per chip moves 2.0
+GB more with rbg than with threefry, whose partitionable bits each chip draws for its shard
+alone (`experiments/results/tpu-compile.md`), and the waste grows with the slice. On a CPU
+XLA's RngBitGenerator is slower than threefry (`experiments/results/dropout-prng-cpu.md`). So
+"auto" is threefry on a CPU or TPU. jax.random's own Philox is cheaper still, but on jax 0.10
+a sharded step using it does not compile (its `mulhi` fails the MHLO -> StableHLO conversion).
 """
 
 import dataclasses

@@ -4,6 +4,7 @@ off the compiled program."""
 import dataclasses
 import importlib.util
 import json
+import re
 
 import jax
 import pytest
@@ -35,8 +36,8 @@ def test_the_step_compiles_for_a_tpu_with_every_auto_resolved_for_it():
   row = step_lib.compile_stage(step_lib.Stage("", TINY, TEACHER), pod)
   assert (pod.chips, pod.hosts, row["devices"], row["batch_per_device"]) == (4, 1, 4, 2)
   setup = core_step.make_setup(TINY, TEACHER, platform="tpu")
-  # "auto" is bf16 compute and rbg dropout keys on a TPU, though this host is a CPU.
-  assert (setup.teacher.dtype, setup.student.dtype, setup.dropout_prng) == ("bfloat16", "bfloat16", "rbg")
+  # "auto" is bf16 compute and threefry (partitionable) dropout keys on a TPU, as on this CPU host.
+  assert (setup.teacher.dtype, setup.student.dtype, setup.dropout_prng) == ("bfloat16", "bfloat16", "threefry2x32")
   # XLA's argument bytes are the state and teacher (replicated) and a quarter of the batch,
   # plus the padding of TPU tiles (8 x 128 for matrices: up to a quarter at these widths).
   mesh = sharding.make_mesh(list(pod.devices))
@@ -123,6 +124,16 @@ def test_a_config_that_uses_an_assistant_compiles_as_its_two_stages():
   assert (student.name, student.teacher.num_layers, student.teacher.hidden_size) == ("student", 12, 384)
   assert student.cfg.student_layers == 6
 
+
+@needs_libtpu
+def test_each_chip_draws_the_dropout_bits_of_its_own_shard_only():
+  """rbg keys (XLA's RngBitGenerator, which is not partitioned) made each of the 4 chips draw the
+  hidden dropout bits of the whole batch, u32[8, 128, 64]: 4 times its share, 16 times on a
+  16-chip slice. The TPU's "auto" keys (threefry, partitionable) draw u32[2, 128, ...] per chip."""
+  pod = chips.pod_slice("v5e:2x2")
+  lowered = step_lib._lower(step_lib.Stage("", TINY, TEACHER), sharding.make_mesh(list(pod.devices)), None)[1]
+  drawn = set(re.findall(r"u32\[(\d+),128,", lowered.compile().as_text()))
+  assert drawn == {"2"}, drawn
 
 def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
   """A fake compiler whose temporaries grow by 1 GiB per sequence beside 44.5 GiB of room:

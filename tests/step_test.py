@@ -55,7 +55,7 @@ print(json.dumps({"devices": jax.device_count(), "loss_one": out["one"][0], "los
 """
 
 
-@pytest.mark.parametrize("prng", ["threefry2x32", "rbg"])  # CPU's default, accelerators' default
+@pytest.mark.parametrize("prng", ["threefry2x32", "rbg"])  # the CPU's and TPU's default, the GPU's
 def test_eight_devices_equal_one_device(prng):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
          "PATH": "/usr/bin:/bin"}
