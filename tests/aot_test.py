@@ -222,21 +222,22 @@ def test_a_slice_is_named_by_generation_and_shape():
     chips.pod_slice("v5e")
 
 
-def _row(config, dropout, mfu, gb, batch=64, seq=128):
+def _row(config, dropout, mfu, gb, batch=64, seq=128, keys="threefry2x32"):
   return {"config": config, "stage": "", "slice": "v5e:2x2", "batch_per_device": batch, "seq": seq,
-          "student_attention_dropout": dropout, "hbm": {"total": 2 * 2**30}, "bytes_accessed": gb * 1e9,
+          "student_attention_dropout": dropout, "dropout_prng": keys, "hbm": {"total": 2 * 2**30}, "bytes_accessed": gb * 1e9,
           "flop_time": 0.0095, "byte_time": gb * 1e9 / 819e9, "mfu_bound": mfu}
 
 
 def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets():
-  before = [_row("base-v1-attn0", 0, 0.29, 26.3) | {"model_flops": 0.29 * 0.0321 * 197e12, "xla_flops": 1.87e12}]
+  before = [_row("base-v1-attn0", 0, 0.29, 26.3, keys="rbg") | {"model_flops": 0.29 * 0.0321 * 197e12, "xla_flops": 1.87e12}]
   unrolled = _row("base-v1", 0, 0.20, 40.0) | {"model_flops": 1.83e12, "xla_flops": 1.9e12}
   after = [unrolled | {"as_compiled": {"xla_flops": 1.8e12, "bytes_accessed": 22.3e9}},
            _row("base-v2", 0, 0.55, 12.0) | {"model_flops": 1.83e12, "xla_flops": 1.8e12}]
   table = report.before_after(before, after, 197e12, 819e9)
   # Before and after as XLA counts loops (once); the unrolled, true counts of the after row.
-  assert "| base-v1 | 64 x 128 | 0 | 2.00 -> 2.00 | 26.3 -> 22.3 | 29% -> 34% | 40.0 | 9.5 / 48.8 | 20% |" in table
-  assert "| base-v2 | 64 x 128 | 0 | (not compiled) -> 2.00 |" in table
+  assert ("| base-v1 | 64 x 128 | 0 | rbg -> threefry2x32 | 2.00 -> 2.00 | 26.3 -> 22.3 | 29% -> 34% | 40.0 | "
+          "9.5 / 48.8 | 20% |") in table
+  assert "| base-v2 | 64 x 128 | 0 | (not compiled) -> threefry2x32 | (not compiled) -> 2.00 |" in table
   targets = tpu_compile_report.targets(after)
   assert "| base-v1 | 64 x 128 | 20% | >= 50% | no |" in targets  # the unrolled, true bound
   assert "| base-v2 | 64 x 128 | 55% | >= 50% | yes |" in targets

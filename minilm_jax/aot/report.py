@@ -40,14 +40,14 @@ def line(row: dict) -> str:
 
 def table(rows: Sequence[dict]) -> str:
   """Every field of `rows` that a reader compares, one row each."""
-  head = ("| config | stage | slice | chips / hosts | batch x seq per device | attn dropout | HBM GiB "
+  head = ("| config | stage | slice | chips / hosts | batch x seq per device | attn dropout | dropout keys | HBM GiB "
           "(args / temp / total of capacity) | fits | XLA TFLOP | model TFLOP | GB accessed | FLOP ms | "
           "byte ms | tokens/s/device bound | MFU bound | collectives | compile s |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "out_of_memory" in r:
       out.append(f"| {r['config']} | {r['stage'] or '-'} | {r['slice']} | {r['chips']} / {r['hosts']} | "
-                 f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | needs "
+                 f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | {r['dropout_prng']} | needs "
                  f"{r['out_of_memory']['temporaries'] / GIB:.1f} of temporaries, {r['capacity'] / GIB:.2f} "
                  f"available | no |" + " - |" * 8 + f" {r['compile_seconds']:.0f} |")
       continue
@@ -56,7 +56,7 @@ def table(rows: Sequence[dict]) -> str:
     model = "-" if r["model_flops"] is None else f"{r['model_flops'] / 1e12:.2f}"
     out.append(
         f"| {r['config']} | {r['stage'] or '-'} | {r['slice']} | {r['chips']} / {r['hosts']} | "
-        f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | "
+        f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | {r['dropout_prng']} | "
         f"{hbm['arguments'] / GIB:.2f} / {hbm['temporaries'] / GIB:.2f} / {hbm['total'] / GIB:.2f} of "
         f"{r['capacity'] / GIB:.0f} | {'yes' if r['fits'] else 'no'} | {r['xla_flops'] / 1e12:.2f} | {model} | "
         f"{r['bytes_accessed'] / 1e9:.1f} | {1e3 * r['flop_time']:.1f} | {1e3 * r['byte_time']:.1f} | "
@@ -99,9 +99,9 @@ def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, ban
   unrolled counts, the true ones, follow.
   """
   old = {_key(r): r for r in before}
-  out = [f"| workload | batch x seq per chip | attn dropout | HBM GiB | GB accessed, {compared} | "
+  out = [f"| workload | batch x seq per chip | attn dropout | dropout keys | HBM GiB | GB accessed, {compared} | "
          f"MFU bound, {compared} | GB accessed, unrolled | FLOP / byte ms, unrolled | MFU bound, unrolled |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "|---|---|---|---|---|---|---|---|---|---|"]
 
   def mfu_once(r: dict) -> str:
     return _mfu(roofline(_once(r), r["model_flops"], peak, bandwidth))
@@ -110,7 +110,8 @@ def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, ban
     b = old.get(_key(r))
     pair = lambda f: f"{f(b)} -> {f(r)}" if b else f"(not compiled) -> {f(r)}"
     out.append(f"| {r['config'].removesuffix('-attn0')} | {r['batch_per_device']} x {r['seq']} | "
-               f"{r['student_attention_dropout']:g} | {pair(lambda x: format(x['hbm']['total'] / GIB, '.2f'))} | "
+               f"{r['student_attention_dropout']:g} | {pair(lambda x: x['dropout_prng'])} | "
+               f"{pair(lambda x: format(x['hbm']['total'] / GIB, '.2f'))} | "
                f"{pair(lambda x: format(moved_bytes(_once(x)) / 1e9, '.1f'))} | {pair(mfu_once)} | "
                f"{moved_bytes(r) / 1e9:.1f} | "
                f"{1e3 * r['flop_time']:.1f} / {1e3 * r['byte_time']:.1f} | "
