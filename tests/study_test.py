@@ -120,6 +120,10 @@ def test_the_layer_init_part_plans_and_reports_its_arms_alone(tmp_path):
   paths = study.Paths.make(tmp_path / "runs", None)
   names = [name for name, _, _ in study.plan(budget, paths, {"distill", "finetune"}, "layer-init")]
   assert names[:2] == ["pretrain minilm-v2-layers246", "export teacher-layers-246"]
+  # seed by seed, every arm: a run cut short still compares them
+  assert [n.rsplit(" ", 3)[0] for n in names[2:14:4]] == ["finetune teacher-layers-246", "finetune minilm-v2-layers246",
+                                                         "finetune truncated-L3"]
+  assert {n.rsplit(" ", 1)[1] for n in names[2:14]} == {"0"} and len(names) == 2 + 3 * 3 * 4
   assert len(names) == 2 + 3 * 3 * 4 and "finetune truncated-L3 sst2 seed 0" in names
   for seed in range(3):
     for label, base in (("minilm-v2-layers246", 0.60), ("teacher-layers-246", 0.50), ("truncated-L3", 0.59)):

@@ -267,9 +267,11 @@ def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> l
   if "finetune" in stages:
     jobs.append((f"export {untrained}", (paths.out / "models" / untrained / "config.json").is_file,
                  lambda: export_layer_init(paths)))
-  ft(untrained, budget.layer_init_seeds)
-  ft(distilled, budget.layer_init_seeds)
-  ft(f"truncated-L{layers}", [s for s in budget.layer_init_seeds if part != "all" or s not in budget.seeds])
+  truncated = [s for s in budget.layer_init_seeds if part != "all" or s not in budget.seeds]
+  for seed in budget.layer_init_seeds:  # seed by seed: a run cut short still compares every arm
+    ft(untrained, [seed])
+    ft(distilled, [seed])
+    ft(f"truncated-L{layers}", [seed] if seed in truncated else [])
   return jobs
 
 
