@@ -94,7 +94,8 @@ def write(rows_dir: pathlib.Path) -> str:
   if xla_relation := report.read(rows_dir / "xla-relation.jsonl"):
     parts += ["### The relation KL's share\n",
               "The same compiles with splash attention and 8-bit masks but the relation KL left to XLA's "
-              "blocks (loops unrolled), against the after rows:\n",
+              "blocks (loops unrolled), against the after rows; those compiles had rbg dropout keys, so "
+              "where the after row has threefry keys the difference holds both changes:\n",
               report.before_after([{k: v for k, v in r.items() if k != "as_compiled"} for r in xla_relation],
                                   after, chips.CHIPS["v5e"].peak_flops, chips.CHIPS["v5e"].hbm_bandwidth,
                                   compared="unrolled, left -> right")]
