@@ -14,7 +14,7 @@ from minilm_jax import convert, step as step_lib
 @pytest.mark.parametrize("name", sorted(study.BUDGETS))
 def test_budgets_make_valid_runs_with_equal_tokens(name, teacher, tmp_path):
   budget = study.BUDGETS[name]
-  paths = study.Paths.make(tmp_path, None)
+  paths = study.Paths.make(tmp_path, tmp_path / "record", None)
   configs = [study.distill_config(budget, paths, m) for m in study.METHODS]
   for cfg in configs:
     step_lib.make_setup(cfg, teacher[0])
@@ -29,7 +29,7 @@ def test_budgets_make_valid_runs_with_equal_tokens(name, teacher, tmp_path):
 
 def test_plan_puts_the_headline_first_and_skips_finished_runs(tmp_path):
   budget = study.BUDGETS["cpu"]
-  paths = study.Paths.make(tmp_path, None)
+  paths = study.Paths.make(tmp_path, tmp_path / "record", None)
   names = [name for name, _, _ in study.plan(budget, paths, {"distill", "finetune"})]
   assert names[0] == "pretrain minilm-v1"
   assert names.index("finetune random-L3 sst2 seed 0") < names.index("pretrain minilm-v2")
@@ -106,7 +106,7 @@ def test_layer_init_target_takes_every_seed_and_the_seeds_spread(tmp_path):
 
 
 def test_the_undistilled_layer_init_arm_is_the_teacher_cut_to_its_layers(teacher, tmp_path):
-  study.export_layer_init(study.Paths.make(tmp_path, None))
+  study.export_layer_init(study.Paths.make(tmp_path, tmp_path / "record", None))
   config, params = convert.load_hf(tmp_path / "models" / study_report.LAYER_INIT_ARMS[0])
   got, want = params.to_pure_dict(), teacher[1].to_pure_dict()
   assert config.num_layers == 3 and set(got) == set(want)
@@ -117,18 +117,48 @@ def test_the_undistilled_layer_init_arm_is_the_teacher_cut_to_its_layers(teacher
 
 def test_the_layer_init_part_plans_and_reports_its_arms_alone(tmp_path):
   budget = study.BUDGETS["cpu"]
-  paths = study.Paths.make(tmp_path / "runs", None)
+  paths = study.Paths.make(tmp_path / "runs", tmp_path / "record", None)
   names = [name for name, _, _ in study.plan(budget, paths, {"distill", "finetune"}, "layer-init")]
-  assert names[:2] == ["pretrain minilm-v2-layers246", "export teacher-layers-246"]
-  # seed by seed, every arm: a run cut short still compares them
-  assert [n.rsplit(" ", 3)[0] for n in names[2:14:4]] == ["finetune teacher-layers-246", "finetune minilm-v2-layers246",
-                                                         "finetune truncated-L3"]
-  assert {n.rsplit(" ", 1)[1] for n in names[2:14]} == {"0"} and len(names) == 2 + 3 * 3 * 4
-  assert len(names) == 2 + 3 * 3 * 4 and "finetune truncated-L3 sst2 seed 0" in names
+  # the distilled arm's every seed while its pre-trained model is in the run folder, then seed by
+  # seed the two others
+  assert names[0] == "pretrain minilm-v2-layers246" and names[13] == "export teacher-layers-246"
+  assert {n.rsplit(" ", 3)[0] for n in names[1:13]} == {"finetune minilm-v2-layers246"}
+  assert [n.rsplit(" ", 3)[0] for n in names[14:22:4]] == ["finetune teacher-layers-246", "finetune truncated-L3"]
+  assert {n.rsplit(" ", 1)[1] for n in names[14:22]} == {"0"} and len(names) == 2 + 3 * 3 * 4
   for seed in range(3):
     for label, base in (("minilm-v2-layers246", 0.60), ("teacher-layers-246", 0.50), ("truncated-L3", 0.59)):
-      _write_runs(tmp_path / "runs" / "finetune", label, seed, [base + 0.01 * seed] * 4)
+      _write_runs(paths.record / "finetune", label, seed, [base + 0.01 * seed] * 4)
   study_report.write_layer_init("cpu", budget, paths, tmp_path / "results", study)
   text = (tmp_path / "results" / "study-cpu-layer-init.md").read_text()
   assert "| teacher-layers-246 | none (baseline) | 51.0 ± 1.0 (3) |" in text
   assert "| teacher-layers-246 | +10.0 | 2.0 | met |" in text and "minilm-v2-layers246: not started" in text
+
+
+def test_a_study_goes_on_from_its_record_in_a_new_checkout(tmp_path):
+  """Finished runs' results are recorded (never replaced); a new run folder skips the recorded
+  fine-tuning runs, and the pre-training and export that only they read."""
+  budget = study.BUDGETS["cpu"]
+  paths = study.Paths.make(tmp_path / "runs", tmp_path / "record", None)
+  _write_runs(paths.out / "finetune", "truncated-L3", 0, [0.5] * 4)
+  for method, lines in (("minilm-v2-layers246", ["a"]), ("mlm", ["b"])):
+    (paths.out / "pretrain" / method).mkdir(parents=True)
+    (paths.out / "pretrain" / method / "metrics.jsonl").write_text(json.dumps({"step": 10, "m": lines}))
+  (paths.out / "pretrain" / "minilm-v2-layers246" / "hf").mkdir()
+  (paths.out / "pretrain" / "minilm-v2-layers246" / "hf" / "config.json").write_text("{}")  # mlm: unfinished
+  (paths.record / "finetune" / "truncated-L3" / "rte" / "seed-0").mkdir(parents=True)
+  (paths.record / "finetune" / "truncated-L3" / "rte" / "seed-0" / "summary.json").write_text("recorded")
+  study.record(paths)
+  got = {str(p.relative_to(paths.record)) for p in paths.record.rglob("*") if p.is_file()}
+  assert got == {f"finetune/truncated-L3/{t}/seed-0/summary.json" for t in study.TASKS} | {
+      "pretrain/minilm-v2-layers246/metrics.jsonl"}
+  assert (paths.record / "finetune" / "truncated-L3" / "rte" / "seed-0" / "summary.json").read_text() == "recorded"
+
+  fresh = study.Paths.make(tmp_path / "new-checkout", paths.record, None)
+  for seed in range(3):
+    _write_runs(fresh.record / "finetune", "minilm-v2-layers246", seed, [0.6] * 4)
+  done = [name for name, is_done, _ in study.plan(budget, fresh, {"distill", "finetune"}, "layer-init") if is_done()]
+  assert done == ["pretrain minilm-v2-layers246"] + [
+      f"finetune minilm-v2-layers246 {t} seed {s}" for s in range(3) for t in study.TASKS] + [
+      f"finetune truncated-L3 {t} seed 0" for t in study.TASKS]
+  only = study.plan(budget, fresh, {"distill"}, "layer-init")
+  assert [(name, is_done()) for name, is_done, _ in only] == [("pretrain minilm-v2-layers246", False)]

@@ -47,14 +47,17 @@ def _rows(root: pathlib.Path) -> list[dict]:
   return list(merged.values())
 
 
-def _pretrain_records(workdir: pathlib.Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.is_file() else []
+def _pretrain_records(paths, method: str) -> list[dict]:
+  """A pre-training's metrics: the run folder's while it has them (a run in progress), else the
+  record's (a finished run)."""
+  name = pathlib.PurePath("pretrain", method, "metrics.jsonl")
+  path = next((p for p in (paths.out / name, paths.record / name) if p.is_file()), None)
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path else []
 
 
 def pretrain_summary(budget, paths, method: str) -> dict:
   """Steps done, tokens, median tokens/s and step time (compilation excluded) of a run."""
-  records = _pretrain_records(paths.out / "pretrain" / method)
+  records = _pretrain_records(paths, method)
   if not records:
     return {"steps": 0}
   steps = [r["step"] for r in records]
@@ -157,8 +160,8 @@ def write(name: str, budget, paths, results: pathlib.Path, study, note: str = ""
   """`study` is the study module (its METHODS, FINETUNE and curve_steps); `note` goes
   under the table (what the files cannot tell: other load on the machine, say)."""
   results.mkdir(parents=True, exist_ok=True)
-  rows = _rows(paths.out / "finetune")
-  curve = _rows(paths.out / "curve")
+  rows = _rows(paths.record / "finetune")
+  curve = _rows(paths.record / "curve")
   layers = budget.student[0]
   pre = {m: pretrain_summary(budget, paths, m) for m in study.METHODS}
   labels = (["teacher-L6"] if budget.teacher_reference else []) + student_shaped(layers) + list(LAYER_INIT_ARMS)
@@ -200,7 +203,7 @@ def write_layer_init(name: str, budget, paths, results: pathlib.Path, study, not
   layer-initialised arms and the truncated teacher alone, their target, and the distilled
   arm's pre-training with its held-out curve."""
   results.mkdir(parents=True, exist_ok=True)
-  rows = _rows(paths.out / "finetune")
+  rows = _rows(paths.record / "finetune")
   layers = budget.student[0]
   untrained, distilled = LAYER_INIT_ARMS
   pre = {distilled: pretrain_summary(budget, paths, distilled)}
@@ -241,7 +244,7 @@ def _plt():
 
 
 def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
-  runs = {m: _pretrain_records(paths.out / "pretrain" / m) for m in study.METHODS}
+  runs = {m: _pretrain_records(paths, m) for m in study.METHODS}
   if not any(runs.values()):
     return False
   plt = _plt()

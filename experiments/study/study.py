@@ -102,19 +102,37 @@ BUDGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Paths:
-  """Where a study's inputs are read and its runs written."""
+  """Where a study's inputs are read, its runs written and their results recorded."""
   out: pathlib.Path        # every run of the study
+  record: pathlib.Path     # the finished runs' results, kept beside the tables (`record`)
   teacher: str             # packaged name or HF directory
   corpus: str              # the pre-training corpus (a directory of text files)
   glue: pathlib.Path       # glue_data root (SST-2/, RTE/, CoLA/)
   squad: pathlib.Path      # SQuAD 2.0 dev-v2.0.json
 
   @classmethod
-  def make(cls, out: pathlib.Path, inputs: pathlib.Path | None):
+  def make(cls, out: pathlib.Path, record: pathlib.Path, inputs: pathlib.Path | None):
     if inputs is None:
-      return cls(out, TEACHER, str(SHARED / "corpus"), SHARED / "glue", SHARED / "squad2" / "dev-v2.0.json")
-    return cls(out, str(inputs / "teacher"), str(inputs / "corpus"), inputs / "glue",
+      return cls(out, record, TEACHER, str(SHARED / "corpus"), SHARED / "glue",
+                 SHARED / "squad2" / "dev-v2.0.json")
+    return cls(out, record, str(inputs / "teacher"), str(inputs / "corpus"), inputs / "glue",
                inputs / "squad2" / "dev-v2.0.json")
+
+
+def record(paths: Paths) -> None:
+  """Copies the results of the finished runs from `paths.out` into `paths.record`, under the
+  same relative paths: each fine-tuning seed's summary.json and each finished pre-training's
+  metrics.jsonl (kilobytes). The record is what the report reads and what marks a fine-tuning
+  run done, so a study goes on from it on a machine whose run folder is gone (a new checkout);
+  the pre-trained models stay in the run folder, so `plan` runs what needs them first. A
+  recorded result is never replaced."""
+  finished = [*paths.out.glob("*/*/*/seed-*/summary.json"),
+              *(p.parent.parent / "metrics.jsonl" for p in paths.out.glob("pretrain/*/hf/config.json"))]
+  for src in finished:
+    dst = paths.record / src.relative_to(paths.out)
+    if not dst.is_file():
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(src, dst)
 
 
 # ------------------------------------------------------------------------- pre-training
@@ -197,15 +215,18 @@ def model_args(budget: Budget, paths: Paths, label: str) -> dict:
   return dict(model=str(paths.out / "models" / f"{method}-step{step}" if step else workdir / "hf"))
 
 
-def finetune_dir(paths: Paths, label: str, task: str, seed: int) -> pathlib.Path:
+def finetune_run(label: str, task: str, seed: int) -> pathlib.PurePath:
+  """A fine-tuning run's folder, relative to `Paths.out` (and to `Paths.record`)."""
   kind = "curve" if "@step" in label else "finetune"
-  return paths.out / kind / label / task / f"seed-{seed}"
+  return pathlib.PurePath(kind, label, task, f"seed-{seed}")
+
+
+def finetuned(paths: Paths, label: str, task: str, seed: int) -> bool:
+  return (paths.record / finetune_run(label, task, seed) / "summary.json").is_file()
 
 
 def run_finetune(budget: Budget, paths: Paths, label: str, task: str, seed: int) -> None:
-  workdir = finetune_dir(paths, label, task, seed)
-  if (workdir / "summary.json").is_file():
-    return
+  workdir = paths.out / finetune_run(label, task, seed)
   data = paths.squad if task == "squad2" else paths.glue
   cfg = finetune.FinetuneConfig(task=task, data=str(data), **FINETUNE, **budget.tasks[task],
                                 **model_args(budget, paths, label))
@@ -221,24 +242,32 @@ PARTS = ("all", "layer-init")
 
 def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> list[tuple[str, callable, callable]]:
   """(name, done?, run) in the order that gives the headline comparison first; `part`
-  "layer-init" plans the layer-initialised arms alone, with every seed of the truncated teacher."""
+  "layer-init" plans the layer-initialised arms alone, with every seed of the truncated teacher.
+
+  A fine-tuning run is done once recorded (`record`); a pre-training or an export is done once
+  its model is in the run folder, or once every fine-tuning run that reads it is recorded."""
   layers = budget.student[0]
   baselines = [f"random-L{layers}", f"truncated-L{layers}"]
-  jobs = []
+  jobs, runs = [], []  # runs: (label, task, seed) of every planned fine-tuning run
+
+  def read_by(match):
+    """Whether the fine-tuning runs whose labels `match` are planned and all recorded."""
+    return lambda: (mine := [r for r in runs if match(r[0])]) != [] and all(finetuned(paths, *r) for r in mine)
 
   def pre(method):
     if "distill" in stages:
-      done = lambda: (paths.out / "pretrain" / method / "hf" / "config.json").is_file()
-      jobs.append((f"pretrain {method}", done, lambda: pretrain(budget, paths, method)))
+      made, read = (paths.out / "pretrain" / method / "hf" / "config.json").is_file, read_by(
+          lambda label: label.partition("@step")[0] == method)
+      jobs.append((f"pretrain {method}", lambda: made() or read(), lambda: pretrain(budget, paths, method)))
 
   def ft(label, seeds, tasks=TASKS):
     if "finetune" not in stages:
       return
     for seed in seeds:
       for task in tasks:
-        done = lambda l=label, t=task, s=seed: (finetune_dir(paths, l, t, s) / "summary.json").is_file()
-        jobs.append((f"finetune {label} {task} seed {seed}", done,
-                     lambda l=label, t=task, s=seed: run_finetune(budget, paths, l, t, s)))
+        runs.append((label, task, seed))
+        jobs.append((f"finetune {label} {task} seed {seed}", lambda r=runs[-1]: finetuned(paths, *r),
+                     lambda r=runs[-1]: run_finetune(budget, paths, *r)))
 
   first = budget.seeds[:1]
   if part == "all":
@@ -254,9 +283,10 @@ def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> l
       ft(label, budget.seeds[1:])
     for method in CURVE_METHODS:
       if "finetune" in stages:
-        jobs.append((f"export {method} curve checkpoints",
-                     lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
-                                          for s in curve_steps(budget)[:-1]),
+        made = lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
+                                    for s in curve_steps(budget)[:-1])
+        read = read_by(lambda label, m=method: label.startswith(f"{m}@step"))
+        jobs.append((f"export {method} curve checkpoints", lambda made=made, read=read: made() or read(),
                      lambda m=method: export_curve(budget, paths, m)))
       for step in curve_steps(budget)[:-1]:
         ft(f"{method}@step{step}", first, budget.curve_tasks)
@@ -264,13 +294,13 @@ def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> l
       ft("teacher-L6", first)
   untrained, distilled = report.LAYER_INIT_ARMS
   pre(distilled)
+  ft(distilled, budget.layer_init_seeds)  # every seed while its pre-trained model is in the run folder
   if "finetune" in stages:
-    jobs.append((f"export {untrained}", (paths.out / "models" / untrained / "config.json").is_file,
-                 lambda: export_layer_init(paths)))
+    made, read = (paths.out / "models" / untrained / "config.json").is_file, read_by(lambda l: l == untrained)
+    jobs.append((f"export {untrained}", lambda: made() or read(), lambda: export_layer_init(paths)))
   truncated = [s for s in budget.layer_init_seeds if part != "all" or s not in budget.seeds]
-  for seed in budget.layer_init_seeds:  # seed by seed: a run cut short still compares every arm
+  for seed in budget.layer_init_seeds:  # seed by seed: a run cut short still compares the others
     ft(untrained, [seed])
-    ft(distilled, [seed])
     ft(f"truncated-L{layers}", [seed] if seed in truncated else [])
   return jobs
 
@@ -340,7 +370,8 @@ def main(argv=None) -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)  # orbax set one
   budget = BUDGETS[args.budget]
   out = pathlib.Path(args.out or ROOT / "runs" / "study" / args.budget).absolute()
-  paths = Paths.make(out, pathlib.Path(args.inputs).absolute() if args.inputs else None)
+  paths = Paths.make(out, results / f"study-{args.budget}-record",
+                     pathlib.Path(args.inputs).absolute() if args.inputs else None)
   if args.prepare:
     return prepare_inputs(budget, pathlib.Path(args.prepare))
   stages = set(args.stages.split(","))
@@ -351,6 +382,7 @@ def main(argv=None) -> None:
   print(f"study {args.budget}: {budget.tokens / 1e6:.2f} M tokens per pre-training run "
         f"({budget.steps} steps x {budget.batch} x {budget.seq_len}); runs in {out}")
   started, failed = time.perf_counter(), []
+  record(paths)
   for i, (name, done, run) in enumerate(jobs):
     if deadline_minutes and time.perf_counter() - started > 60 * deadline_minutes:
       print(f"deadline of {deadline_minutes} min reached: the rest waits for the next run")
@@ -367,6 +399,7 @@ def main(argv=None) -> None:
         logging.exception("%s failed", name)
         failed.append(f"{name}: {type(e).__name__}: {e}")
         continue
+      record(paths)
       print(f"[{i + 1}/{len(jobs)}] finished {name} in {(time.perf_counter() - began) / 60:.1f} min",
             flush=True)
       if deadline_minutes and "report" in stages:  # a run cut off by its host keeps a report
