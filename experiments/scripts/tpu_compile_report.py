@@ -76,7 +76,10 @@ def write(rows_dir: pathlib.Path) -> str:
       "ran on a TPU**. Memory per device is the compiled program's (`memory_analysis()`); FLOPs and "
       "bytes are XLA's counts (`cost_analysis()`); step times, tokens/s and MFU are roofline bounds "
       "from them (the step takes at least max(FLOPs / peak, bytes / bandwidth)), not measurements. "
-      "MFU counts the step's matmul FLOPs (`benchmark.workloads.step_flops`).\n",
+      "MFU counts the step's matmul FLOPs (`benchmark.workloads.step_flops`). XLA counts the bytes of "
+      "every memory space alike, and the compiler keeps most of this step's buffers on chip, so the "
+      "byte time is an upper bound on HBM time and the MFU bound a lower bound on the roofline's "
+      "(docs/tpu-compile.md).\n",
       "## Chips\n", report.chip_table(),
       "## The benchmark's workloads on v5e:2x2, before and after\n",
       "Before: the step as it was (XLA attention everywhere, the relation KL in XLA blocks, 32-bit "
