@@ -162,3 +162,19 @@ def test_a_study_goes_on_from_its_record_in_a_new_checkout(tmp_path):
       f"finetune truncated-L3 {t} seed 0" for t in study.TASKS]
   only = study.plan(budget, fresh, {"distill"}, "layer-init")
   assert [(name, is_done()) for name, is_done, _ in only] == [("pretrain minilm-v2-layers246", False)]
+
+
+def test_the_loss_plot_has_a_masked_lm_panel_only_beside_an_mlm_run(tmp_path):
+  """The layer-init part's plot is its distillation curves alone, not beside an empty MLM panel."""
+  import matplotlib.image
+  budget = study.BUDGETS["cpu"]
+  paths = study.Paths.make(tmp_path / "runs", tmp_path / "record", None)
+  records = [{"step": s, "loss/total": 1.0 / s, **({"eval/total": 0.9 / s} if s % 20 == 0 else {}),
+              "tokens_per_sec": 1000.0} for s in range(10, 101, 10)]
+  widths = []
+  for method in ("minilm-v2-layers246", "mlm"):
+    (paths.record / "pretrain" / method).mkdir(parents=True)
+    (paths.record / "pretrain" / method / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)))
+    assert study_report._loss_plot(study, budget, paths, [], None, tmp_path / f"{method}.png")
+    widths.append(matplotlib.image.imread(tmp_path / f"{method}.png").shape[1])
+  assert widths[0] < 0.6 * widths[1]  # one panel, then two

@@ -248,7 +248,9 @@ def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
   if not any(runs.values()):
     return False
   plt = _plt()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  panels = 2 if runs["mlm"] else 1  # the masked-LM panel only beside an MLM run (not the layer-init part's)
+  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+  axes = axes[0]
   tokens = lambda recs: [r["step"] * budget.batch * budget.seq_len / 1e6 for r in recs]
   for i, m in enumerate(STUDENTS + LAYER_INIT_ARMS[1:]):
     if runs[m]:
@@ -259,7 +261,7 @@ def _loss_plot(study, budget, paths, rows, curve, path) -> bool:
   axes[0].set_title("distillation loss (KL, sum of terms)")
   if runs["mlm"]:
     axes[1].plot(tokens(runs["mlm"]), [r["loss/total"] for r in runs["mlm"]], color="C2", label="mlm")
-  axes[1].set_title("masked LM loss (cross-entropy, nats)")
+    axes[1].set_title("masked LM loss (cross-entropy, nats)")
   for ax in axes:
     ax.set_xlabel("pre-training tokens (M)")
     ax.grid(alpha=0.3)
