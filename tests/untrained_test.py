@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from minilm_jax import objective as objective_lib, optimizer as optimizer_lib, sharding
+from minilm_jax import objective as objective_lib, optimizer as optimizer_lib, sharding, tokenization
 from minilm_jax import step as step_lib
 from minilm_jax.config import DistillConfig
 from tiny import packed_batch
@@ -26,7 +26,7 @@ def _cfg(objective, version="v1"):
 def test_untrained_mask_is_where_the_gradient_is_zero(teacher, teacher_dir, objective, version):
   cfg = _cfg(objective, version)
   setup = step_lib.make_setup(cfg, teacher[0])
-  goal = objective_lib.choose(cfg, setup, teacher_dir)
+  goal = objective_lib.choose(cfg, setup, tokenization.for_pretraining(teacher_dir, setup.student.vocab_size))
   state = step_lib.init_state(cfg, setup, optimizer_lib.for_distillation(cfg), goal)
   teacher_params = {} if objective == "mlm" else step_lib.truncate_teacher(setup, teacher[1])
   loss_fn = goal.loss
