@@ -250,15 +250,17 @@ def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> l
   baselines = [f"random-L{layers}", f"truncated-L{layers}"]
   jobs, runs = [], []  # runs: (label, task, seed) of every planned fine-tuning run
 
-  def read_by(match):
-    """Whether the fine-tuning runs whose labels `match` are planned and all recorded."""
-    return lambda: (mine := [r for r in runs if match(r[0])]) != [] and all(finetuned(paths, *r) for r in mine)
+  def done_once(made, match):
+    """Done once `made()`, or once the fine-tuning runs whose labels `match` (the runs that read
+    what the job makes) are planned and all recorded."""
+    read = lambda: (mine := [r for r in runs if match(r[0])]) != [] and all(finetuned(paths, *r) for r in mine)
+    return lambda: made() or read()
 
   def pre(method):
     if "distill" in stages:
-      made, read = (paths.out / "pretrain" / method / "hf" / "config.json").is_file, read_by(
-          lambda label: label.partition("@step")[0] == method)
-      jobs.append((f"pretrain {method}", lambda: made() or read(), lambda: pretrain(budget, paths, method)))
+      done = done_once((paths.out / "pretrain" / method / "hf" / "config.json").is_file,
+                       lambda label: label.partition("@step")[0] == method)
+      jobs.append((f"pretrain {method}", done, lambda: pretrain(budget, paths, method)))
 
   def ft(label, seeds, tasks=TASKS):
     if "finetune" not in stages:
@@ -283,11 +285,10 @@ def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> l
       ft(label, budget.seeds[1:])
     for method in CURVE_METHODS:
       if "finetune" in stages:
-        made = lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
-                                    for s in curve_steps(budget)[:-1])
-        read = read_by(lambda label, m=method: label.startswith(f"{m}@step"))
-        jobs.append((f"export {method} curve checkpoints", lambda made=made, read=read: made() or read(),
-                     lambda m=method: export_curve(budget, paths, m)))
+        done = done_once(lambda m=method: all((paths.out / "models" / f"{m}-step{s}" / "config.json").is_file()
+                                              for s in curve_steps(budget)[:-1]),
+                         lambda label, m=method: label.startswith(f"{m}@step"))
+        jobs.append((f"export {method} curve checkpoints", done, lambda m=method: export_curve(budget, paths, m)))
       for step in curve_steps(budget)[:-1]:
         ft(f"{method}@step{step}", first, budget.curve_tasks)
     if budget.teacher_reference:
@@ -296,8 +297,8 @@ def plan(budget: Budget, paths: Paths, stages: set[str], part: str = "all") -> l
   pre(distilled)
   ft(distilled, budget.layer_init_seeds)  # every seed while its pre-trained model is in the run folder
   if "finetune" in stages:
-    made, read = (paths.out / "models" / untrained / "config.json").is_file, read_by(lambda l: l == untrained)
-    jobs.append((f"export {untrained}", lambda: made() or read(), lambda: export_layer_init(paths)))
+    done = done_once((paths.out / "models" / untrained / "config.json").is_file, lambda l: l == untrained)
+    jobs.append((f"export {untrained}", done, lambda: export_layer_init(paths)))
   truncated = [s for s in budget.layer_init_seeds if part != "all" or s not in budget.seeds]
   for seed in budget.layer_init_seeds:  # seed by seed: a run cut short still compares the others
     ft(untrained, [seed])
