@@ -180,8 +180,9 @@ def test_the_largest_batch_search_halves_its_bracket_when_the_line_crawls(monkey
   of BERT-base at seq 128 on v5e (91% full at 1,120, 89% at 1,800): the line through the
   compiles nearest a full chip then points at the largest fit again and again, and its
   `low + step` probes crawled 8 sequences a compile (26 compiles here). Whenever a probe leaves
-  the bracket more than half as wide, the next one bisects: 14 compiles."""
-  asked, gib = [], 2**30
+  the bracket more than half as wide, the next one bisects: 14 compiles to the last multiple of
+  8, 11 to the default precision (a batch that fits within 1/16 of one that does not)."""
+  gib = 2**30
 
   def load(b):  # through the compiles seen: 600 54%, 1,120 91%, 1,800 89%, 2,480 109% full
     points = [(0, 0.0), (600, 0.54), (1120, 0.91), (1240, 0.97), (1700, 0.88), (1800, 0.89), (2200, 1.0),
@@ -201,8 +202,14 @@ def test_the_largest_batch_search_halves_its_bracket_when_the_line_crawls(monkey
     return row | {"out_of_memory": {"temporaries": load(b) * 15 * gib, "available": 15 * gib}}
   monkeypatch.setattr(step_lib, "compile_stage", fake)
   pod = chips.Slice("v5e:2x2", chips.CHIPS["v5e"], tuple(range(4)), 4, 1)
-  row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
+  asked = []
+  row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod, precision=0)
   assert row["batch_per_device"] == 2200 and len(asked) == len(set(asked)) <= 14, asked
+  asked = []
+  row = step_lib.largest_batch(step_lib.Stage("", TINY, TEACHER), pod)
+  low, high = row["batch_per_device"], row["first_too_large"]
+  assert load(low) <= 1 < load(high) and high - low <= low / 16, (low, high)
+  assert len(asked) == len(set(asked)) <= 11, asked
 
 
 HLO = """\
@@ -272,3 +279,12 @@ def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets(
   assert "| base-v1 | 64 x 128 | 20% | >= 50% | no |" in targets  # the unrolled, true bound
   assert "| base-v2 | 64 x 128 | 55% | >= 50% | yes |" in targets
   assert "| base-v2 | 64 x 512 | not compiled | >= 40% | - |" in targets
+
+
+def test_the_largest_batch_table_gives_the_bracket_the_search_closed():
+  """The largest batch that fits beside the smallest seen not to: how precise the search was."""
+  row = {"config": "base-v2", "slice": "v5e:2x2", "seq": 128, "batch_per_device": 2168,
+         "first_too_large": 2248, "hbm": {"total": 15.5 * 2**30}, "capacity": 16 * 2**30,
+         "search_compiles": 11, "search_seconds": 3300.0}
+  assert ("| base-v2 | v5e:2x2 | 128 | 2,168 | 2,248 | 277,504 | 15.50 of 16 | 11 | 3300 |"
+          in tpu_compile_report.largest([row]))

@@ -177,8 +177,11 @@ def _load(row: dict) -> float:
 
 
 def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, step: int = 8, *,
-                  counted: bool = True) -> dict:
-  """The row of the largest per-device batch (a multiple of `step`) whose compiled step fits.
+                  counted: bool = True, precision: float = 1 / 16) -> dict:
+  """The row of the largest per-device batch (a multiple of `step`) whose compiled step fits,
+  searched until the smallest batch seen not to fit (`first_too_large`) is within `precision`
+  of it (or `step`): near a full chip each compile takes the TPU compiler 5-8 minutes on two
+  cores, and a batch is picked by a round number, not to the last 8 sequences.
 
   A search on compiled memory that keeps the bracket [largest batch that fits, smallest that
   does not]. The temporaries grow about linearly with the batch (the arguments do not), so
@@ -205,7 +208,7 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
     raise ValueError(f"not even {start} sequences per device fit {pod.name}: use a larger chip "
                      "or a shorter seq")
   low, high, guess = start, None, 2 * start
-  while high is None or high - low > step:
+  while high is None or high - low > max(step, low * precision):
     width = None if high is None else high - low
     if compiled(guess)["fits"]:
       low = max(low, guess)
@@ -221,5 +224,5 @@ def largest_batch(stage: Stage, pod: Slice, tokenizer_dir=None, start: int = 8, 
       guess = 2 * low if high is None else (low + high) // 2 // step * step
     guess = int(guess)
   row = recount(rows[low], at_batch(stage, low, pod), pod, tokenizer_dir) if counted else rows[low]
-  return row | {"largest_batch": True, "search_compiles": len(rows),
+  return row | {"largest_batch": True, "first_too_large": high, "search_compiles": len(rows),
                 "search_seconds": sum(r["compile_seconds"] for r in rows.values())}
