@@ -57,6 +57,11 @@ def test_the_step_compiles_for_a_tpu_with_every_auto_resolved_for_it():
   # to XLA's bytes); the relation KL is its own kernel, which declares its cost.
   assert row["custom_calls"].get("tpu_custom_call", 0) >= 2 and row["kernel_bytes"] > 0
   assert row["byte_time"] == pytest.approx((row["bytes_accessed"] + row["kernel_bytes"]) / pod.hbm_bandwidth)
+  # The HBM traffic reads every argument from HBM at least once, and is a part of what XLA
+  # counts over every memory space (most of the step's buffers are kept on chip).
+  assert logical <= row["hbm_traffic"] < (row["bytes_accessed"] + row["kernel_bytes"]) / 2
+  traffic_bound = max(row["flop_time"], row["hbm_traffic"] / pod.hbm_bandwidth)
+  assert row["hbm_traffic_mfu_bound"] == pytest.approx(row["model_flops"] / traffic_bound / pod.peak_flops)
 
 
 @needs_libtpu
@@ -83,7 +88,7 @@ def test_a_step_with_loops_is_counted_unrolled():
   row = step_lib.recount(looped, stage, pod)
   assert 2 in looped["loops"] and looped["counted"] == "loops counted once"
   assert row["counted"] == "unrolled" and row["hbm"] == looped["hbm"]
-  assert row["as_compiled"] == {k: looped[k] for k in ("xla_flops", "bytes_accessed", "kernel_bytes")}
+  assert row["as_compiled"] == {k: looped[k] for k in ("xla_flops", "bytes_accessed", "kernel_bytes", "hbm_traffic")}
   assert 1.5 * looped["xla_flops"] < row["xla_flops"] and row["bytes_accessed"] > looped["bytes_accessed"]
 
 
@@ -252,6 +257,28 @@ def test_the_hlo_reader_counts_kernels_collectives_and_their_bytes():
       ("all-reduce-start", 256, "all-reduce-start"), ("fusion", 128 + 64, "jit(step)/mul")]
 
 
+def test_the_hbm_traffic_counts_only_the_buffers_left_in_hbm():
+  """Memory-space assignment marks a buffer kept on chip `S(1)` in its layout. A fusion moves
+  its HBM operand and result (1,024 + 512 bytes), not its on-chip operand; a prefetch reads
+  HBM once (4 KiB into S(1)), an eviction writes it once (2 KiB), an async slice reads its
+  slice (1 KiB of a 64 KiB parameter); flags (`S(2)`) and buffer plumbing move nothing."""
+  text = """\
+ENTRY %main (w: f32[128,128], x: f32[16,16]) -> f32[16,8] {
+  %w = f32[128,128]{1,0:T(8,128)} parameter(0)
+  %x = f32[16,16]{1,0:T(8,128)} parameter(1)
+  %copy-start = (f32[32,32]{1,0:T(8,128)S(1)}, f32[32,32]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%w.s)
+  %copy-done = f32[32,32]{1,0:T(8,128)S(1)} copy-done(%copy-start)
+  %slice-start = ((f32[128,128]{1,0:T(8,128)}), f32[2,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%w), slice={[0:2], [0:128]}
+  %slice-done = f32[2,128]{1,0:T(8,128)S(1)} slice-done(%slice-start)
+  %fusion = f32[16,8]{1,0:T(8,128)} fusion(%x, %slice-done), kind=kOutput, calls=%f
+  %copy-start.1 = (f32[16,32]{1,0:T(8,128)}, f32[16,32]{1,0:T(8,128)S(1)}, u32[]{:S(2)}) copy-start(%y)
+  %copy-done.1 = f32[16,32]{1,0:T(8,128)} copy-done(%copy-start.1)
+  ROOT %tuple = (f32[16,8]{1,0}, f32[16,32]{1,0}) tuple(%fusion, %copy-done.1)
+}
+"""
+  assert hlo.hbm_traffic(hlo.executed(text)) == 4096 + 1024 + (1024 + 512) + 2048
+
+
 def test_a_slice_is_named_by_generation_and_shape():
   with pytest.raises(ValueError, match="unknown TPU generation 'v7x': use one of v4, v5e, v5p, v6e"):
     chips.pod_slice("v7x:2x2")
@@ -267,17 +294,18 @@ def _row(config, dropout, mfu, gb, batch=64, seq=128, keys="threefry2x32"):
 
 def test_the_report_pairs_each_compile_with_its_before_and_computes_the_targets():
   before = [_row("base-v1-attn0", 0, 0.29, 26.3, keys="rbg") | {"model_flops": 0.29 * 0.0321 * 197e12, "xla_flops": 1.87e12}]
-  unrolled = _row("base-v1", 0, 0.20, 40.0) | {"model_flops": 1.83e12, "xla_flops": 1.9e12}
+  unrolled = _row("base-v1", 0, 0.20, 40.0) | {"model_flops": 1.83e12, "xla_flops": 1.9e12,
+                                               "hbm_traffic": 2.7e9, "hbm_traffic_mfu_bound": 0.93}
   after = [unrolled | {"as_compiled": {"xla_flops": 1.8e12, "bytes_accessed": 22.3e9}},
            _row("base-v2", 0, 0.55, 12.0) | {"model_flops": 1.83e12, "xla_flops": 1.8e12}]
   table = report.before_after(before, after, 197e12, 819e9)
   # Before and after as XLA counts loops (once); the unrolled, true counts of the after row.
   assert ("| base-v1 | 64 x 128 | 0 | rbg -> threefry2x32 | 2.00 -> 2.00 | 26.3 -> 22.3 | 29% -> 34% | 40.0 | "
-          "9.5 / 48.8 | 20% |") in table
+          "9.5 / 48.8 | 20% | 2.7 | 93% |") in table
   assert "| base-v2 | 64 x 128 | 0 | (not compiled) -> threefry2x32 | (not compiled) -> 2.00 |" in table
   targets = tpu_compile_report.targets(after)
-  assert "| base-v1 | 64 x 128 | 20% | >= 50% | no |" in targets  # the unrolled, true bound
-  assert "| base-v2 | 64 x 128 | 55% | >= 50% | yes |" in targets
+  assert "| base-v1 | 64 x 128 | 20% | >= 50% | no | 93% |" in targets  # the unrolled, true bound
+  assert "| base-v2 | 64 x 128 | 55% | >= 50% | yes | - |" in targets  # a row without HBM traffic
   assert "| base-v2 | 64 x 512 | not compiled | >= 40% | - |" in targets
 
 

@@ -18,15 +18,27 @@ _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e
           "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_LAID_OUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _CALLED = re.compile(r"\b(?:calls|to_apply)=%([\w.\-]+)")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+# Executed instructions that name or pass buffers and move none themselves.
+_NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+                "call", "after-all", "partition-id", "replica-id")
 
 
 def shape_bytes(shape: str) -> float:
   """Bytes of every array in an HLO shape string (a tuple adds its elements)."""
   return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
              for dtype, dims in _ARRAY.findall(shape))
+
+
+def _arrays(shape: str) -> list[tuple[float, bool]]:
+  """(bytes, in HBM) of each array of an HLO shape, in order. A TPU layout names the memory
+  space of a buffer that memory-space assignment moved out of HBM (`S(1)`: on-chip memory;
+  `S(2)`, `S(6)`: sync flags and scalars); HBM is memory space 0, a layout without one."""
+  return [(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d), "S(" not in layout)
+          for dtype, dims, layout in _LAID_OUT.findall(shape)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +147,33 @@ def undeclared_kernel_bytes(instructions: list[Instruction]) -> float:
              and "cost_estimate" not in i.attributes)
 
 
+def hbm_traffic(instructions: list[Instruction]) -> float:
+  """Bytes the program moves to and from HBM: each kernel's operands and result that live in
+  HBM (memory space 0), and each async copy's or slice's bytes once per end in HBM (a
+  prefetch reads HBM once, an eviction writes it once).
+
+  XLA's `bytes accessed` counts every operand and result alike, wherever memory-space
+  assignment put it, so on a TPU it adds the traffic of the buffers it keeps on chip (most of
+  a step's, at HBM's price) and its bytes over HBM bandwidth overstate the time the step
+  needs for memory. This count keeps HBM's traffic only, so bytes / bandwidth bounds that
+  time: logical sizes, a kernel that reads part of an operand counted whole, on-chip traffic
+  and the tiles' padding not counted.
+  """
+  shapes = {i.name: i.shape for i in instructions}
+  moved = 0.0
+  for i in instructions:
+    if i.opcode in _NOT_KERNELS or i.opcode.endswith("-done"):
+      continue
+    result = _arrays(i.shape)
+    if i.opcode in ("copy-start", "slice-start"):  # (destination, source, flag); ((source), slice, flag)
+      destination, source = result[:2] if i.opcode == "copy-start" else result[1::-1]
+      moved += destination[0] * (destination[1] + source[1])
+      continue
+    moved += sum(b for b, in_hbm in result + [a for o in i.operands for a in _arrays(shapes.get(o, ""))]
+                 if in_hbm)
+  return moved
+
+
 def custom_calls(hlo_text: str) -> dict[str, int]:
   """Custom calls by target: `tpu_custom_call` is a Pallas (Mosaic) kernel."""
   return dict(collections.Counter(re.findall(r'custom_call_target="([\w.\-]+)"', hlo_text)))
@@ -143,11 +182,9 @@ def custom_calls(hlo_text: str) -> dict[str, int]:
 def heaviest(instructions: list[Instruction], n: int = 10) -> list[dict]:
   """The `n` kernels (fusions, custom calls, copies, collectives...) that move the most bytes."""
   bytes_of = _moved(instructions)
-  skip = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
-          "call", "after-all", "partition-id", "replica-id")
   moved = []
   for i in instructions:
-    if i.opcode in skip or i.opcode.endswith("-done"):
+    if i.opcode in _NOT_KERNELS or i.opcode.endswith("-done"):
       continue
     moved.append({"bytes": bytes_of(i), "opcode": i.opcode, "shape": re.sub(r"\{[^}]*\}", "", i.shape),
                   "op": i.label})
@@ -175,10 +212,10 @@ def analyse(compiled) -> dict:
 
 
 def counts(compiled, instructions: list[Instruction] | None = None) -> dict:
-  """XLA's FLOPs and bytes of `compiled`, and the bytes of its kernels that declare none
-  (`instructions`: its executed instructions, when already read)."""
+  """XLA's FLOPs and bytes of `compiled`, the bytes of its kernels that declare none and its
+  HBM traffic (`instructions`: its executed instructions, when already read)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   instructions = executed(compiled.as_text()) if instructions is None else instructions
   return {"xla_flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-          "kernel_bytes": undeclared_kernel_bytes(instructions)}
+          "kernel_bytes": undeclared_kernel_bytes(instructions), "hbm_traffic": hbm_traffic(instructions)}

@@ -16,8 +16,14 @@ def read(path: str | pathlib.Path) -> list[dict]:
   return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-def _mfu(row: dict) -> str:
-  return "-" if row["mfu_bound"] is None else f"{100 * row['mfu_bound']:.0f}%"
+def _mfu(row: dict, key: str = "mfu_bound") -> str:
+  """An MFU bound as a percentage: XLA's bytes' (`mfu_bound`) or HBM traffic's
+  (`hbm_traffic_mfu_bound`; "-" for a row compiled before it was counted)."""
+  return "-" if row.get(key) is None else f"{100 * row[key]:.0f}%"
+
+
+def _traffic(row: dict) -> str:
+  return "-" if "hbm_traffic" not in row else f"{row['hbm_traffic'] / 1e9:.1f}"
 
 
 def line(row: dict) -> str:
@@ -34,7 +40,10 @@ def line(row: dict) -> str:
           f"per device: HBM {hbm['total'] / GIB:.2f} of {row['capacity'] / GIB:.0f} GiB "
           f"({'fits' if row['fits'] else 'DOES NOT FIT'}), FLOP time {1e3 * row['flop_time']:.1f} ms, "
           f"byte time {1e3 * row['byte_time']:.1f} ms, <= {row['tokens_per_sec_bound']:,.0f} tokens/s/device, "
-          f"MFU <= {_mfu(row)}; compiled in {row['compile_seconds']:.0f} s"
+          f"MFU <= {_mfu(row)}"
+          + (f" (HBM traffic alone: {1e3 * row['hbm_traffic_time']:.1f} ms, MFU <= "
+             f"{_mfu(row, 'hbm_traffic_mfu_bound')})" if "hbm_traffic_time" in row else "")
+          + f"; compiled in {row['compile_seconds']:.0f} s"
           + (f", loops x{row['loops']} counted unrolled" if row.get("counted") == "unrolled" else ""))
 
 
@@ -42,14 +51,15 @@ def table(rows: Sequence[dict]) -> str:
   """Every field of `rows` that a reader compares, one row each."""
   head = ("| config | stage | slice | chips / hosts | batch x seq per device | attn dropout | dropout keys | HBM GiB "
           "(args / temp / total of capacity) | fits | XLA TFLOP | model TFLOP | GB accessed | FLOP ms | "
-          "byte ms | tokens/s/device bound | MFU bound | collectives | compile s |")
+          "byte ms | tokens/s/device bound | MFU bound | HBM traffic GB | MFU bound on HBM traffic | collectives | "
+          "compile s |")
   out = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "out_of_memory" in r:
       out.append(f"| {r['config']} | {r['stage'] or '-'} | {r['slice']} | {r['chips']} / {r['hosts']} | "
                  f"{r['batch_per_device']} x {r['seq']} | {r['student_attention_dropout']:g} | {r['dropout_prng']} | needs "
                  f"{r['out_of_memory']['temporaries'] / GIB:.1f} of temporaries, {r['capacity'] / GIB:.2f} "
-                 f"available | no |" + " - |" * 8 + f" {r['compile_seconds']:.0f} |")
+                 f"available | no |" + " - |" * 10 + f" {r['compile_seconds']:.0f} |")
       continue
     hbm = r["hbm"]
     collectives = ", ".join(f"{k} x{v}" for k, v in r["collectives"].items()) or "none"
@@ -60,7 +70,8 @@ def table(rows: Sequence[dict]) -> str:
         f"{hbm['arguments'] / GIB:.2f} / {hbm['temporaries'] / GIB:.2f} / {hbm['total'] / GIB:.2f} of "
         f"{r['capacity'] / GIB:.0f} | {'yes' if r['fits'] else 'no'} | {r['xla_flops'] / 1e12:.2f} | {model} | "
         f"{r['bytes_accessed'] / 1e9:.1f} | {1e3 * r['flop_time']:.1f} | {1e3 * r['byte_time']:.1f} | "
-        f"{r['tokens_per_sec_bound']:,.0f} | {_mfu(r)} | {collectives} | {r['compile_seconds']:.0f} |")
+        f"{r['tokens_per_sec_bound']:,.0f} | {_mfu(r)} | {_traffic(r)} | {_mfu(r, 'hbm_traffic_mfu_bound')} | "
+        f"{collectives} | {r['compile_seconds']:.0f} |")
   return "\n".join(out) + "\n"
 
 
@@ -100,8 +111,9 @@ def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, ban
   """
   old = {_key(r): r for r in before}
   out = [f"| workload | batch x seq per chip | attn dropout | dropout keys | HBM GiB | GB accessed, {compared} | "
-         f"MFU bound, {compared} | GB accessed, unrolled | FLOP / byte ms, unrolled | MFU bound, unrolled |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         f"MFU bound, {compared} | GB accessed, unrolled | FLOP / byte ms, unrolled | MFU bound, unrolled | "
+         "HBM traffic GB, unrolled | MFU bound on HBM traffic, unrolled |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
   def mfu_once(r: dict) -> str:
     return _mfu(roofline(_once(r), r["model_flops"], peak, bandwidth))
@@ -115,5 +127,5 @@ def before_after(before: Sequence[dict], after: Sequence[dict], peak: float, ban
                f"{pair(lambda x: format(moved_bytes(_once(x)) / 1e9, '.1f'))} | {pair(mfu_once)} | "
                f"{moved_bytes(r) / 1e9:.1f} | "
                f"{1e3 * r['flop_time']:.1f} / {1e3 * r['byte_time']:.1f} | "
-               f"{_mfu(r)} |")
+               f"{_mfu(r)} | {_traffic(r)} | {_mfu(r, 'hbm_traffic_mfu_bound')} |")
   return "\n".join(out) + "\n"

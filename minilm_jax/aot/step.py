@@ -9,7 +9,9 @@ compiles as its two stages.
 
 A roofline bounds the step: it takes at least max(FLOPs / peak, bytes / bandwidth), which
 bounds tokens/s per device and the model-FLOP utilisation (MFU: the step's matmul FLOPs,
-`benchmark.workloads.step_flops`, over that time at peak). A bound, not a measurement.
+`benchmark.workloads.step_flops`, over that time at peak). With XLA's bytes, which count the
+buffers kept on chip at HBM's price, it is the pessimistic bound; with the HBM traffic alone
+(`hlo.hbm_traffic`) the optimistic one. Bounds, not measurements.
 """
 
 import dataclasses
@@ -141,16 +143,23 @@ def moved_bytes(counts: dict) -> float:
 
 
 def roofline(counts: dict, model_flops: float | None, peak: float, bandwidth: float) -> dict:
-  """The step time bound max(FLOPs / peak, bytes / bandwidth) and the MFU it bounds.
+  """The step time bound max(FLOPs / peak, bytes / bandwidth) and the MFU it bounds, twice.
 
   FLOPs: XLA's, but at least the model's (XLA does not count a Pallas kernel's FLOPs
-  unless it declares them). Bytes: XLA's and those of the kernels that declare none.
+  unless it declares them). Bytes: XLA's and those of the kernels that declare none
+  (`byte_time`, `mfu_bound`); and the HBM traffic alone (`hbm_traffic_time`,
+  `hbm_traffic_mfu_bound`, where the counts have it), since XLA's bytes include the buffers
+  kept on chip (`hlo.hbm_traffic`). The step's time lies between the two bounds.
   """
   flop_time = max(counts["xla_flops"], model_flops or 0.0) / peak
   byte_time = moved_bytes(counts) / bandwidth
   bound = max(flop_time, byte_time)
-  return {"flop_time": flop_time, "byte_time": byte_time, "bound": bound,
-          "mfu_bound": None if model_flops is None else model_flops / (bound * peak)}
+  mfu = lambda time: None if model_flops is None else model_flops / (time * peak)
+  got = {"flop_time": flop_time, "byte_time": byte_time, "bound": bound, "mfu_bound": mfu(bound)}
+  if "hbm_traffic" in counts:
+    got["hbm_traffic_time"] = counts["hbm_traffic"] / bandwidth
+    got["hbm_traffic_mfu_bound"] = mfu(max(flop_time, got["hbm_traffic_time"]))
+  return got
 
 
 def _roofline(row: dict, pod: Slice) -> dict:
