@@ -96,7 +96,10 @@ def write(rows_dir: pathlib.Path) -> str:
       "counts the same step with every loop unrolled, the bytes it really moves, and the targets "
       "read those.\n",
       report.before_after(before, after, chips.CHIPS["v5e"].peak_flops, chips.CHIPS["v5e"].hbm_bandwidth),
-      "### Targets\n", targets(after),
+      "### Targets\n",
+      "Judged on XLA's count. The last column is the optimistic bound: at 100% the step's HBM traffic "
+      "takes less time at full bandwidth than its FLOPs at peak, so on HBM alone the step is FLOP-bound; "
+      "only a TPU profile places the step between the two.\n", targets(after),
   ]
   if xla_relation := report.read(rows_dir / "xla-relation.jsonl"):
     parts += ["### The relation KL's share\n",
