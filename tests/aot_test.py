@@ -140,6 +140,20 @@ def test_each_chip_draws_the_dropout_bits_of_its_own_shard_only():
   drawn = set(re.findall(r"u32\[(\d+),128,", lowered.compile().as_text()))
   assert drawn == {"2"}, drawn
 
+def test_a_refusal_with_room_for_the_temporaries_but_not_beside_the_rest_is_read():
+  """v4 at 640 x 512 per device: the temporaries (14.77G) are smaller than HBM (15.25G) but
+  not with the arguments and the rest beside them. This form of the refusal was not read, and
+  the largest-batch search stopped with the compiler's error."""
+  message = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of "
+             "memory in memory space hbm. Used 15.26G of 15.25G hbm. Exceeded hbm capacity by 16.82M.\n"
+             "Total hbm usage >= 32.02G:\n    reserved         16.75G \n    program          14.81G \n"
+             "    arguments       461.35M \nProgram hbm requirement 14.81G:\n    global            48.5K\n"
+             "    scoped            2.88M\n    HLO temp         14.77G (61.7% utilization)\n")
+  got = hlo.out_of_memory(message)
+  assert got == pytest.approx({"temporaries": 14.77 * 2**30, "available": (15.25 - 15.26 + 14.77) * 2**30})
+  assert got["temporaries"] > got["available"]
+
+
 def test_the_largest_batch_is_searched_on_compiled_memory(monkeypatch):
   """A fake compiler whose temporaries grow by 1 GiB per sequence beside 44.5 GiB of room:
   44 sequences fit. The line through the first two compiles points at 40, the largest

@@ -122,13 +122,22 @@ _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 def out_of_memory(message: str) -> dict | None:
   """What the TPU compiler's refusal says: {"temporaries": bytes it needs, "available": bytes
-  of HBM it has}, or None for any other error. A program that does not fit does not compile."""
+  of HBM it has for them}, or None for any other error. A program that does not fit does not
+  compile. The refusal comes in two forms: "the total memory required for HLO temporaries (N)
+  exceeds available HBM (M)", or, when the temporaries alone fit but not beside the rest,
+  "Used U of C hbm" with the program's "HLO temp N" below it (the room is then C - (U - N))."""
+  number = lambda value, unit: float(value) * _UNITS[unit]
   found = re.search(r"Ran out of memory.*?HLO temporaries \(([\d.]+)([KMGT])\).*?available HBM "
                     r"\(([\d.]+)([KMGT])\)", message, flags=re.S)
+  if found is not None:
+    need, need_unit, have, have_unit = found.groups()
+    return {"temporaries": number(need, need_unit), "available": number(have, have_unit)}
+  found = re.search(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"
+                    r".*?HLO temp\s+([\d.]+)([KMGT])", message, flags=re.S)
   if found is None:
     return None
-  need, need_unit, have, have_unit = found.groups()
-  return {"temporaries": float(need) * _UNITS[need_unit], "available": float(have) * _UNITS[have_unit]}
+  used, capacity, need = (number(*found.groups()[i:i + 2]) for i in (0, 2, 4))
+  return {"temporaries": need, "available": capacity - (used - need)}
 
 
 def _moved(instructions: list[Instruction]):
