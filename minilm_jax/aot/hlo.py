@@ -17,8 +17,7 @@ import re
 _BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
           "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
-_LAID_OUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?")  # dtype, dims, layout
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _CALLED = re.compile(r"\b(?:calls|to_apply)=%([\w.\-]+)")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -29,8 +28,7 @@ _NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"
 
 def shape_bytes(shape: str) -> float:
   """Bytes of every array in an HLO shape string (a tuple adds its elements)."""
-  return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-             for dtype, dims in _ARRAY.findall(shape))
+  return sum(size for size, _ in _arrays(shape))
 
 
 def _arrays(shape: str) -> list[tuple[float, bool]]:
@@ -38,7 +36,7 @@ def _arrays(shape: str) -> list[tuple[float, bool]]:
   space of a buffer that memory-space assignment moved out of HBM (`S(1)`: on-chip memory;
   `S(2)`, `S(6)`: sync flags and scalars); HBM is memory space 0, a layout without one."""
   return [(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d), "S(" not in layout)
-          for dtype, dims, layout in _LAID_OUT.findall(shape)]
+          for dtype, dims, layout in _ARRAY.findall(shape)]
 
 
 @dataclasses.dataclass(frozen=True)
