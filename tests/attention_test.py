@@ -6,6 +6,7 @@ Mosaic kernel for a TPU topology with libtpu's compiler, running nothing.
 """
 
 import importlib.util
+import re
 import warnings
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from minilm_jax import attention, model as model_lib, sharding
+from minilm_jax.aot import hlo as aot_hlo
 from minilm_jax.sharding import DATA_AXIS
 
 
@@ -189,3 +191,10 @@ def test_encoder_compiles_to_the_mosaic_kernel_for_a_tpu():
 
   hlo = jax.jit(jax.grad(loss)).lower(params, ids).compile().as_text()
   assert hlo.count("tpu_custom_call") >= 2, "no Mosaic kernel: the attention took XLA's route"
+  # q, k and v enter sequence-minor, [B, N, H, T] per device: the head's 32 lanes are not
+  # padded to 128, and the forward kernel reads no heads-first [B, N, T, H] copy.
+  instructions = aot_hlo.executed(hlo)
+  shapes = {i.name: re.sub(r"\{[^}]*\}", "", i.shape) for i in instructions}
+  forward = [i for i in instructions if i.name.startswith("splash_mha_fwd")]
+  operands = {shapes[o] for i in forward for o in i.operands if shapes[o].startswith("bf16")}
+  assert forward and operands == {"bf16[2,2,32,128]"}, operands
