@@ -58,6 +58,8 @@ class DistillConfig:
   fused_attention_dropout: bool = False  # GPU: that dropout fused in cuDNN (faster; its masks do not resume exactly)
   compute_dtype: str = "auto"         # "auto" = bfloat16 on GPU/TPU, float32 on CPU
   dropout_prng: str = "auto"          # dropout keys' jax.random impl; "auto" = rbg on a GPU, threefry2x32 on CPU/TPU
+  remat: str = "auto"                 # "feed-forward": the student's backward recomputes its F-wide activations
+                                      # (+1 up-projection: ~3% FLOPs); "none"; "auto" = feed-forward on a TPU
   # Data.
   corpus: str = "demo"                # "demo", text files/globs, or "tfds:NAME[/CONFIG][:SPLIT]"
   data_dir: str = ""                  # TFDS data_dir for tfds: corpora
@@ -93,6 +95,14 @@ class DistillConfig:
       return self.dropout_prng
     return "rbg" if (platform or jax.default_backend()) == "gpu" else "threefry2x32"
 
+  def resolved_remat(self, platform: str | None = None) -> str:
+    """`remat` on `platform`, the one the step is compiled for (default: this host's): on a TPU
+    the feed-forward's [B, T, F] activations are recomputed rather than kept, which cuts
+    XLA's bytes of BERT-base -> L6-H384 at 64 x 128 on v5e by 10% (experiments/results/tpu-compile.md)."""
+    if self.remat != "auto":
+      return self.remat
+    return "feed-forward" if (platform or jax.default_backend()) == "tpu" else "none"
+
   def resolved_dtype(self, platform: str | None = None) -> str:
     """`compute_dtype` on `platform`, the one the step is compiled for (default: this host's)."""
     if self.compute_dtype != "auto":
@@ -101,6 +111,7 @@ class DistillConfig:
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+REMATS = ("auto", "none", "feed-forward")
 PAPER_STUDENTS = ("L6-H768", "L12-H384", "L6-H384", "L4-H384", "L3-H384")
 
 
@@ -162,6 +173,7 @@ def check_config(cfg: DistillConfig, platform: str | None = None) -> None:
   except (ValueError, TypeError) as e:
     raise ValueError(f"dropout_prng {cfg.dropout_prng!r} is not a jax.random implementation ({e}): "
                      "use 'auto', 'threefry2x32' or 'rbg'") from e
+  check_choice("remat", cfg.remat, REMATS)
   if cfg.teacher_assistant not in ("auto", "on", "off"):
     raise ValueError(f"teacher_assistant {cfg.teacher_assistant!r} is unknown: use 'auto' (MiniLM's "
                      "rule: student depth and width at most half the teacher's), 'on' or 'off'")

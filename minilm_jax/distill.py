@@ -113,7 +113,7 @@ def _distill(stage: teacher_assistant.Stage, setup: step_lib.Setup, teacher: _Te
   evaluation = heldout.Evaluation(goal.loss, mesh, heldout_examples, eval_every=cfg.eval_every,
                                   batch_size=cfg.global_batch_size // cfg.grad_accum_steps,
                                   max_steps=cfg.max_steps)
-  export_config = setup.student.replace(dtype="float32", cudnn_dropout=False)
+  export_config = setup.student.replace(dtype="float32", cudnn_dropout=False, remat_feed_forward=False)
   if resume_from_step is not None:
     checkpoint.rewind(workdir / "checkpoints", resume_from_step)
   workdir_lib.write(workdir, cfg, corpus)

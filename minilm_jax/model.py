@@ -58,6 +58,7 @@ class ModelConfig:
   use_pooler: bool = True              # BERT's tanh pooler over [CLS]
   dtype: str = "float32"               # compute dtype; parameters are always float32
   cudnn_dropout: bool = False          # GPU: attention dropout fused in cuDNN (fast; see fused_attention)
+  remat_feed_forward: bool = False     # the backward pass recomputes the feed-forward (see Layer)
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -235,7 +236,12 @@ def dropout(layer: nnx.Dropout, x: jax.Array, rng: jax.Array | None) -> jax.Arra
 
 
 class Layer(nnx.Module):
-  """One post-LayerNorm Transformer layer (BERT): self-attention, then feed-forward."""
+  """One post-LayerNorm Transformer layer (BERT): self-attention, then feed-forward.
+
+  With `remat_feed_forward` the feed-forward keeps only its input for the backward pass,
+  which recomputes the up-projection and GELU: the [B, T, F] activations (F = 4 D) and
+  GELU's own residuals are never written to memory, for one more [D, F] matmul.
+  """
 
   def __init__(self, config: ModelConfig, index: int = 0, *, rngs: nnx.Rngs):
     self.config = config
@@ -267,8 +273,10 @@ class Layer(nnx.Module):
                           cudnn_dropout=c.cudnn_dropout, cudnn_seed=self.index)  # XLA merges its logits with those above (CSE)
     h = self.attention_out(ctx.reshape(b, t, -1))
     h = self.attention_norm(dropout(self.hidden_dropout, h, rngs[1]) + x_BTD)
-    y = self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))
-    y = self.output_norm(dropout(self.hidden_dropout, y, rngs[2]) + h)
+    feed_forward = lambda h: self.output(ACTIVATIONS[c.hidden_act](self.intermediate(h)))
+    if c.remat_feed_forward:
+      feed_forward = jax.checkpoint(feed_forward)
+    y = self.output_norm(dropout(self.hidden_dropout, feed_forward(h), rngs[2]) + h)
     return y, (AttentionInternals(q_BTD, k_BTD, v_BTD, logits, y) if capture else None)
 
 

@@ -65,7 +65,7 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
                platform: str | None = None) -> Setup:
   """Checks the run's configuration against the teacher, before any compute.
 
-  Every "auto" (compute dtype, dropout PRNG) is resolved for `platform`, the platform the
+  Every "auto" (compute dtype, dropout PRNG, remat) is resolved for `platform`, the platform the
   step is compiled for: this host's by default, "tpu" when compiling for a pod slice from
   a machine without one (`minilm_jax.aot`).
   """
@@ -79,8 +79,9 @@ def make_setup(cfg: DistillConfig, teacher_full: model_lib.ModelConfig,
   student_layers = internals_loss.layer_indices(cfg.loss_student_layers, cfg.student_layers,
                                                 cfg.student_layers, "student")
   dtype = cfg.resolved_dtype(platform)
-  student = student_model(cfg, teacher_full).replace(cudnn_dropout=cfg.fused_attention_dropout,
-                                                     dtype=dtype)
+  student = student_model(cfg, teacher_full).replace(
+      cudnn_dropout=cfg.fused_attention_dropout, dtype=dtype,
+      remat_feed_forward=cfg.resolved_remat(platform) == "feed-forward")
   teacher = teacher_full.replace(num_layers=max(teacher_layers) + 1, use_pooler=False, dtype=dtype)
   # Masked LM distils nothing: no loss of internals, any head count.
   loss, relation_heads = ((None, student.num_heads) if cfg.objective == "mlm" else

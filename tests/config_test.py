@@ -29,6 +29,8 @@ def test_bad_configs_fail_before_compute(teacher):
     step_lib.make_setup(DistillConfig(version="v3"), config)
   with pytest.raises(ValueError, match="dropout_prng 'mt19937' is not a jax.random implementation.*'rbg'"):
     step_lib.make_setup(DistillConfig(dropout_prng="mt19937"), config)
+  with pytest.raises(ValueError, match="remat 'feedforward' is unknown: did you mean 'feed-forward'"):
+    step_lib.make_setup(DistillConfig(remat="feedforward"), config)
   mesh = sharding.make_mesh(jax.devices() * 1)
   with pytest.raises(ValueError, match="global_batch_size 30 is not divisible by 1 devices x 4 "
                      "gradient-accumulation steps: use a multiple of 4"):
@@ -73,3 +75,15 @@ def test_a_resumed_batch_names_the_device_counts_that_divide_it(tmp_path):
   assert (f"global_batch_size 8 is not divisible by 3 devices x 1 gradient-accumulation steps, and "
           f"the batch of the run in {tmp_path / 'run'} is fixed by its checkpoints: resume it on a "
           "device count that divides 8 (1, 2, 4, 8), or start a new --workdir") in done.stderr, done.stderr
+
+
+def test_remat_auto_recomputes_the_feed_forward_on_a_tpu_only(teacher):
+  """The student recomputes its feed-forward where the step is compiled for a TPU (or when
+  asked); the teacher, which takes no gradient, never does."""
+  config = teacher[0]
+  remats = lambda cfg, platform: [(s := step_lib.make_setup(cfg, config, platform)).teacher.remat_feed_forward,
+                                  s.student.remat_feed_forward]
+  assert remats(DistillConfig(), "tpu") == [False, True]
+  assert remats(DistillConfig(), "gpu") == remats(DistillConfig(), "cpu") == [False, False]
+  assert remats(DistillConfig(remat="none"), "tpu") == [False, False]
+  assert remats(DistillConfig(remat="feed-forward"), "cpu") == [False, True]
