@@ -109,7 +109,7 @@ def compile_stage(stage: Stage, pod: Slice, tokenizer_dir: pathlib.Path | None =
   row = {"stage": stage.name, "slice": pod.name, "devices": mesh.size, "chips": pod.chips, "hosts": pod.hosts,
          "batch_per_device": per_device, "seq": cfg.max_seq_len, "global_batch": cfg.global_batch_size,
          "micro_batches": cfg.grad_accum_steps, "student_attention_dropout": cfg.student_attention_dropout,
-         "dropout_prng": setup.dropout_prng, "model_flops": model_flops(setup, cfg, per_device)}
+         "dropout_prng": setup.dropout_prng, "remat": cfg.resolved_remat("tpu"), "model_flops": model_flops(setup, cfg, per_device)}
   try:
     got = hlo.analyse(lowered.compile())
   except Exception as e:  # noqa: BLE001 - the compiler's "does not fit" is a runtime error
