@@ -224,7 +224,7 @@ class Embeddings(nnx.Module):
   def positions(self, input_ids: jax.Array) -> jax.Array:
     """Position embeddings, [B, T, D] or [1, T, D] (BERT: the same for every row)."""
     if self.config.model_type in ROBERTA_FAMILY:
-      return self.position_embeddings(self.position_ids(input_ids))
+      return _lookup(self.position_embeddings, self.position_ids(input_ids))
     return self.position_embeddings.embedding[:input_ids.shape[1]][None]
 
   def token_types(self, token_type_ids: jax.Array) -> jax.Array:
@@ -236,8 +236,15 @@ class Embeddings(nnx.Module):
     return x
 
   def __call__(self, input_ids, token_type_ids, dropout_rng) -> jax.Array:
-    x = self.word_embeddings(input_ids) + self.positions(input_ids) + self.token_types(token_type_ids)
+    x = _lookup(self.word_embeddings, input_ids) + self.positions(input_ids) + self.token_types(token_type_ids)
     return dropout(self.dropout, self.layer_norm(x), dropout_rng)
+
+
+def _lookup(table: nnx.Embed, ids: jax.Array) -> jax.Array:
+  """The rows of `table` at `ids`, in float32. The rows are gathered before they are cast:
+  `nnx.Embed` casts the whole table first, every step, which for a bf16 teacher is a float32
+  copy of its 30522 x 768 word table per step, where the batch reads a few thousand rows."""
+  return jnp.take(table.embedding[...], ids, axis=0).astype(jnp.float32)
 
 
 def dropout(layer: nnx.Dropout, x: jax.Array, rng: jax.Array | None) -> jax.Array:
