@@ -10,7 +10,10 @@ here a grid step holds one head's Q queries of one example in VMEM and loops ove
 keys in blocks of K with an online log-sum-exp (flash attention's), so the kernel reads
 its inputs once and writes three [B, R, 1, T] rows (KL, lse_t, lse_s). The backward kernel
 (`jax.custom_vjp`) recomputes each block's logits from the saved log-sum-exps:
-d KL / d l_s,j = p_s,j - p_t,j; the frozen teacher gets a zero gradient.
+d KL / d l_s,j = p_s,j - p_t,j; the frozen teacher gets a zero gradient. A self relation
+Rel(x, x) (v1's values, every v2 relation) reads x once, its queries being the grid step's
+block of its keys, and sums its query- and key-side gradients in the kernel: one
+[B, R, H, T] result where Rel(a, b) writes one for a and one for b.
 
 Layout: heads' features on sublanes, positions on lanes, [B, R, H, T] (a head of 8 or 16
 features would fill 8 or 16 of a vector's 128 lanes in [T, H]), so each block's logits
@@ -89,10 +92,26 @@ def _keep_column(keep_ref, keys):
   return jnp.transpose(keep_ref[0, :, keys])[:, :1] > 0
 
 
-def _forward_kernel(ta_ref, tb_ref, sa_ref, sb_ref, keep_ref, kl_ref, lse_t_ref, lse_s_ref, *,
-                    scales, key_block):
+def _query_block(q: int):
+  """This grid step's Q positions."""
   pl, _ = _pallas()
-  qt, qs = ta_ref[0, 0], sa_ref[0, 0]  # [H_t, Q], [H_s, Q]
+  return pl.ds(pl.multiple_of(pl.program_id(2) * q, q), q)
+
+
+def _unpack(refs, same: bool):
+  """(queries of teacher and student, [H_t, Q] and [H_s, Q], then the refs of tb, sb, keep
+  and the rest): a self relation's queries are this step's block of its keys."""
+  if same:
+    tb_ref, sb_ref, keep_ref, *rest = refs
+    block = _query_block(rest[0].shape[-1])  # rest[0] is a [1, 1, 1, Q] row block
+    return tb_ref[0, 0, :, block], sb_ref[0, 0, :, block], tb_ref, sb_ref, keep_ref, rest
+  ta_ref, tb_ref, sa_ref, sb_ref, keep_ref, *rest = refs
+  return ta_ref[0, 0], sa_ref[0, 0], tb_ref, sb_ref, keep_ref, rest
+
+
+def _forward_kernel(*refs, scales, key_block, same):
+  pl, _ = _pallas()
+  qt, qs, tb_ref, sb_ref, keep_ref, (kl_ref, lse_t_ref, lse_s_ref) = _unpack(refs, same)
   row = jnp.zeros((1, qt.shape[-1]), jnp.float32)
 
   def per_key(i, carry):
@@ -117,10 +136,9 @@ def _forward_kernel(ta_ref, tb_ref, sa_ref, sb_ref, keep_ref, kl_ref, lse_t_ref,
   lse_s_ref[0, 0] = lse_s
 
 
-def _backward_kernel(ta_ref, tb_ref, sa_ref, sb_ref, keep_ref, lse_t_ref, lse_s_ref, g_ref,
-                     dsa_ref, dsb_ref, dsb_acc, *, scales, key_block):
+def _backward_kernel(*refs, scales, key_block, same):
   pl, _ = _pallas()
-  qt, qs = ta_ref[0, 0], sa_ref[0, 0]  # [H_t, Q], [H_s, Q]
+  qt, qs, tb_ref, sb_ref, keep_ref, (lse_t_ref, lse_s_ref, g_ref, *ds_refs, dsb_acc) = _unpack(refs, same)
   lse_t, lse_s, g = lse_t_ref[0, 0], lse_s_ref[0, 0], g_ref[0, 0]  # [1, Q] each
 
   @pl.when(pl.program_id(2) == 0)
@@ -138,30 +156,37 @@ def _backward_kernel(ta_ref, tb_ref, sa_ref, sb_ref, keep_ref, lse_t_ref, lse_s_
     return dqs + jnp.dot(ks, dl, preferred_element_type=jnp.float32)
 
   n = tb_ref.shape[-1] // key_block
-  dsa_ref[0, 0] = jax.lax.fori_loop(0, n, per_key, jnp.zeros(qs.shape, jnp.float32)).astype(dsa_ref.dtype)
+  dsa = jax.lax.fori_loop(0, n, per_key, jnp.zeros(qs.shape, jnp.float32))
+  if same:  # d Rel(x, x) / dx: the query side's gradient joins the key side's
+    dsb_acc[:, _query_block(qs.shape[-1])] += dsa
+  else:
+    ds_refs[0][0, 0] = dsa.astype(ds_refs[0].dtype)
 
   @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
   def _():
-    dsb_ref[0, 0] = dsb_acc[...].astype(dsb_ref.dtype)
+    ds_refs[-1][0, 0] = dsb_acc[...].astype(ds_refs[-1].dtype)
 
 
-def _specs(ta, sa, query_block):
-  """Block specs of (ta, tb, sa, sb, keep): one head's queries, all its keys, the mask."""
+def _inputs(ta, tb, sa, sb, keep, query_block, same):
+  """The kernel's inputs, (ta, tb, sa, sb, keep) or a self relation's (tb, sb, keep), and
+  their block specs: one head's queries, all its keys, the mask."""
   pl, _ = _pallas()
   (_, _, h_t, s), h_s = ta.shape, sa.shape[2]
   queries = lambda h: pl.BlockSpec((1, 1, h, query_block), lambda b, r, q: (b, r, 0, q))
   keys = lambda h: pl.BlockSpec((1, 1, h, s), lambda b, r, q: (b, r, 0, 0))
-  keep = pl.BlockSpec((1, SUBLANES, s), lambda b, r, q: (b, 0, 0))
-  return [queries(h_t), keys(h_t), queries(h_s), keys(h_s), keep]
+  keep_spec = pl.BlockSpec((1, SUBLANES, s), lambda b, r, q: (b, 0, 0))
+  if same:
+    return (tb, sb, keep), [keys(h_t), keys(h_s), keep_spec]
+  return (ta, tb, sa, sb, keep), [queries(h_t), keys(h_t), queries(h_s), keys(h_s), keep_spec]
 
 
-def _call(kernel, ins, in_specs, out_specs, out_shape, *, semantics, interpret, per_pair, scratch=()):
+def _call(kernel, ins, in_specs, out_specs, out_shape, *, query_block, semantics, interpret, per_pair,
+          scratch=()):
   """`kernel` over the grid (B, R, T / Q). XLA's cost analysis counts neither bytes nor FLOPs
   of a Mosaic call unless told: each block is read once, so its bytes are its operands' and
   results'; `per_pair` gives its (FLOPs, exps) per query-key pair."""
   pl, pltpu = _pallas()
   b, r, _, t = ins[0].shape
-  query_block = in_specs[0].block_shape[-1]
   nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (*ins, *out_shape))
   cost = pl.CostEstimate(flops=b * r * t * t * per_pair[0], transcendentals=b * r * t * t * per_pair[1],
                          bytes_accessed=nbytes)
@@ -178,43 +203,46 @@ def _scales(ta, sa):
   return 1 / math.sqrt(ta.shape[2]), 1 / math.sqrt(sa.shape[2])
 
 
-def _forward(ta, tb, sa, sb, keep, interpret):
+def _forward(ta, tb, sa, sb, keep, interpret, same):
   pl, _ = _pallas()
   b, r, _, t = ta.shape
   query_block, key_block = _block(t, QUERY_BLOCK), _block(t, KEY_BLOCK)
   row = jax.ShapeDtypeStruct((b, r, 1, t), jnp.float32)
   row_spec = pl.BlockSpec((1, 1, 1, query_block), lambda b, r, q: (b, r, 0, q))
-  kernel = functools.partial(_forward_kernel, scales=_scales(ta, sa), key_block=key_block)
+  kernel = functools.partial(_forward_kernel, scales=_scales(ta, sa), key_block=key_block, same=same)
   flops = 2 * (ta.shape[2] + sa.shape[2]) + 12  # two [K, H] x [H, Q] products, then the online sums
-  return _call(kernel, (ta, tb, sa, sb, keep), _specs(ta, sa, query_block), [row_spec] * 3,
-               [row] * 3, semantics=("parallel", "parallel", "parallel"), interpret=interpret,
-               per_pair=(flops, 2))
+  ins, in_specs = _inputs(ta, tb, sa, sb, keep, query_block, same)
+  return _call(kernel, ins, in_specs, [row_spec] * 3, [row] * 3, query_block=query_block,
+               semantics=("parallel", "parallel", "parallel"), interpret=interpret, per_pair=(flops, 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _kl_rows(ta, tb, sa, sb, keep, interpret):
-  """KL per query row, [B, R, 1, T], of [B, R, H, T] inputs and the [B, 8, S] key mask."""
-  return _forward(ta, tb, sa, sb, keep, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kl_rows(ta, tb, sa, sb, keep, interpret, same):
+  """KL per query row, [B, R, 1, T], of [B, R, H, T] inputs and the [B, 8, S] key mask;
+  `same`: a self relation (ta is tb and sa is sb), whose gradient all goes to sa."""
+  return _forward(ta, tb, sa, sb, keep, interpret, same)[0]
 
 
-def _fwd(ta, tb, sa, sb, keep, interpret):
-  kl, lse_t, lse_s = _forward(ta, tb, sa, sb, keep, interpret)
+def _fwd(ta, tb, sa, sb, keep, interpret, same):
+  kl, lse_t, lse_s = _forward(ta, tb, sa, sb, keep, interpret, same)
   return kl, (ta, tb, sa, sb, keep, lse_t, lse_s)
 
 
-def _bwd(interpret, res, g):
+def _bwd(interpret, same, res, g):
   pl, pltpu = _pallas()
   ta, tb, sa, sb, keep, lse_t, lse_s = res
   b, r, h_s, t = sa.shape
   query_block, key_block = _block(t, QUERY_BLOCK), _block(t, KEY_BLOCK)
   row_spec = pl.BlockSpec((1, 1, 1, query_block), lambda b, r, q: (b, r, 0, q))
   out_specs = [pl.BlockSpec((1, 1, h_s, query_block), lambda b, r, q: (b, r, 0, q)),
-               pl.BlockSpec((1, 1, h_s, t), lambda b, r, q: (b, r, 0, 0))]
-  kernel = functools.partial(_backward_kernel, scales=_scales(ta, sa), key_block=key_block)
-  dsa, dsb = _call(kernel, (ta, tb, sa, sb, keep, lse_t, lse_s, g), _specs(ta, sa, query_block) + [row_spec] * 3,
-                   out_specs, [jax.ShapeDtypeStruct(sa.shape, sa.dtype)] * 2,
-                   semantics=("parallel", "parallel", "arbitrary"), interpret=interpret,
-                   per_pair=(2 * (ta.shape[2] + 3 * h_s) + 10, 2), scratch=[pltpu.VMEM((h_s, t), jnp.float32)])
+               pl.BlockSpec((1, 1, h_s, t), lambda b, r, q: (b, r, 0, 0))][1 if same else 0:]
+  kernel = functools.partial(_backward_kernel, scales=_scales(ta, sa), key_block=key_block, same=same)
+  ins, in_specs = _inputs(ta, tb, sa, sb, keep, query_block, same)
+  ds = _call(kernel, (*ins, lse_t, lse_s, g), in_specs + [row_spec] * 3, out_specs,
+             [jax.ShapeDtypeStruct(sa.shape, sa.dtype)] * len(out_specs), query_block=query_block,
+             semantics=("parallel", "parallel", "arbitrary"), interpret=interpret,
+             per_pair=(2 * (ta.shape[2] + 3 * h_s) + 10, 2), scratch=[pltpu.VMEM((h_s, t), jnp.float32)])
+  dsa, dsb = (ds[0], jnp.zeros_like(sb)) if same else ds
   return jnp.zeros_like(ta), jnp.zeros_like(tb), dsa, dsb, jnp.zeros_like(keep)
 
 
@@ -249,7 +277,7 @@ def relation_kl_rows(teacher_a: jax.Array, teacher_b: jax.Array, student_a: jax.
     keep = jnp.broadcast_to(keep[:, None, :], (keep.shape[0], SUBLANES, length))
     ta, sa = heads(ta), heads(sa)
     tb, sb = ta if same_t else heads(tb), sa if same_s else heads(sb)
-    return _kl_rows(ta, tb, sa, sb, keep, interpret)[:, :, 0, :t]
+    return _kl_rows(ta, tb, sa, sb, keep, interpret, same_t and same_s)[:, :, 0, :t]
 
   ta, tb = jax.lax.stop_gradient(teacher_a), jax.lax.stop_gradient(teacher_b)
   return per_device(rows)(ta, tb, student_a, student_b, mask)

@@ -61,13 +61,16 @@ def test_rows_and_gradients_equal_xla(widths, heads, same):
   np.testing.assert_allclose(got[2], 0, atol=1e-6)
 
 
-def test_key_loop_and_query_blocks(monkeypatch):
+@pytest.mark.parametrize("same", [False, True])
+def test_key_loop_and_query_blocks(monkeypatch, same):
   """200 positions, padded to 256 in blocks of 128: two query blocks (the student key
-  gradient summed across grid steps) and two key blocks (the online log-sum-exp), one row
-  whose real keys end inside the second block, one with real keys in the first only."""
+  gradient summed across grid steps; a self relation's queries sliced from its keys and
+  their gradient added to the keys' at their block) and two key blocks (the online
+  log-sum-exp), one row whose real keys end inside the second block, one with real keys in
+  the first only."""
   monkeypatch.setattr(relation_kernel, "QUERY_BLOCK", 128)
   monkeypatch.setattr(relation_kernel, "KEY_BLOCK", 128)
-  _check_rows_and_gradients(200, (32, 16), 2, (200, 5), False)
+  _check_rows_and_gradients(200, (32, 16), 2, (200, 5), same)
 
 
 def test_loss_dispatch_under_a_tpu_mesh(monkeypatch):
