@@ -87,10 +87,13 @@ def write(rows_dir: pathlib.Path) -> str:
       "## Chips\n", report.chip_table(),
       "## The benchmark's workloads on v5e:2x2, before and after\n",
       "Before: the step as it was (XLA attention everywhere, the relation KL in XLA blocks, 32-bit "
-      "dropout masks); after: Pallas splash attention for every layer without attention dropout, the "
-      "relation KL in its own Pallas kernel, 8-bit attention-dropout masks, and threefry dropout keys "
-      "(the \"dropout keys\" column: with rbg keys, XLA's RngBitGenerator, which is not partitioned, "
-      "each chip draws the bits of the whole global batch; with threefry, its own shard's). XLA's cost "
+      "dropout masks); after: Pallas splash attention for every layer without attention dropout (q, k "
+      "and v sequence-minor), the relation KL in its own Pallas kernel, 8-bit attention-dropout masks, "
+      "threefry dropout keys (the \"dropout keys\" column: with rbg keys, XLA's RngBitGenerator, which "
+      "is not partitioned, each chip draws the bits of the whole global batch; with threefry, its own "
+      "shard's), the student's feed-forward recomputed in its backward pass (`remat`), the attention's "
+      "output projection contracting the heads in one matmul, and the word lookup gathering its rows "
+      "before casting them (docs/tpu-compile.md says what each cut). XLA's cost "
       "analysis counts a while loop's body once, and the step has loops (the blockwise relation KL's "
       "query blocks): \"loops once\" compares before and after as XLA counts them, \"unrolled\" "
       "counts the same step with every loop unrolled, the bytes it really moves, and the targets "
