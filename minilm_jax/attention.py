@@ -97,16 +97,13 @@ def splash_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
                      attention_mask_BS: jax.Array, *, interpret: bool = False) -> jax.Array:
   """softmax(q k^T / sqrt(H)) v per head over the unpadded keys, in the splash kernel: [B, T, N, H].
 
-  XLA's route (`jax.nn.dot_product_attention` with the key mask) in every row with a real
-  token, forward and gradients: every query, padded or not, attends to the unpadded keys of
-  its row, as segment ids (queries 1, keys the mask). A row with no unpadded key is filler
-  (a batch's padding rows, which no loss counts): it attends all its keys, which keeps it
-  finite, as cuDNN's route does by attending its first key, since the kernel's own fully
-  masked row has a backward pass inconsistent with its forward (its log-sum-exp loses the
-  log S). XLA's route averages a filler row's values instead; matching it here would take
-  a pass over q in every layer (zeroing the filler rows' queries: 0.2-0.4 GB of XLA's bytes
-  per BERT-base step at 64 x 128 on v5e). The kernel does not scale, so q is scaled by
-  1/sqrt(H) first (in q's dtype).
+  Exactly XLA's route (`jax.nn.dot_product_attention` with the key mask), at every
+  position and in the gradients: every query, padded or not, attends to the unpadded keys
+  of its row, as segment ids (queries 1, keys the mask). A row with no unpadded key (only
+  filler) gets XLA's uniform average of all its values, with no gradient to its q and k:
+  its queries enter as 0 and its keys all count, since the kernel's own fully masked row
+  has a backward pass inconsistent with its forward (its log-sum-exp loses the log S).
+  The kernel does not scale, so q is scaled by 1/sqrt(H) first (in q's dtype).
 
   q, k and v enter the kernel sequence-minor ([N, H, T] in memory, `QKVLayout.SEQ_MINOR`):
   a head of 32 or 64 lanes then fills whole (8, 128) tiles with 128 positions instead of
@@ -135,7 +132,7 @@ def splash_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
     kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
                                     interpret=interpret)
     real_B = attention_mask_BS.any(axis=-1)
-    q_BTNH = q_BTNH * (1 / math.sqrt(h))
+    q_BTNH = jnp.where(real_B[:, None, None, None], q_BTNH * (1 / math.sqrt(h)), 0)
     kv_ids_BS = jnp.where(real_B[:, None], attention_mask_BS, 1).astype(jnp.int32)
     ids = splash.SegmentIds(q=jnp.ones(q_BTNH.shape[:2], jnp.int32), kv=kv_ids_BS)
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B, T, N, H] <-> [B, N, T, H]
@@ -171,7 +168,7 @@ def fused_attention(q_BTNH: jax.Array, k_BSNH: jax.Array, v_BSNH: jax.Array,
   """dropout(softmax(q k^T / sqrt(H))) v per head over the unpadded keys: [B, T, N, H].
 
   On a TPU without dropout it is `splash_attention` (padding as segment ids, XLA's numbers
-  in every row with a real token). On cuDNN the padding goes in as key lengths (the count of 1s in each
+  at every position). On cuDNN the padding goes in as key lengths (the count of 1s in each
   mask row, at least 1 so that an all-padding filler row stays finite), which equals the
   mask for right-padded rows, the only kind the tokenizers and packers here write; XLA
   takes the mask itself. Dropout on the probabilities (`dropout_rate > 0`, with

@@ -113,24 +113,24 @@ def test_fused_attention_cudnn_dropout_bfloat16():
 
 @pytest.mark.parametrize("h", [32, 64])
 def test_splash_equals_xla_everywhere(h):
-  """Forward at every position of the rows with a real token (padded queries included) and
-  the gradients w.r.t. q, k, v of a weighting of those positions, to 1e-5: queries attend
-  the unpadded keys of their row, as in XLA's route. The all-padding row, which no loss
-  counts, attends all its keys: finite, and exactly softmax(q k^T / sqrt(H)) v over them."""
+  """Forward at every position (padded queries and the all-padding row included) and the
+  gradients w.r.t. q, k, v of a weighting of every output position, to 1e-5: the
+  padding semantics (queries attend the unpadded keys of their row; a row with none
+  averages all its values, with no gradient to its q and k) are XLA's exactly."""
   (q, k, v), mask = _inputs(h=h)
-  real = np.asarray(mask.any(-1))
   with jax.default_matmul_precision("float32"):
     got, want = _splash(q, k, v, mask), _xla(q, k, v, mask)
-    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-5)
-    filler = _attention_reference(q[~real], k[~real], v[~real], np.ones_like(mask[~real]))
-    np.testing.assert_allclose(got[~real], filler, rtol=0, atol=1e-5)
-    w = jax.random.normal(jax.random.key(1), q.shape) * real[:, None, None, None]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[2], jnp.broadcast_to(v[2].mean(0), got[2].shape), rtol=0, atol=1e-5)
+    w = jax.random.normal(jax.random.key(1), q.shape)
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, mask) * w)
     got_grads = jax.grad(loss(_splash), argnums=(0, 1, 2))(q, k, v)
     want_grads = jax.grad(loss(_xla), argnums=(0, 1, 2))(q, k, v)
   for name, g, r in zip("qkv", got_grads, want_grads):
     assert np.abs(np.asarray(r)).max() > 0.1, name  # gradients of real size, not 0 == 0
     np.testing.assert_allclose(g, r, rtol=0, atol=1e-5, err_msg=f"d{name}")
+  np.testing.assert_array_equal(got_grads[0][2], 0)  # the filler row: no gradient to q or k
+  np.testing.assert_array_equal(got_grads[1][2], 0)
 
 
 def test_splash_under_a_data_mesh_equals_xla():
