@@ -115,7 +115,10 @@ def write(rows_dir: pathlib.Path) -> str:
   if papers:
     parts += ["## Paper configs at the papers' global batch (1024 x 512): the smallest slice per generation\n",
               "A config that `distill` runs through a teacher assistant compiles as its two stages. The "
-              "slices of each generation are tried smallest first; the first that fits is shown.\n",
+              "slices of each generation are tried smallest first; the first that fits is shown. These "
+              "rows (and the largest batches below) were compiled before the byte cuts of "
+              "docs/tpu-compile.md, which also lower the memory per chip (see the after rows' HBM column), "
+              "so a smaller slice or a larger batch may fit now than these rows show.\n",
               paper(papers)]
   if biggest:
     parts += ["## The largest batch per device (base-v2, attention dropout 0)\n",
